@@ -1,0 +1,3 @@
+from jaxpart.cli import main
+
+raise SystemExit(main())

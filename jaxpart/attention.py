@@ -1,0 +1,73 @@
+"""Causal attention: the full reference and a blocked online-softmax form for chunk steps.
+
+Shapes: B batch, Q query tokens, K key tokens, H heads (local to a tensor shard), E head_dim.
+Scores and softmax statistics are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity": a fully masked row never produces NaN
+
+
+def full_causal(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE):
+  """Reference: builds the whole Q x K score matrix; Q == K, token i sees tokens <= i."""
+  scale = q_BxQxHxE.shape[-1] ** -0.5
+  s_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
+                         preferred_element_type=jnp.float32) * scale
+  n_q, n_k = q_BxQxHxE.shape[1], k_BxKxHxE.shape[1]
+  mask_QxK = jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :]
+  s_BxHxQxK = jnp.where(mask_QxK, s_BxHxQxK, _NEG)
+  p_BxHxQxK = jax.nn.softmax(s_BxHxQxK, axis=-1)
+  out = jnp.einsum("bhqk,bkhe->bqhe", p_BxHxQxK.astype(v_BxKxHxE.dtype), v_BxKxHxE,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q_BxQxHxE.dtype)
+
+
+def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block: int):
+  """Queries at absolute positions q_start .. q_start+Q-1 against a KV cache of C positions.
+
+  Visits the cache in blocks of kv_block keys with a running max and sum (flash-style), and
+  skips, with lax.cond, every block that starts after the last query: a step never holds more
+  than a Q x kv_block score tile and its cost grows with the prefix, not with C. Cache entries
+  after a query's position are masked, so stale or padded entries there are never read.
+  """
+  b, n_q, h, e = q_BxQxHxE.shape
+  n_cache = kcache_BxCxHxE.shape[1]
+  if n_cache % kv_block:
+    raise ValueError(f"cache length {n_cache} must be a multiple of kv_block {kv_block}")
+  n_blocks = n_cache // kv_block
+  scale = e ** -0.5
+  q_pos_Q = q_start + jnp.arange(n_q)
+  last_q = q_start + n_q - 1
+
+  def visit(carry, j):
+    m_BxHxQ, l_BxHxQ, acc_BxQxHxE = carry
+    k_BxKxHxE = jax.lax.dynamic_slice_in_dim(kcache_BxCxHxE, j * kv_block, kv_block, axis=1)
+    v_BxKxHxE = jax.lax.dynamic_slice_in_dim(vcache_BxCxHxE, j * kv_block, kv_block, axis=1)
+    s = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
+                   preferred_element_type=jnp.float32) * scale
+    k_pos_K = j * kv_block + jnp.arange(kv_block)
+    s = jnp.where(q_pos_Q[:, None] >= k_pos_K[None, :], s, _NEG)
+    m_new = jnp.maximum(m_BxHxQ, s.max(axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    # Masked entries give exp(_NEG - m) == 0 once any real key has been seen; before that
+    # (m == _NEG) they give 1 and are wiped out by `correction` at the first real key.
+    correction = jnp.exp(m_BxHxQ - m_new)
+    l_new = l_BxHxQ * correction + p.sum(axis=-1)
+    pv = jnp.einsum("bhqk,bkhe->bqhe", p.astype(v_BxKxHxE.dtype), v_BxKxHxE,
+                    preferred_element_type=jnp.float32)
+    acc_new = acc_BxQxHxE * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+    return m_new, l_new, acc_new
+
+  def step(carry, j):
+    needed = j * kv_block <= last_q
+    return jax.lax.cond(needed, visit, lambda c, _: c, carry, j), None
+
+  init = (jnp.full((b, h, n_q), _NEG, jnp.float32), jnp.zeros((b, h, n_q), jnp.float32),
+          jnp.zeros((b, n_q, h, e), jnp.float32))
+  (_, l_BxHxQ, acc_BxQxHxE), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+  out = acc_BxQxHxE / jnp.moveaxis(l_BxHxQ, 1, 2)[..., None]
+  return out.astype(q_BxQxHxE.dtype)

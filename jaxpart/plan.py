@@ -1,0 +1,178 @@
+"""The Plan: every placement decision, as data. Built by the planner, read by everything else."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+STAGE_AXIS = "stage"
+TENSOR_AXIS = "tensor"
+STRATEGIES = ("baseline", "layerwise")
+
+
+class PlanError(ValueError):
+  """A placement that cannot be built; the message says why and what would be valid."""
+
+
+@dataclass(frozen=True)
+class Plan:
+  """How one model and run shape sit on `devices` devices.
+
+  The input stream is split into units of `rows` batch rows x `chunk_tokens` tokens, ordered
+  microbatch-major, chunk-minor; a unit enters stage 0 at tick u and leaves the last stage at
+  tick u + stages - 1. The baseline is one chunk of the whole sequence per microbatch; the
+  layer-wise placement is many token chunks, usually of the whole batch.
+  """
+
+  strategy: str
+  devices: int
+  stages: int
+  tp: int
+  stage_layers: tuple[tuple[int, ...], ...]   # layer indices held by each stage, contiguous
+  batch: int
+  seq: int
+  microbatches: int                           # splits of the batch axis
+  chunk_tokens: int                           # tokens per unit along the sequence
+  kv_block: int                               # keys visited per online-softmax step
+  predicted_working_set_bytes: int = 0        # per device, one layer of one unit step
+  cache_budget_bytes: int = 0
+  reason: str = ""
+  axis_names: tuple[str, str] = (STAGE_AXIS, TENSOR_AXIS)
+
+  def __post_init__(self):
+    for name in ("devices", "stages", "tp", "batch", "seq", "microbatches", "chunk_tokens",
+                 "kv_block"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise PlanError(f"Plan.{name} = {v!r}: must be a positive integer")
+    if self.strategy not in STRATEGIES:
+      raise PlanError(f"Plan.strategy = {self.strategy!r}: valid strategies are "
+                      f"{', '.join(STRATEGIES)}")
+    if self.stages * self.tp != self.devices:
+      raise PlanError(f"Plan: stages x tp = {self.stages} x {self.tp} != devices = {self.devices}")
+    if len(self.stage_layers) != self.stages:
+      raise PlanError(f"Plan.stage_layers has {len(self.stage_layers)} entries, expected "
+                      f"stages = {self.stages}")
+    sizes = {len(s) for s in self.stage_layers}
+    if len(sizes) != 1 or 0 in sizes:
+      raise PlanError(f"Plan.stage_layers = {self.stage_layers}: every stage must hold the "
+                      f"same, non-zero number of layers")
+    flat = [i for s in self.stage_layers for i in s]
+    if flat != list(range(len(flat))):
+      raise PlanError(f"Plan.stage_layers = {self.stage_layers}: layers must be 0..L-1, "
+                      f"contiguous and in order across stages")
+    if self.batch % self.microbatches:
+      raise PlanError(f"Plan.microbatches = {self.microbatches} does not divide batch = "
+                      f"{self.batch}")
+    if self.chunk_tokens > self.seq:
+      raise PlanError(f"Plan.chunk_tokens = {self.chunk_tokens} exceeds seq = {self.seq}")
+
+  # --- derived figures ---------------------------------------------------------------------
+  @property
+  def layers(self) -> int:
+    return sum(len(s) for s in self.stage_layers)
+
+  @property
+  def layers_per_stage(self) -> int:
+    return len(self.stage_layers[0])
+
+  @property
+  def mesh_shape(self) -> tuple[int, int]:
+    return (self.stages, self.tp)
+
+  @property
+  def rows(self) -> int:
+    """Batch rows in one unit."""
+    return self.batch // self.microbatches
+
+  @property
+  def n_chunks(self) -> int:
+    return math.ceil(self.seq / self.chunk_tokens)
+
+  @property
+  def last_chunk_tokens(self) -> int:
+    """Tokens in the last chunk: less than chunk_tokens when the split is ragged."""
+    return self.seq - (self.n_chunks - 1) * self.chunk_tokens
+
+  @property
+  def padded_seq(self) -> int:
+    return self.n_chunks * self.chunk_tokens
+
+  @property
+  def cache_len(self) -> int:
+    """KV cache positions per layer: the padded sequence rounded up to whole KV blocks."""
+    return math.ceil(self.padded_seq / self.kv_block) * self.kv_block
+
+  @property
+  def units(self) -> int:
+    return self.microbatches * self.n_chunks
+
+  @property
+  def ticks(self) -> int:
+    return self.units + self.stages - 1
+
+  @property
+  def bubble_fraction(self) -> float:
+    """(S-1)/(M+S-1): the share of stage-ticks with no valid input."""
+    return (self.stages - 1) / self.ticks
+
+  @property
+  def split(self) -> str:
+    parts = []
+    if self.microbatches > 1:
+      parts.append(f"{self.microbatches} microbatches of {self.rows} rows")
+    if self.n_chunks > 1:
+      ragged = f", last {self.last_chunk_tokens}" if self.last_chunk_tokens != self.chunk_tokens else ""
+      parts.append(f"{self.n_chunks} token chunks of {self.chunk_tokens}{ragged}")
+    return " x ".join(parts) or "whole input in one unit"
+
+  # --- serialisation -------------------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["derived"] = {
+        "mesh_shape": list(self.mesh_shape), "rows": self.rows, "n_chunks": self.n_chunks,
+        "last_chunk_tokens": self.last_chunk_tokens, "units": self.units, "ticks": self.ticks,
+        "bubble_fraction": self.bubble_fraction, "split": self.split,
+        "layers_per_stage": self.layers_per_stage,
+    }
+    return d
+
+  def to_json(self, **kw) -> str:
+    return json.dumps(self.to_dict(), **kw)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names - {"derived"}
+    if unknown:
+      raise PlanError(f"Plan JSON: unknown keys {sorted(unknown)}; valid keys are {sorted(names)}")
+    kw = {k: v for k, v in d.items() if k in names}
+    if "stage_layers" in kw:
+      kw["stage_layers"] = tuple(tuple(s) for s in kw["stage_layers"])
+    if "axis_names" in kw:
+      kw["axis_names"] = tuple(kw["axis_names"])
+    return cls(**kw)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Plan":
+    return cls.from_dict(json.loads(text))
+
+
+def contiguous_stage_layers(layers: int, stages: int) -> tuple[tuple[int, ...], ...]:
+  if stages > layers:
+    raise PlanError(f"stages = {stages} exceeds layers = {layers}: each stage needs at least "
+                    f"one layer; valid stage counts divide {layers}: "
+                    f"{', '.join(map(str, divisors(layers)))}")
+  if layers % stages:
+    raise PlanError(f"stages = {stages} does not divide layers = {layers}: stages hold equal "
+                    f"contiguous layer groups; valid stage counts are "
+                    f"{', '.join(map(str, divisors(layers)))}")
+  per = layers // stages
+  return tuple(tuple(range(s * per, (s + 1) * per)) for s in range(stages))
+
+
+def divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
