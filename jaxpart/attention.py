@@ -50,6 +50,9 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
     s = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
                    preferred_element_type=jnp.float32) * scale
     k_pos_K = j * kv_block + jnp.arange(kv_block)
+    # Keys after the last query are masked in s; zero their values too, so that whatever a
+    # stale or padded cache slot holds (even NaN) cannot reach the output through 0 * v.
+    v_BxKxHxE = jnp.where((k_pos_K <= last_q)[None, :, None, None], v_BxKxHxE, 0)
     s = jnp.where(q_pos_Q[:, None] >= k_pos_K[None, :], s, _NEG)
     m_new = jnp.maximum(m_BxHxQ, s.max(axis=-1))
     p = jnp.exp(s - m_new[..., None])

@@ -139,7 +139,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(layers=4, d_model=16384, n_heads=32, head_dim=128, d_ff=16384),
     # The seed claims 30B weights; with its other dimensions that needs d_ff ~ 220,690
     # (design.md section 2). 220,672 = 431 x 512 is the nearest value that tensor parallelism up
-    # to 512 divides: 4 x 7,499,448,320 = 29,997,793,280 weights.
+    # to 512 divides: 4 x 7,499,415,552 = 29,997,662,208 projection weights.
     "paper-30b": ModelConfig(layers=4, d_model=16384, n_heads=32, head_dim=128, d_ff=220672),
     # Same shape family (d_ff = d_model, n_heads x head_dim = d_model / 4, 4 layers), sized for
     # 2 CPU cores. 8 heads so that tp 8 (the seed's baseline) divides them.

@@ -61,7 +61,25 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
   return y, kcache, vcache
 
 
-def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: bool,
+REMAT_POLICIES = ("none", "stage", "dots")
+
+
+def remat_step(step, remat: bool | str):
+  """What the backward keeps per tick of a stage step: every intermediate ("none"), only the
+  step's inputs, recomputing the rest ("stage"), or also the matmul outputs ("dots"), so only
+  the cheap elementwise work is recomputed. True and False mean "stage" and "none"."""
+  policy = ("stage" if remat else "none") if isinstance(remat, bool) else remat
+  if policy == "none":
+    return step
+  if policy == "stage":
+    return jax.checkpoint(step)
+  if policy == "dots":
+    return jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat = {remat!r}: valid remat policies are {', '.join(REMAT_POLICIES)} "
+                   f"(or True / False for stage / none)")
+
+
+def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
                    bubble_fill: float, out_fill: float):
   """Per-device program inside shard_map."""
   S, U = plan.stages, plan.units
@@ -74,9 +92,7 @@ def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: b
   heads_local = cfg.n_heads // plan.tp
   cache_shape = (plan.layers_per_stage, r, plan.cache_len, heads_local, cfg.head_dim)
 
-  step = functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis)
-  if remat:
-    step = jax.checkpoint(step)
+  step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
   def run(operands):
     inp, kc, vc, q_start = operands
@@ -108,13 +124,16 @@ def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: b
   return out
 
 
-def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool = False,
+def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,
                  bubble_fill: float = 0.0, out_fill: float = 0.0):
   """(params, x_BxTxD) -> y_BxTxD, executing `plan` on `mesh`. Not jitted: wrap as you need.
+
+  remat is one of REMAT_POLICIES (see remat_step); it only changes what a backward saves.
 
   bubble_fill is what a stage sees as input on ticks it has no unit; out_fill what the output
   buffer holds before units are written. Tests set both to NaN to prove neither leaks.
   """
+  remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
                            bubble_fill=bubble_fill, out_fill=out_fill)
   mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), P()),

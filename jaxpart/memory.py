@@ -2,18 +2,31 @@
 
 Two accounts of one chunk step are kept apart on purpose. The seed's (weight tiles, activation
 chunk, operator buffers, intermediate state) assumes the step's data sits in L2. The honest one
-lists what a step of one layer really touches on one device: the activation terms below, which
-can stay in L2 if small enough, and the stage's whole weight shard, which is streamed from HBM
-on every step because it is hundreds of MB for the paper model and never fits a 50 MB L2.
+splits what a step of one layer touches on one device into
+
+- the resident working set: activations the step writes and re-reads (the chunk, its Q/K/V, the
+  scores of one KV block, the MLP hidden shard, the partial sums before each all-reduce, ...).
+  These can stay in L2 if they fit, and the planner sizes the chunk so that they do;
+- the streamed bytes: the stage's weight shard and the KV prefix. Each byte is read once per
+  step and never reused within it, so keeping them in L2 would not help, and for the paper
+  model the weight shard alone (~403 MB per layer at tp 4) is eight times a 50 MB L2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jaxpart.config import ModelConfig, RunShape
+from jaxpart.config import Hardware, ModelConfig, RunShape
+from jaxpart.plan import PlanError
 
 F32 = 4
+MB = 10**6
+GB = 10**9
+MIB = 2**20
+GIB = 2**30
+# A seed figure "holds" when it is within this fraction of the true one: the seed states its
+# figures with 2 to 4 significant digits.
+CLAIM_RTOL = 0.02
 
 
 @dataclass(frozen=True)
@@ -26,31 +39,91 @@ class StepShape:
   tp: int
 
 
-def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
-  """Bytes one layer's step touches per device, excluding the streamed weight shard.
+# Every term of the resident working set: (phase, why it is live). The attention phase runs
+# from the unit's arrival to the first residual add, the MLP phase from there to the output.
+# Sizing rule: each tensor the step code names, at the dtype the code gives it. Matmuls emit
+# float32 (model._matmul asks for it) and the code casts to the model dtype before the next
+# matmul or the all-reduce, so those carry both copies; XLA may fuse a cast away, which makes
+# this an upper bound by at most those copies.
+STEP_TERMS: dict[str, tuple[str, str]] = {
+    "input_chunk": ("attention", "the unit from the previous stage (R x C x D), read by LN1 and "
+                                 "by the first residual add"),
+    "ln1_out": ("attention", "LayerNorm 1 output (R x C x D), re-read by the Q, K and V "
+                             "projections for every weight tile"),
+    "qkv_shard": ("attention", "Q, K, V of the local heads (3 x R x C x A/tp), float32 "
+                               "accumulator and model-dtype copy; K and V go into the cache"),
+    "kv_block": ("attention", "one block of cached K and V (2 x R x kv_block x A/tp) read by the "
+                              "score and value matmuls of one online-softmax step"),
+    "scores_tile": ("attention", "Q.K^T for one KV block (R x H/tp x C x kv_block), float32"),
+    "probs_tile": ("attention", "exp(scores - max) cast to the model dtype for P.V "
+                                "(R x H/tp x C x kv_block)"),
+    "softmax_state": ("attention", "running output (R x C x A/tp) and running max and sum "
+                                   "(2 x R x H/tp x C), float32, carried across KV blocks"),
+    "attn_out_shard": ("attention", "normalised attention output (R x C x A/tp), input to the "
+                                    "row-parallel O projection"),
+    "attn_partial_sum": ("attention", "O projection's partial product (R x C x D) in float32 and "
+                                      "the model-dtype copy the tensor all-reduce sums"),
+    "residual_mid": ("mlp", "x + attention (R x C x D), read by LN2 and the second residual"),
+    "ln2_out": ("mlp", "LayerNorm 2 output (R x C x D), re-read for every w_in tile"),
+    "mlp_intermediate_shard": ("mlp", "w_in output (R x C x F/tp) in float32 and the GELU "
+                                      "output in the model dtype"),
+    "mlp_partial_sum": ("mlp", "w_out's partial product (R x C x D) in float32 and the "
+                               "model-dtype copy the tensor all-reduce sums"),
+    "output_chunk": ("mlp", "the layer's output (R x C x D), sent to the next stage"),
+}
 
-  Terms are those live at the step's peak, each sized as the engine computes it: activations in
-  the model dtype, matmul accumulators and softmax state in float32.
+
+def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
+  """Resident bytes one layer's chunk step touches per device (weights and KV prefix excluded).
+
+  The sum over the step, an upper bound on its peak: if it fits in L2, no activation byte of
+  the step has to go back to HBM. `step_peak_bytes` gives the larger phase alone.
   """
+  if cfg.n_heads % s.tp or cfg.d_ff % s.tp:
+    raise PlanError(f"tp = {s.tp} must divide n_heads = {cfg.n_heads} and d_ff = {cfg.d_ff}")
   b = cfg.dtype_bytes
   rt = s.rows * s.tokens
+  d = cfg.d_model
   heads = cfg.n_heads // s.tp
   a_local = heads * cfg.head_dim
   f_local = cfg.d_ff // s.tp
+  tile = s.rows * heads * s.tokens * s.kv_block
   return {
-      "input_chunk": rt * cfg.d_model * b,
-      "qkv_shard": 3 * rt * a_local * b,
+      "input_chunk": rt * d * b,
+      "ln1_out": rt * d * b,
+      "qkv_shard": 3 * rt * a_local * (F32 + b),
       "kv_block": 2 * s.rows * s.kv_block * a_local * b,
-      "scores_tile": s.rows * heads * s.tokens * s.kv_block * F32,
+      "scores_tile": tile * F32,
+      "probs_tile": tile * b,
       "softmax_state": rt * a_local * F32 + 2 * rt * heads * F32,
+      "attn_out_shard": rt * a_local * b,
+      "attn_partial_sum": rt * d * (F32 + b),
+      "residual_mid": rt * d * b,
+      "ln2_out": rt * d * b,
       "mlp_intermediate_shard": rt * f_local * (F32 + b),
-      "partial_sum_before_allreduce": rt * cfg.d_model * F32,
-      "output_chunk": rt * cfg.d_model * b,
+      "mlp_partial_sum": rt * d * (F32 + b),
+      "output_chunk": rt * d * b,
   }
 
 
+def step_phase_bytes(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
+  """Resident bytes per phase: what must sit in L2 together while that phase runs."""
+  out = {"attention": 0, "mlp": 0}
+  for name, size in step_working_set(cfg, s).items():
+    out[STEP_TERMS[name][0]] += size
+  return out
+
+
+def step_peak_bytes(cfg: ModelConfig, s: StepShape) -> int:
+  """The larger phase: closer to a compiler's peak live bytes than the whole-step sum."""
+  return max(step_phase_bytes(cfg, s).values())
+
+
 def weight_shard_bytes(cfg: ModelConfig, tp: int, layers: int = 1) -> int:
-  """Weights one device holds for `layers` layers at tensor parallelism tp (streamed per step)."""
+  """Weights one device holds for `layers` layers at tensor parallelism tp (streamed per step).
+
+  LayerNorm parameters are replicated over the tensor group, projections split tp ways.
+  """
   return layers * (cfg.projection_params_per_layer // tp + cfg.layernorm_params_per_layer) * cfg.dtype_bytes
 
 
@@ -59,14 +132,40 @@ def kv_cache_bytes(cfg: ModelConfig, rows: int, positions: int, tp: int = 1, lay
   return 2 * layers * rows * positions * (cfg.attn_dim // tp) * cfg.dtype_bytes
 
 
+def step_streamed_bytes(cfg: ModelConfig, s: StepShape, prefix_tokens: int) -> dict[str, int]:
+  """Bytes one layer's step reads once and does not reuse: its weight shard and the KV prefix.
+
+  prefix_tokens is how many cached positions the step's queries attend to (the chunk's end).
+  """
+  return {
+      "weight_shard": weight_shard_bytes(cfg, s.tp, 1),
+      "kv_prefix": kv_cache_bytes(cfg, s.rows, prefix_tokens, s.tp, 1),
+  }
+
+
+def run_streamed_bytes(cfg: ModelConfig, batch: int, seq: int, rows: int, tokens: int,
+                       tp: int) -> dict[str, int]:
+  """Bytes one layer streams per device over a whole run split in rows x tokens units.
+
+  Every unit step re-reads the weight shard, so weights cost (batch/rows) x n_chunks passes.
+  Chunk k of a microbatch attends to the k x tokens positions before its end, so the KV cache
+  is re-read tokens x n(n-1)/2 + seq positions per row: fewer, longer chunks read less of it.
+  """
+  n = -(-seq // tokens)
+  positions = tokens * n * (n - 1) // 2 + seq
+  return {
+      "weights": (batch // rows) * n * weight_shard_bytes(cfg, tp, 1),
+      "kv_prefix": kv_cache_bytes(cfg, batch, positions, tp, 1),
+  }
+
+
 def seed_working_set(cfg: ModelConfig, rows: int, tokens: int) -> dict[str, int]:
   """The seed's section 2.2 components, with the activation chunk computed, not assumed."""
-  mb = 10**6
   return {
-      "weight_tiles": 32 * mb,           # seed's figure; not derivable from the model
+      "weight_tiles": 32 * MB,           # seed's figure; not derivable from the model
       "activation_chunk": rows * tokens * cfg.d_model * cfg.dtype_bytes,
-      "operator_buffers": 4 * mb,        # seed's figure
-      "intermediate_state": 2 * mb,      # seed's figure
+      "operator_buffers": 4 * MB,        # seed's figure
+      "intermediate_state": 2 * MB,      # seed's figure
   }
 
 
@@ -93,15 +192,106 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
   return matmul + attn
 
 
-def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
-  """Placement figures for a Plan (duck-typed so this module imports nothing of JAX's)."""
-  step = StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block, tp=plan.tp)
+def step_shape(plan) -> StepShape:
+  return StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block, tp=plan.tp)
+
+
+def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, float]:
+  """Placement figures for a Plan (duck-typed so this module imports nothing of JAX's).
+
+  Two KV figures on purpose: the engine keeps K/V for the rows of one microbatch only
+  (kv_cache_engine_per_device), while keeping the whole batch's K/V for later decoding would
+  take kv_cache_per_device.
+  """
+  step = step_shape(plan)
   ws = step_working_set(cfg, step)
+  total = sum(ws.values())
+  weights = weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage)
+  kv_engine = kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage)
+  unit = plan.rows * plan.chunk_tokens * cfg.d_model * cfg.dtype_bytes
+  # The engine takes the input replicated and keeps one output slab of every unit per stage.
+  engine_input = run.batch * run.seq * cfg.d_model * cfg.dtype_bytes
+  engine_output = plan.units * unit
   return {
-      "weights_per_device": weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage),
+      "weights_per_device": weights,
       "weights_per_layer_shard": weight_shard_bytes(cfg, plan.tp, 1),
+      "kv_cache_per_layer": kv_cache_bytes(cfg, run.batch, run.seq),
       "kv_cache_per_device": kv_cache_bytes(cfg, run.batch, run.seq, plan.tp, plan.layers_per_stage),
-      "activation_unit": plan.rows * plan.chunk_tokens * cfg.d_model * cfg.dtype_bytes,
-      "working_set_per_step": sum(ws.values()),
-      "cache_utilisation": sum(ws.values()) / plan.cache_budget_bytes if plan.cache_budget_bytes else 0.0,
+      "kv_cache_engine_per_device": kv_engine,
+      "activation_unit": unit,
+      "working_set_per_step": total,
+      "working_set_peak_phase": step_peak_bytes(cfg, step),
+      "streamed_per_step_weights": weight_shard_bytes(cfg, plan.tp, 1),
+      "streamed_per_step_kv_prefix_max": kv_cache_bytes(cfg, plan.rows, plan.seq, plan.tp, 1),
+      "engine_input_per_device": engine_input,
+      "engine_output_per_device": engine_output,
+      "engine_resident_per_device": weights + kv_engine + engine_input + engine_output,
+      "cache_utilisation": total / plan.cache_budget_bytes if plan.cache_budget_bytes else 0.0,
   }
+
+
+# --- the seed's section 2 and 3.2, checked ----------------------------------------------------
+
+def verdict(stated: float, true: float, unit: float, binary_unit: float | None = None) -> str:
+  """'holds' within CLAIM_RTOL; 'holds in binary units' when the seed wrote GB for GiB."""
+  def close(u: float) -> bool:
+    return abs(true - stated * u) <= CLAIM_RTOL * abs(stated * u)
+  if close(unit):
+    return "holds"
+  if binary_unit is not None and close(binary_unit):
+    return "holds (binary units: the seed's GB is GiB)"
+  return "does not hold"
+
+
+def seed_claims(cfg: ModelConfig, run: RunShape, hw: Hardware, plan) -> list[dict]:
+  """The seed's section 2 (and 3.2) claims beside the true figures for this setup and plan.
+
+  The seed's chunk is 128 rows x 64 tokens (its formula 128 x 64 x 16384 x 2); here it takes
+  the run's batch for 128, and the plan's tp for the buffers it implies.
+  """
+  b = cfg.dtype_bytes
+  fp = footprint(cfg, run)
+  seed_rows, seed_tokens = run.batch, min(64, run.seq)
+  seed_step = StepShape(rows=seed_rows, tokens=seed_tokens,
+                        kv_block=min(seed_tokens, 128), tp=plan.tp)
+  ws = step_working_set(cfg, seed_step)
+  operator = sum(ws[k] for k in ("kv_block", "scores_tile", "probs_tile", "softmax_state"))
+  intermediate = sum(ws.values()) - operator - ws["input_chunk"]
+  weights_step = weight_shard_bytes(cfg, plan.tp, 1)
+  seed_total = sum(ws.values()) + weights_step
+  l2 = hw.l2_bytes
+  rows = [
+      ("total parameters", "30B", 30e9, cfg.total_params, 1, None,
+       f"{cfg.layers} layers x {cfg.params_per_layer:,} (projections "
+       f"{cfg.projection_params_per_layer:,} + LayerNorm {cfg.layernorm_params_per_layer:,})"),
+      ("total model size", "60 GB", 60, fp["weight_bytes_total"], GB, GIB,
+       f"{cfg.total_params:,} x {b} B"),
+      ("weights per layer", "15 GB", 15, fp["weight_bytes_per_layer"], GB, GIB,
+       f"{cfg.params_per_layer:,} x {b} B"),
+      ("full activation per layer", "39.06 GB", 39.06, fp["activation_bytes_full_layer"], GB, GIB,
+       f"{run.batch} x {run.seq} x {cfg.d_model} x {b} B"),
+      ("weight tiles per step", "32 MB", 32, weights_step, MB, MIB,
+       f"a step multiplies by the whole layer shard at tp {plan.tp}: "
+       f"{cfg.projection_params_per_layer:,} / {plan.tp} weights + LayerNorms, x {b} B; "
+       f"tiling changes the order of reads, not how many bytes are read"),
+      ("activation chunk", "12 MB", 12, ws["input_chunk"], MB, MIB,
+       f"{seed_rows} x {seed_tokens} x {cfg.d_model} x {b} B (12 MB is "
+       f"{12 * MB // (cfg.d_model * b):,} token-rows)"),
+      ("operator buffers", "4 MB", 4, operator, MB, MIB,
+       f"one KV block, its scores and probabilities and the softmax state for the seed's "
+       f"{seed_rows} x {seed_tokens} chunk at tp {plan.tp}"),
+      ("intermediate state", "2 MB", 2, intermediate, MB, MIB,
+       f"LN outputs, Q/K/V, attention output, MLP hidden, partial sums, residual and output "
+       f"for the seed's chunk at tp {plan.tp}"),
+      ("total working set per layer", "~50 MB", 50, seed_total, MB, MIB,
+       "weight shard + every resident activation term, for the seed's chunk"),
+      ("cache utilisation", "45/50 MB = 90%", 0.90, seed_total / l2, 1, None,
+       f"seed's-chunk working set / {l2 / MB:g} MB L2 (the seed's own components sum to "
+       f"50 MB, not 45)"),
+  ]
+  out = []
+  for claim, seed_text, stated, true, unit, bunit, how in rows:
+    kind = "count" if claim == "total parameters" else "ratio" if unit == 1 else "bytes"
+    out.append({"claim": claim, "seed": seed_text, "true": true, "kind": kind,
+                "verdict": verdict(stated, true, unit, bunit), "how": how})
+  return out

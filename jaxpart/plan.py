@@ -69,6 +69,14 @@ class Plan:
                       f"{self.batch}")
     if self.chunk_tokens > self.seq:
       raise PlanError(f"Plan.chunk_tokens = {self.chunk_tokens} exceeds seq = {self.seq}")
+    for name in ("predicted_working_set_bytes", "cache_budget_bytes"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise PlanError(f"Plan.{name} = {v!r}: must be a non-negative integer (bytes)")
+    if (len(self.axis_names) != 2 or len(set(self.axis_names)) != 2
+        or not all(isinstance(a, str) and a for a in self.axis_names)):
+      raise PlanError(f"Plan.axis_names = {self.axis_names!r}: must be two distinct names, "
+                      f"(stage axis, tensor axis)")
 
   # --- derived figures ---------------------------------------------------------------------
   @property
@@ -82,6 +90,11 @@ class Plan:
   @property
   def mesh_shape(self) -> tuple[int, int]:
     return (self.stages, self.tp)
+
+  @property
+  def layer_to_stage(self) -> tuple[int, ...]:
+    """Stage index of every layer, in layer order."""
+    return tuple(s for s, group in enumerate(self.stage_layers) for _ in group)
 
   @property
   def rows(self) -> int:
@@ -120,24 +133,43 @@ class Plan:
     return (self.stages - 1) / self.ticks
 
   @property
+  def ragged(self) -> bool:
+    return self.last_chunk_tokens != self.chunk_tokens
+
+  @property
+  def cache_utilisation(self) -> float:
+    """Predicted working set / cache budget; 0 when no budget was set."""
+    if not self.cache_budget_bytes:
+      return 0.0
+    return self.predicted_working_set_bytes / self.cache_budget_bytes
+
+  @property
   def split(self) -> str:
     parts = []
     if self.microbatches > 1:
-      parts.append(f"{self.microbatches} microbatches of {self.rows} rows")
+      parts.append(f"{self.microbatches} microbatches of {self.rows} row{'s' * (self.rows > 1)}")
     if self.n_chunks > 1:
       ragged = f", last {self.last_chunk_tokens}" if self.last_chunk_tokens != self.chunk_tokens else ""
       parts.append(f"{self.n_chunks} token chunks of {self.chunk_tokens}{ragged}")
     return " x ".join(parts) or "whole input in one unit"
 
   # --- serialisation -------------------------------------------------------------------------
+  def derived(self) -> dict[str, Any]:
+    """Figures computed from the fields, written to JSON for readers; checked on reading."""
+    return {
+        "mesh_shape": list(self.mesh_shape), "layer_to_stage": list(self.layer_to_stage),
+        "rows": self.rows, "n_chunks": self.n_chunks,
+        "last_chunk_tokens": self.last_chunk_tokens, "ragged": self.ragged,
+        "units": self.units, "ticks": self.ticks, "bubble_fraction": self.bubble_fraction,
+        "split": self.split, "layers_per_stage": self.layers_per_stage,
+        "cache_len": self.cache_len, "cache_utilisation": self.cache_utilisation,
+    }
+
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    d["derived"] = {
-        "mesh_shape": list(self.mesh_shape), "rows": self.rows, "n_chunks": self.n_chunks,
-        "last_chunk_tokens": self.last_chunk_tokens, "units": self.units, "ticks": self.ticks,
-        "bubble_fraction": self.bubble_fraction, "split": self.split,
-        "layers_per_stage": self.layers_per_stage,
-    }
+    d["stage_layers"] = [list(s) for s in self.stage_layers]
+    d["axis_names"] = list(self.axis_names)
+    d["derived"] = self.derived()
     return d
 
   def to_json(self, **kw) -> str:
@@ -154,11 +186,34 @@ class Plan:
       kw["stage_layers"] = tuple(tuple(s) for s in kw["stage_layers"])
     if "axis_names" in kw:
       kw["axis_names"] = tuple(kw["axis_names"])
-    return cls(**kw)
+    try:
+      plan = cls(**kw)
+    except TypeError as e:  # a required field is missing
+      raise PlanError(f"Plan JSON: {e}; required keys are "
+                      f"{sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING)}") from None
+    # Derived figures are for readers; a file whose figures disagree with its fields was edited
+    # by hand or written by other code, and silently recomputing them would hide that.
+    stated = d.get("derived")
+    if stated is not None:
+      true = json.loads(json.dumps(plan.derived()))
+      for key, value in stated.items():
+        if key not in true:
+          raise PlanError(f"Plan JSON: unknown derived key {key!r}; valid: {sorted(true)}")
+        if not _same(value, true[key]):
+          raise PlanError(f"Plan JSON: derived.{key} = {value!r} but the fields give "
+                          f"{true[key]!r}")
+    return plan
 
   @classmethod
   def from_json(cls, text: str) -> "Plan":
     return cls.from_dict(json.loads(text))
+
+
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(
+        a, b, rel_tol=1e-12, abs_tol=1e-15)
+  return a == b
 
 
 def contiguous_stage_layers(layers: int, stages: int) -> tuple[tuple[int, ...], ...]:

@@ -15,18 +15,37 @@ from jaxpart.plan import Plan, PlanError, contiguous_stage_layers, divisors
 
 MAX_KV_BLOCK = 128
 MIN_KV_BLOCK = 16
+# Chunks auto also tries beyond the cache-fitted one: a chunk step re-reads the stage's whole
+# weight shard, so bigger chunks trade L2 residency for fewer weight passes; the cost model
+# decides which wins.
+AUTO_EXTRA_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
+def _positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise PlanError(f"{name} = {value!r}: must be a positive integer")
+
+
+def tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
+  """Why tp cannot split this model's heads and MLP columns; empty when it can."""
   problems = []
   if cfg.n_heads % tp:
     problems.append(f"n_heads = {cfg.n_heads} is not divisible by tp = {tp}")
   if cfg.d_ff % tp:
     problems.append(f"d_ff = {cfg.d_ff} is not divisible by tp = {tp}")
+  return problems
+
+
+def valid_tps(cfg: ModelConfig) -> list[int]:
+  return [t for t in divisors(cfg.n_heads) if cfg.d_ff % t == 0]
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+  _positive_int("tp", tp)
+  problems = tp_problems(cfg, tp)
   if problems:
-    valid = [t for t in divisors(cfg.n_heads) if cfg.d_ff % t == 0]
     raise PlanError(f"tp = {tp}: {'; '.join(problems)}. Valid tp degrees for this model: "
-                    f"{', '.join(map(str, valid))}")
+                    f"{', '.join(map(str, valid_tps(cfg)))}")
 
 
 def default_kv_block(tokens: int) -> int:
@@ -39,38 +58,78 @@ def working_set(cfg: ModelConfig, rows: int, tokens: int, tp: int, kv_block: int
   return sum(memory.step_working_set(cfg, memory.StepShape(rows, tokens, kv, tp)).values())
 
 
-def _layerwise_grid(cfg: ModelConfig, devices: int, tp: int | None = None) -> tuple[int, int]:
-  """(stages, tp): one layer group per stage, as many stages as layers and devices allow."""
-  if devices <= 0:
-    raise PlanError(f"devices = {devices}: must be a positive integer")
+# --- the (stages, tp) grid -----------------------------------------------------------------
+
+def layerwise_grids(cfg: ModelConfig, devices: int) -> list[tuple[int, int, list[str]]]:
+  """Every (stages, tp, problems) with stages | layers and stages x tp = devices, most stages
+  first; problems is empty for a grid that works."""
+  out = []
+  for stages in sorted(divisors(cfg.layers), reverse=True):
+    if devices % stages == 0:
+      tp = devices // stages
+      out.append((stages, tp, tp_problems(cfg, tp)))
+  return out
+
+
+def _layerwise_grid(cfg: ModelConfig, devices: int, tp: int | None = None) -> tuple[int, int, str]:
+  """(stages, tp, why): as many stages as layers and devices allow, the rest tensor-parallel.
+
+  The most stages is gcd(layers, devices). Every other stage count divides it, so its tp is a
+  multiple of this tp: if this tp cannot split the heads or MLP columns, none can.
+  """
+  _positive_int("devices", devices)
+  valid_here = _fmt([t for s, t, p in layerwise_grids(cfg, devices) if not p])
   if tp is not None:
+    _positive_int("tp", tp)
     if devices % tp:
-      raise PlanError(f"tp = {tp} does not divide devices = {devices}; valid tp: "
-                      f"{', '.join(map(str, divisors(devices)))}")
+      raise PlanError(f"tp = {tp} does not divide devices = {devices}; stages = devices / tp "
+                      f"must divide layers = {cfg.layers}. Valid tp here: {valid_here}")
     stages = devices // tp
-    contiguous_stage_layers(cfg.layers, stages)
-  else:
-    common = [s for s in divisors(cfg.layers) if devices % s == 0]
-    stages = max(common)
-    tp = devices // stages
-  try:
-    check_tp(cfg, tp)
-  except PlanError as e:
+    try:
+      contiguous_stage_layers(cfg.layers, stages)
+      check_tp(cfg, tp)
+    except PlanError as e:
+      raise PlanError(f"tp = {tp} on devices = {devices} gives {stages} stages: {e}. Valid tp "
+                      f"here: {valid_here}") from None
+    return stages, tp, f"{stages} stage{'s' * (stages > 1)} x tp {tp} as asked"
+  stages, tp, problems = layerwise_grids(cfg, devices)[0]
+  if problems:
+    counts = valid_device_counts(cfg)
+    below = [n for n in counts if n < devices]
     raise PlanError(
-        f"devices = {devices} gives {stages} stages x tp {tp} (stages must divide both "
-        f"layers = {cfg.layers} and devices): {e}. Device counts that plan this model "
-        f"layer-wise: {', '.join(map(str, valid_device_counts(cfg)))}") from None
-  return stages, tp
+        f"devices = {devices} cannot place this model layer-wise: the most stages is "
+        f"gcd(layers = {cfg.layers}, devices = {devices}) = {stages}, leaving tp = {tp}, and "
+        f"{'; '.join(problems)} (fewer stages only multiply tp and fail the same way). Device "
+        f"counts that plan this model layer-wise: {_fmt(counts)}"
+        + (f"; the largest below {devices} is {below[-1]} (--devices {below[-1]})" if below else ""))
+  return stages, tp, (f"{stages} stage{'s' * (stages > 1)} x tp {tp}: the most stages that "
+                      f"divide layers = {cfg.layers} and devices = {devices}")
 
 
 def valid_device_counts(cfg: ModelConfig, limit: int = 128) -> list[int]:
-  out = []
-  for n in range(1, limit + 1):
-    stages = max(s for s in divisors(cfg.layers) if n % s == 0)
-    t = n // stages
-    if cfg.n_heads % t == 0 and cfg.d_ff % t == 0:
-      out.append(n)
-  return out
+  """Device counts up to `limit` that the layer-wise grid places."""
+  return [n for n in range(1, limit + 1) if not layerwise_grids(cfg, n)[0][2]]
+
+
+def baseline_grids(cfg: ModelConfig, devices: int) -> list[tuple[int, int]]:
+  """Valid (tp, pp) pairs for the baseline on `devices` devices."""
+  return [(devices // pp, pp) for pp in divisors(devices)
+          if cfg.layers % pp == 0 and not tp_problems(cfg, devices // pp)]
+
+
+def _fmt(values: Iterable) -> str:
+  values = list(values)
+  return ", ".join(map(str, values)) if values else "none"
+
+
+# --- layer-wise -----------------------------------------------------------------------------
+
+def _budget(setup: Setup, cache_bytes: float | None) -> int:
+  budget = setup.hardware.l2_bytes if cache_bytes is None else cache_bytes
+  if not budget > 0:
+    raise PlanError(f"cache budget = {budget!r} bytes: must be positive (--cache-mb > 0; the "
+                    f"default is the hardware's L2, {setup.hardware.l2_bytes / 1e6:g} MB)")
+  return int(budget)
 
 
 def _largest_fitting_tokens(cfg, rows, tp, seq, budget, kv_block) -> int:
@@ -85,106 +144,187 @@ def _largest_fitting_tokens(cfg, rows, tp, seq, budget, kv_block) -> int:
   return lo
 
 
+def fit_chunk(cfg: ModelConfig, batch: int, seq: int, tp: int, budget: int,
+              chunk_rows: int | None = None, chunk_tokens: int | None = None,
+              kv_block: int | None = None) -> tuple[int, int]:
+  """(rows, tokens) whose working set fits `budget`: for each row count (a divisor of batch)
+  the most tokens that fit, and of those the one that streams the fewest bytes over the run
+  (weights re-read every unit step, KV prefix re-read every chunk), ties to more tokens.
+  Mostly this is the most token-rows; but 8 rows x 15 tokens beats 1 x 118 by 2% in
+  token-rows and re-reads the KV cache 8 times as often. Either of rows and tokens may be
+  fixed. A budget too small for one token is an error, never a zero chunk."""
+  row_options = [chunk_rows] if chunk_rows else divisors(batch)
+  best, best_key = None, None
+  for rows in row_options:
+    if chunk_tokens is not None:
+      tokens = chunk_tokens if working_set(cfg, rows, chunk_tokens, tp, kv_block) <= budget else 0
+    else:
+      tokens = _largest_fitting_tokens(cfg, rows, tp, seq, budget, kv_block)
+    if not tokens:
+      continue
+    key = (sum(memory.run_streamed_bytes(cfg, batch, seq, rows, tokens, tp).values()), -tokens)
+    if best_key is None or key < best_key:
+      best, best_key = (rows, tokens), key
+  if best is None:
+    rows, tokens = (chunk_rows or 1), (chunk_tokens or 1)
+    need = working_set(cfg, rows, tokens, tp, kv_block)
+    fixes = f"raise --cache-mb to at least {need / 1e6:.3f}"
+    if chunk_tokens is not None and chunk_tokens > 1:
+      fixes += " or fix a smaller --chunk-tokens"
+    if chunk_rows is not None and chunk_rows > 1:
+      fixes += " or a smaller --chunk-rows"
+    if tp < max(valid_tps(cfg)):
+      fixes += " or use more tensor parallelism"
+    raise PlanError(
+        f"cache budget = {budget:,} bytes is too small: even {rows} row(s) x {tokens} token(s) "
+        f"needs a working set of {need:,} bytes at tp {tp}; {fixes}")
+  return best
+
+
 def plan_layerwise(setup: Setup, devices: int, *, tp: int | None = None,
                    cache_bytes: float | None = None, chunk_tokens: int | None = None,
                    chunk_rows: int | None = None, kv_block: int | None = None) -> Plan:
   """Contiguous layers per stage, tp inside each stage, the input streamed in token chunks.
 
-  Unless fixed, the chunk (rows x tokens) is the one with the most tokens-rows whose predicted
-  working set fits the cache budget; ties go to more rows (fewer passes over the KV cache).
+  Unless fixed, the chunk (rows x tokens) is the largest whose predicted working set fits the
+  cache budget (see fit_chunk for how rows are traded against tokens). A chunk the user fixes
+  in full is kept even over budget, and the reason says so.
   """
+  stages, tp, grid_why = _layerwise_grid(setup.model, devices, tp)
+  return _layerwise(setup, devices, stages, tp, grid_why, cache_bytes=cache_bytes,
+                    chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, kv_block=kv_block)
+
+
+def _layerwise(setup: Setup, devices: int, stages: int, tp: int, grid_why: str, *,
+               cache_bytes: float | None, chunk_tokens: int | None, chunk_rows: int | None,
+               kv_block: int | None, fixed_why: str = "chunk fixed by the user") -> Plan:
   cfg, run = setup.model, setup.run
-  stages, tp = _layerwise_grid(cfg, devices, tp)
-  budget = int(cache_bytes if cache_bytes is not None else setup.hardware.l2_bytes)
-  if budget <= 0:
-    raise PlanError(f"cache budget = {budget} bytes: must be positive")
-  if chunk_rows is not None and (chunk_rows <= 0 or run.batch % chunk_rows):
-    raise PlanError(f"chunk_rows = {chunk_rows}: must divide batch = {run.batch}; valid: "
-                    f"{', '.join(map(str, divisors(run.batch)))}")
-  if chunk_tokens is not None and not 0 < chunk_tokens <= run.seq:
-    raise PlanError(f"chunk_tokens = {chunk_tokens}: must be in 1..seq = {run.seq}")
+  budget = _budget(setup, cache_bytes)
+  if chunk_rows is not None:
+    _positive_int("chunk_rows", chunk_rows)
+    if run.batch % chunk_rows:
+      raise PlanError(f"chunk_rows = {chunk_rows}: must divide batch = {run.batch}; valid: "
+                      f"{_fmt(divisors(run.batch))}")
+  if chunk_tokens is not None:
+    _positive_int("chunk_tokens", chunk_tokens)
+    if chunk_tokens > run.seq:
+      raise PlanError(f"chunk_tokens = {chunk_tokens}: must be in 1..seq = {run.seq}")
+  if kv_block is not None:
+    _positive_int("kv_block", kv_block)
 
   if chunk_tokens is not None and chunk_rows is not None:
-    rows, tokens, why = chunk_rows, chunk_tokens, "chunk fixed by the user"
+    rows, tokens = chunk_rows, chunk_tokens
+    why = f"{fixed_why}: {rows} row(s) x {tokens} tokens"
   else:
-    row_options = [chunk_rows] if chunk_rows else sorted(divisors(run.batch), reverse=True)
-    best = None
-    for rows in row_options:
-      if chunk_tokens is not None:
-        tokens = chunk_tokens if working_set(cfg, rows, chunk_tokens, tp, kv_block) <= budget else 0
-      else:
-        tokens = _largest_fitting_tokens(cfg, rows, tp, run.seq, budget, kv_block)
-      if tokens and (best is None or rows * tokens > best[0] * best[1]):
-        best = (rows, tokens)
-    if best is None:
-      one = working_set(cfg, 1, chunk_tokens or 1, tp, kv_block)
-      raise PlanError(
-          f"cache budget = {budget:,} bytes is too small: even 1 row x {chunk_tokens or 1} "
-          f"token(s) needs {one:,} bytes at tp {tp}. Raise --cache-mb to at least "
-          f"{one / 1e6:.3f} or use more tensor parallelism")
-    rows, tokens = best
-    why = (f"largest chunk whose predicted working set fits the {budget / 1e6:g} MB budget "
-           f"({rows} rows x {tokens} tokens)")
+    rows, tokens = fit_chunk(cfg, run.batch, run.seq, tp, budget, chunk_rows, chunk_tokens,
+                             kv_block)
+    fixed = (f" with {chunk_rows} rows fixed" if chunk_rows else
+             f" with {chunk_tokens} tokens fixed" if chunk_tokens else "")
+    why = (f"largest chunk{fixed} whose predicted working set fits the {budget / 1e6:g} MB "
+           f"budget, rows chosen to stream the fewest weight and KV bytes: {rows} row(s) x "
+           f"{tokens} tokens")
   kv = kv_block or default_kv_block(tokens)
   ws = working_set(cfg, rows, tokens, tp, kv)
   if ws > budget:
-    why += f"; NOTE: its working set {ws:,} B exceeds the {budget:,} B budget"
+    why += (f"; NOTE: its predicted working set {ws:,} B exceeds the {budget:,} B budget "
+            f"({ws / budget:.1f}x)")
   return Plan(strategy="layerwise", devices=devices, stages=stages, tp=tp,
               stage_layers=contiguous_stage_layers(cfg.layers, stages), batch=run.batch,
               seq=run.seq, microbatches=run.batch // rows, chunk_tokens=tokens, kv_block=kv,
-              predicted_working_set_bytes=ws, cache_budget_bytes=budget, reason=why)
+              predicted_working_set_bytes=ws, cache_budget_bytes=budget,
+              reason=f"{grid_why}; {why}")
 
 
-def plan_baseline(setup: Setup, devices: int, *, tp: int, pp: int,
+# --- baseline -------------------------------------------------------------------------------
+
+def plan_baseline(setup: Setup, devices: int, *, tp: int | None, pp: int | None,
                   microbatches: int | None = None, kv_block: int | None = None,
                   cache_bytes: float | None = None) -> Plan:
-  """Megatron TP x PP: pp stages over contiguous layers, GPipe over microbatches of the batch."""
+  """Megatron TP x PP: pp stages over contiguous layers, GPipe over microbatches of the batch.
+
+  Each microbatch goes through whole (one chunk of the full sequence); given one of tp and pp
+  the other is devices / it.
+  """
   cfg, run = setup.model, setup.run
-  if tp is None or pp is None:
-    raise PlanError("baseline needs both --tp and --pp (the seed's baseline is --tp 8 --pp 2)")
+  _positive_int("devices", devices)
+  pairs = baseline_grids(cfg, devices)
+  valid = f"valid (tp, pp) on {devices} devices for this model: {_fmt(pairs)}"
+  if tp is None and pp is None:
+    raise PlanError(f"baseline needs --tp and/or --pp (the seed's baseline is --tp 8 --pp 2); "
+                    f"{valid}")
+  for name, v in (("tp", tp), ("pp", pp)):
+    if v is not None:
+      _positive_int(name, v)
+      if devices % v:
+        raise PlanError(f"{name} = {v} does not divide devices = {devices}; {valid}")
+  tp = devices // pp if tp is None else tp
+  pp = devices // tp if pp is None else pp
   if tp * pp != devices:
-    raise PlanError(f"tp x pp = {tp} x {pp} = {tp * pp} != devices = {devices}; valid (tp, pp) "
-                    f"pairs: {', '.join(f'({devices // p}, {p})' for p in divisors(devices))}")
-  check_tp(cfg, tp)
-  stage_layers = contiguous_stage_layers(cfg.layers, pp)
+    raise PlanError(f"tp x pp = {tp} x {pp} = {tp * pp} != devices = {devices}; {valid}")
+  try:
+    check_tp(cfg, tp)
+    stage_layers = contiguous_stage_layers(cfg.layers, pp)
+  except PlanError as e:
+    raise PlanError(f"baseline tp {tp} x pp {pp}: {e}; {valid}") from None
   if microbatches is None:
     # GPipe wants M >> pp to shrink the (pp-1)/(M+pp-1) bubble; 4 x pp is the usual choice.
     microbatches = max(d for d in divisors(run.batch) if d <= 4 * pp)
-  elif microbatches <= 0 or run.batch % microbatches:
-    raise PlanError(f"microbatches = {microbatches} must divide batch = {run.batch}; valid: "
-                    f"{', '.join(map(str, divisors(run.batch)))}")
+    m_why = f"GPipe over {microbatches} microbatches (largest divisor of batch <= 4 x pp)"
+  else:
+    _positive_int("microbatches", microbatches)
+    if run.batch % microbatches:
+      raise PlanError(f"microbatches = {microbatches} must divide batch = {run.batch}; valid: "
+                      f"{_fmt(divisors(run.batch))}")
+    m_why = f"GPipe over {microbatches} microbatches"
+  if kv_block is not None:
+    _positive_int("kv_block", kv_block)
   rows = run.batch // microbatches
   kv = kv_block or default_kv_block(run.seq)
-  budget = int(cache_bytes if cache_bytes is not None else setup.hardware.l2_bytes)
+  budget = _budget(setup, cache_bytes)
+  ws = working_set(cfg, rows, run.seq, tp, kv)
   return Plan(strategy="baseline", devices=devices, stages=pp, tp=tp, stage_layers=stage_layers,
               batch=run.batch, seq=run.seq, microbatches=microbatches, chunk_tokens=run.seq,
-              kv_block=kv, predicted_working_set_bytes=working_set(cfg, rows, run.seq, tp, kv),
-              cache_budget_bytes=budget,
-              reason=f"Megatron TP{tp} x PP{pp}, GPipe over {microbatches} microbatches")
+              kv_block=kv, predicted_working_set_bytes=ws, cache_budget_bytes=budget,
+              reason=f"Megatron TP{tp} x PP{pp}, {m_why}; whole sequence per microbatch, "
+                     f"predicted working set {ws / budget:.1f}x the cache budget")
 
 
-def candidates(setup: Setup, devices: int, cache_bytes: float | None = None) -> list[Plan]:
-  """Every valid (stages, tp, split) choice: baseline grids and cache-fitted layer-wise chunks."""
-  cfg = setup.model
+# --- auto -----------------------------------------------------------------------------------
+
+def candidates(setup: Setup, devices: int, cache_bytes: float | None = None, *,
+               tp: int | None = None, pp: int | None = None) -> list[Plan]:
+  """Every valid (stages, tp, split, chunk) choice: baseline grids over several microbatch
+  counts; layer-wise with the cache-fitted chunk and with larger chunks that overflow it.
+  tp and pp, when given, keep only grids with that tp or that many stages."""
+  cfg, run = setup.model, setup.run
+  _positive_int("devices", devices)
+  budget = _budget(setup, cache_bytes)
   out: list[Plan] = []
-  for stages in divisors(cfg.layers):
-    if devices % stages:
-      continue
-    tp = devices // stages
+  grids = [(s, t) for s, t, p in layerwise_grids(cfg, devices) if not p
+           and (tp is None or t == tp) and (pp is None or s == pp)]
+  for stages, t in grids:
+    for m in sorted({d for d in divisors(run.batch) if d <= 4 * stages} | {1}):
+      out.append(plan_baseline(setup, devices, tp=t, pp=stages, microbatches=m,
+                               cache_bytes=budget))
+    grid = f"candidate grid {stages} stages x tp {t}"
     try:
-      check_tp(cfg, tp)
+      fitted = _layerwise(setup, devices, stages, t, grid, cache_bytes=budget,
+                          chunk_tokens=None, chunk_rows=None, kv_block=None)
     except PlanError:
-      continue
-    for m in sorted({d for d in divisors(setup.run.batch) if d <= 4 * stages} | {1}):
-      out.append(plan_baseline(setup, devices, tp=tp, pp=stages, microbatches=m,
-                               cache_bytes=cache_bytes))
-    try:
-      out.append(plan_layerwise(setup, devices, tp=tp, cache_bytes=cache_bytes))
-    except PlanError:
-      pass
+      continue  # budget below one token at this tp: only the baseline remains here
+    out.append(fitted)
+    for tokens in AUTO_EXTRA_TOKENS:
+      if fitted.chunk_tokens < tokens < run.seq:
+        out.append(_layerwise(setup, devices, stages, t, grid, cache_bytes=budget,
+                              chunk_tokens=tokens, chunk_rows=fitted.rows, kv_block=None,
+                              fixed_why="chunk larger than the cache budget, fewer weight "
+                                        "passes"))
   if not out:
-    raise PlanError(f"devices = {devices}: no (stages, tp) split works for this model. Device "
-                    f"counts that do: {', '.join(map(str, valid_device_counts(cfg)))}")
+    asked = "".join(f", {n} = {v}" for n, v in (("tp", tp), ("pp", pp)) if v is not None)
+    raise PlanError(f"devices = {devices}{asked}: no (stages, tp) split works for this model. "
+                    f"Layer-wise device counts that do: {_fmt(valid_device_counts(cfg))}; "
+                    f"(stages, tp) grids on {devices} devices: "
+                    f"{_fmt((s, t) for s, t, p in layerwise_grids(cfg, devices) if not p)}")
   return out
 
 
@@ -198,37 +338,61 @@ def _default_scorer() -> tuple[str, Callable[[Setup, Plan], float]]:
   try:
     from jaxpart import costmodel  # noqa: PLC0415  (optional: planner must not need it)
   except ImportError:
-    return "heuristic (bubble + cache overflow)", heuristic_score
-  return "cost model (predicted seconds per run)", costmodel.score
+    return "heuristic (bubble fraction + cache overflow; lower is better)", heuristic_score
+  return "cost model (predicted seconds per run; lower is better)", costmodel.score
 
 
-def plan_auto(setup: Setup, devices: int, cache_bytes: float | None = None,
-              top: int = 5) -> tuple[Plan, list[tuple[float, Plan]], str]:
-  """Rank every candidate; returns the winner, the top few (score, plan) and the ranking used."""
+def plan_auto(setup: Setup, devices: int, cache_bytes: float | None = None, top: int = 5, *,
+              tp: int | None = None, pp: int | None = None
+              ) -> tuple[Plan, list[tuple[float, Plan]], str]:
+  """Rank every candidate; returns the winner, the top few (score, plan) and the ranking used.
+
+  Equal scores go to the larger unit (rows x tokens): each unit step re-reads the weights.
+  """
   how, scorer = _default_scorer()
-  ranked = sorted(((scorer(setup, p), p) for p in candidates(setup, devices, cache_bytes)),
-                  key=lambda sp: sp[0])
-  best = ranked[0][1]
-  best = replace(best, reason=f"auto, ranked by {how}: {best.reason}")
-  return best, ranked[:top], how
+  pool = candidates(setup, devices, cache_bytes, tp=tp, pp=pp)
+  ranked = sorted(((float(scorer(setup, p)), p) for p in pool),
+                  key=lambda sp: (sp[0], -sp[1].rows * sp[1].chunk_tokens))
+  score, best = ranked[0]
+  why = f"auto: best of {len(pool)} candidates ranked by {how}, score {score:.6g}"
+  if len(ranked) > 1:
+    s2, p2 = ranked[1]
+    why += f" (next: {p2.strategy} {p2.stages}x{p2.tp} {p2.split}, score {s2:.6g})"
+  best = replace(best, reason=f"{why}; {best.reason}")
+  return best, [(score, best)] + ranked[1:top], how
 
 
 def make_plan(setup: Setup, devices: int, strategy: str, *, tp: int | None = None,
               pp: int | None = None, microbatches: int | None = None,
               cache_bytes: float | None = None, chunk_tokens: int | None = None,
               chunk_rows: int | None = None, kv_block: int | None = None) -> Plan:
-  """One entry for every command: the strategy name picks the algorithm."""
+  """One entry for every command: the strategy name picks the algorithm.
+
+  An option the chosen strategy would not use is an error, not silently dropped.
+  """
+  def refuse(names: dict, hint: str) -> None:
+    given = [n for n, v in names.items() if v is not None]
+    if given:
+      raise PlanError(f"{', '.join(given)} do(es) not apply to strategy {strategy!r}: {hint}")
+
   if strategy == "baseline":
+    refuse({"--chunk-tokens": chunk_tokens, "--chunk-rows": chunk_rows},
+           "the baseline runs each microbatch's whole sequence; split the batch with "
+           "--microbatches, or chunk tokens with --strategy layerwise")
     return plan_baseline(setup, devices, tp=tp, pp=pp, microbatches=microbatches,
                          kv_block=kv_block, cache_bytes=cache_bytes)
   if strategy == "layerwise":
-    if pp is not None:
-      raise PlanError("--pp applies to the baseline; layer-wise derives stages from devices and "
-                      "tp (stages = devices / tp)")
+    refuse({"--pp": pp, "--microbatches": microbatches},
+           "layer-wise derives stages from devices and tp (stages = devices / tp) and splits "
+           "the batch with --chunk-rows")
     return plan_layerwise(setup, devices, tp=tp, cache_bytes=cache_bytes,
                           chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, kv_block=kv_block)
   if strategy == "auto":
-    return plan_auto(setup, devices, cache_bytes)[0]
+    refuse({"--microbatches": microbatches, "--chunk-tokens": chunk_tokens,
+            "--chunk-rows": chunk_rows, "--kv-block": kv_block},
+           "auto searches these itself; fix them with --strategy baseline or layerwise "
+           "(auto does take --tp, --pp and --cache-mb)")
+    return plan_auto(setup, devices, cache_bytes, tp=tp, pp=pp)[0]
   raise PlanError(f"strategy = {strategy!r}: valid strategies are baseline, layerwise, auto")
 
 

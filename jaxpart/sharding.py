@@ -70,6 +70,61 @@ def place_params(params, mesh):
   return jax.device_put(params, param_shardings(mesh))
 
 
+def activation_specs() -> dict:
+  """The engine's activations at its boundary: the B x T x D input enters replicated on every
+  device; the output leaves as one U x R x C x D slab per stage (the last stage's is kept)."""
+  return {"input_BxTxD": SPECS.replicated, "output_SUxRxCxD": SPECS.per_stage}
+
+
+def activation_shardings(mesh) -> dict:
+  return {k: NamedSharding(mesh, s) for k, s in activation_specs().items()}
+
+
+def local_shape(shape: tuple[int, ...], spec: P, plan: Plan) -> tuple[int, ...]:
+  """Per-device shape of an array of `shape` under `spec` on the Plan's mesh (pure: no devices).
+
+  An axis that does not split evenly is a PlanError naming it: jax would pad it silently.
+  """
+  sizes = dict(zip(plan.axis_names, plan.mesh_shape))
+  out = []
+  for i, dim in enumerate(shape):
+    names = spec[i] if i < len(spec) else None
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    parts = 1
+    for n in names:
+      parts *= sizes[n]
+    if dim % parts:
+      raise PlanError(f"axis {i} of shape {tuple(shape)} has size {dim}, not divisible by "
+                      f"{parts} ({' x '.join(names)} of mesh {plan.mesh_shape})")
+    out.append(dim // parts)
+  return tuple(out)
+
+
+def param_local_shapes(params, plan: Plan) -> dict:
+  """Per-device shape of every parameter leaf under the Plan (params or ShapeDtypeStructs).
+
+  The leading layer axis must hold plan.layers layers, so stage s gets stage_layers[s].
+  """
+  def one(path, leaf, spec):
+    name = jax.tree_util.keystr(path)
+    if leaf.shape[0] != plan.layers:
+      raise PlanError(f"parameter {name} has {leaf.shape[0]} layers on axis 0, the plan places "
+                      f"{plan.layers}")
+    try:
+      return local_shape(leaf.shape, spec, plan)
+    except PlanError as e:
+      raise PlanError(f"parameter {name}: {e}") from None
+  return jax.tree_util.tree_map_with_path(one, params, param_specs())
+
+
+def place_for_plan(params, plan: Plan, mesh):
+  """place_params after checking every leaf splits evenly as the Plan says."""
+  if tuple(mesh.shape.values()) != plan.mesh_shape or tuple(mesh.axis_names) != plan.axis_names:
+    raise PlanError(f"mesh {dict(mesh.shape)} is not the plan's {dict(zip(plan.axis_names, plan.mesh_shape))}")
+  param_local_shapes(params, plan)
+  return place_params(params, mesh)
+
+
 def gspmd_tp_specs() -> dict:
   """What a user writes without jaxpart: Megatron TP annotations over all devices (one flat
   `tensor` axis), layers unsplit, for plain jax.jit to propagate."""

@@ -1,0 +1,90 @@
+"""Figures measured on this machine's simulated CPU devices: compiled programs and timings.
+
+Compiling needs no memory for the arrays (shapes only), so even the paper preset's engine can
+be compiled here and its HLO read; running is only done for the small preset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxpart import costmodel, engine, measure, model, sharding
+from jaxpart.config import Setup
+from jaxpart.plan import Plan
+
+
+def require_devices(n: int) -> None:
+  have = len(jax.devices())
+  if have < n:
+    raise RuntimeError(f"experiments need {n} devices, {have} present: run through `jaxpart "
+                       f"experiments` (it asks XLA for 16 simulated CPU devices) or set "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+
+
+def abstract_args(setup: Setup, plan: Plan, mesh, dtype=None):
+  """ShapeDtypeStructs of parameters (placed as the Plan says) and input: nothing allocated."""
+  dt = jnp.dtype(dtype or setup.model.dtype)
+  shard = sharding.param_shardings(mesh)
+  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, dt, sharding=sh),
+                        model.param_shapes(setup.model), shard)
+  x = jax.ShapeDtypeStruct((setup.run.batch, setup.run.seq, setup.model.d_model), dt)
+  return params, x
+
+
+def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
+  """Compile the engine's forward for `plan` and read what it would do, per device.
+
+  collective bytes: ops inside the tick loop, the tick cond weighted by units/ticks
+  (executed); flops: HLO dots x loop trips with both conds weighted (costmodel.hlo_cond_weights)
+  and unweighted (static: every tick and KV block).
+  """
+  require_devices(plan.devices)
+  mesh = sharding.mesh_for(plan)
+  params, x = abstract_args(setup, plan, mesh, dtype)
+  stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh), params, x)
+  hlo = stats["hlo"]
+  loop = measure.engine_loop_bytes(hlo, plan)
+  static_loop = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
+  for o in measure.collective_ops(hlo):
+    if o.loop_depth:
+      static_loop[o.kind] += o.bytes * o.count
+  out = measure.public(stats)
+  out.update(
+      collective_loop_executed=loop["loop"], collective_outside_loops=loop["outside_loops"],
+      collective_loop_static=static_loop,
+      flops_executed=measure.hlo_flops(hlo, costmodel.hlo_cond_weights(plan)),
+      flops_static=measure.hlo_flops(hlo),
+      collective_element_bytes=_collective_element_bytes(hlo))
+  return out
+
+
+def _collective_element_bytes(hlo: str) -> int:
+  """Element size of the engine's in-loop collectives as compiled (4 where CPU XLA promoted
+  bf16 to f32); 0 if the loop holds none."""
+  comps, _ = measure.parse_hlo(hlo)
+  types = {ins.name: ins.type_str for instrs in comps.values() for ins in instrs}
+  for o in measure.collective_ops(hlo):
+    if o.loop_depth:
+      etype = types.get(o.name, "").lstrip("(").split("[", 1)[0]
+      return {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}.get(etype, 0)
+  return 0
+
+
+def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.float32,
+                 progress=None) -> dict[str, Any]:
+  """Median wall time of each plan's forward, interleaved, on real arrays (small presets)."""
+  fns = {}
+  key = jax.random.key(0)
+  params_host = model.init_params(setup.model, key)
+  x = model.random_input(setup.model, setup.run.batch, setup.run.seq, jax.random.key(1), dtype)
+  for name, plan in plans.items():
+    require_devices(plan.devices)
+    mesh = sharding.mesh_for(plan)
+    placed = sharding.place_params(params_host, mesh)
+    xr = jax.device_put(x, sharding.replicated(mesh))
+    f = engine.jit_forward(plan, setup.model, mesh, dtype=dtype)
+    fns[name] = (lambda f=f, p=placed, xx=xr: f(p, xx))
+  return measure.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)

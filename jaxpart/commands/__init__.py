@@ -1,0 +1,1 @@
+"""One module per `jaxpart` subcommand (see jaxpart/cli.py)."""

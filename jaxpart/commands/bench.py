@@ -1,0 +1,224 @@
+"""`jaxpart bench`: time a Plan against the single-device reference and plain GSPMD.
+
+One process, one set of parameters and inputs, each program compiled once and then timed
+interleaved (median of --repeats runs after --warmup). Figures the compiled program knows
+(memory, FLOPs, collective bytes) do not depend on the machine; wall times do: on the CPU
+simulation 16 devices share the host's cores, so a ratio measures total work and overhead,
+not parallel speed-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from jaxpart.commands import _common
+
+NAME = "bench"
+HELP = ("benchmark a placement: tokens/s, compiled memory, FLOPs and collective bytes, against "
+        "the single-device reference and plain GSPMD")
+
+KIND_ABBREV = {"all-reduce": "all-reduce", "collective-permute": "permute",
+               "all-gather": "all-gather", "reduce-scatter": "reduce-scatter",
+               "all-to-all": "all-to-all"}
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    out = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise SystemExit(f"jaxpart bench: error: {text!r} is not a comma-separated list of "
+                     f"integers") from None
+  if not out or any(v <= 0 for v in out):
+    raise SystemExit(f"jaxpart bench: error: {text!r}: need positive integers")
+  return out
+
+
+def add_arguments(p):
+  _common.add_setup_args(p)
+  _common.add_plan_args(p)
+  g = p.add_argument_group("benchmark")
+  g.add_argument("--repeats", type=int, default=5, help="timed runs per program (median)")
+  g.add_argument("--warmup", type=int, default=1, help="untimed runs per program first")
+  g.add_argument("--seed", type=int, default=0, help="parameter and input key")
+  g.add_argument("--no-reference", action="store_true", help="skip the 1-device reference")
+  g.add_argument("--no-gspmd", action="store_true", help="skip the plain-GSPMD comparison")
+  g.add_argument("--memory-seqs", default=None, metavar="S1,S2,...",
+                 help="also compile (not run) the forward and one chunk step at these seq "
+                      "lengths and print per-device temp bytes beside the predicted working set")
+  g.add_argument("--sweep", action="store_true",
+                 help="instead of one point: every device count in --device-counts x chunk in "
+                      "--chunks, each timed against the reference; one JSON line per point")
+  g.add_argument("--device-counts", default="1,2,4,8,16", metavar="N1,N2,...")
+  g.add_argument("--chunks", default="32,64,128", metavar="C1,C2,...",
+                 help="layer-wise chunk tokens for --sweep")
+  g.add_argument("--jsonl", default=None, metavar="OUT.jsonl", help="--sweep output file")
+  _common.add_json_arg(p, to_file=True)
+
+
+def run(args) -> int:
+  from jaxpart.plan import PlanError  # noqa: PLC0415
+  if args.repeats < 1 or args.warmup < 0:
+    raise PlanError(f"--repeats = {args.repeats}, --warmup = {args.warmup}: need repeats >= 1 "
+                    f"and warmup >= 0")
+  setup = _common.setup_from(args)
+  if args.sweep:
+    return _sweep(args, setup)
+  plan = _common.plan_from(args, setup)
+  result = bench_point(setup, plan, args)
+  if args.memory_seqs:
+    result["memory_by_seq"] = memory_by_seq(setup, args, _int_list(args.memory_seqs))
+  if args.json:
+    _common.emit_json(result, args.json)
+    if args.json == "-":
+      return 0
+  print_point(result)
+  if "memory_by_seq" in result:
+    print_memory(result["memory_by_seq"])
+  return 0
+
+
+def _inputs(setup, seed: int):
+  import jax  # noqa: PLC0415
+  from jaxpart import model  # noqa: PLC0415
+  kp, kx = jax.random.split(jax.random.key(seed))
+  return (model.init_params(setup.model, kp),
+          model.random_input(setup.model, setup.run.batch, setup.run.seq, kx))
+
+
+def bench_point(setup, plan, args, params_x=None) -> dict:
+  from tqdm import tqdm  # noqa: PLC0415
+  from jaxpart import measure  # noqa: PLC0415
+  params, x = params_x or _inputs(setup, args.seed)
+  variants = measure.build_variants(setup, plan, params, x, reference=not args.no_reference,
+                                    gspmd=not args.no_gspmd and plan.devices > 1)
+  total = len(variants) * (1 + args.warmup + args.repeats)
+  with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
+            file=sys.stderr, leave=False) as bar:
+    rows = measure.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
+  return {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
+          "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
+          "machine_note": _machine_note(), "repeats": args.repeats, "warmup": args.warmup,
+          "variants": rows, "ratios": measure.ratios(rows)}
+
+
+def _machine_note() -> str:
+  import os  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  d = jax.devices()
+  if d[0].platform == "cpu":
+    return (f"CPU, {len(d)} simulated devices on {os.cpu_count()} cores: wall times measure "
+            f"total work and overhead, not parallel speed-up")
+  return f"{len(d)} x {d[0].device_kind}"
+
+
+def print_point(result: dict) -> None:
+  from jaxpart.commands._common import fmt_bytes, table  # noqa: PLC0415
+  from jaxpart import measure  # noqa: PLC0415
+  plan = result["plan"]
+  print(f"{result['preset']}: {plan['strategy']} on {plan['devices']} devices "
+        f"({plan['stages']} stages x tp {plan['tp']}, {plan['derived']['split']}); "
+        f"median of {result['repeats']} interleaved runs after {result['warmup']} warm-up")
+  print(f"measured on {result['machine_note']}")
+  rows = []
+  for r in result["variants"]:
+    err = r["max_abs_err_vs_reference"]
+    rows.append([r["name"], r["devices"], f"{r['median_s'] * 1e3:,.1f}",
+                 f"{r['tokens_per_s']:,.0f}", f"{r['time_per_token_s'] * 1e6:,.2f}",
+                 f"{r['latency_s'] * 1e3:,.1f}", f"{r['achieved_flops_per_s'] / 1e9:,.2f}",
+                 "-" if err is None else f"{err:.2e}"])
+  print(table(rows, ["program", "devices", "median ms", "tokens/s", "time/token us",
+                     "latency ms", "GFLOP/s", "max |err|"]))
+  print()
+  rows = []
+  for r in result["variants"]:
+    rows.append([r["name"], fmt_bytes(r["argument_bytes"]), fmt_bytes(r["output_bytes"]),
+                 fmt_bytes(r["temp_bytes"]), f"{r['compiled_flops_per_device'] / 1e6:,.2f}",
+                 f"{r['xla_cost_flops'] / 1e6:,.2f}"]
+                + [fmt_bytes(r["collective_bytes"][k]) for k in measure.COLLECTIVE_KINDS])
+  print(table(rows, ["per device", "argument", "output", "temp", "MFLOP (HLO)",
+                     "MFLOP (xla)"] + [KIND_ABBREV[k] for k in measure.COLLECTIVE_KINDS]))
+  print("MFLOP (HLO): matmul FLOPs per device per call, loop trips applied; MFLOP (xla): "
+        "cost_analysis(), which counts each loop body once. GFLOP/s: useful model FLOPs "
+        f"({result['variants'][0]['model_flops'] / 1e9:,.3f} GFLOP per call) / median time. "
+        "time/token: the seed's TPOT, 1 / tokens/s. latency: one call (the whole batch).")
+  print()
+  print(table([[k, f"{v:.3f}"] for k, v in result["ratios"].items()], ["wall-time ratio", "x"]))
+
+
+def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
+  """Compiled per-device temp bytes of the forward and of one chunk step at each seq."""
+  from tqdm import tqdm  # noqa: PLC0415
+  from jaxpart import config, measure  # noqa: PLC0415
+  out = []
+  for seq in tqdm(seqs, desc="memory by seq", file=sys.stderr, leave=False):
+    s = dataclasses.replace(setup, run=config.RunShape(batch=setup.run.batch, seq=seq))
+    plan = _common.plan_from(args, s)
+    fwd = measure.forward_memory(s, plan)
+    step = measure.stage_step_stats(s.model, plan)
+    out.append({"seq": seq, "chunk_tokens": plan.chunk_tokens, "rows": plan.rows,
+                "forward_temp_bytes": fwd["temp_bytes"],
+                "forward_output_bytes": fwd["output_bytes"],
+                "step_temp_bytes": step["temp_bytes"],
+                "step_kv_cache_bytes": step["alias_bytes"],
+                "predicted_working_set_bytes": plan.predicted_working_set_bytes,
+                "step_temp_over_predicted": step["temp_bytes"] / plan.predicted_working_set_bytes})
+  return out
+
+
+def print_memory(rows: list[dict]) -> None:
+  from jaxpart.commands._common import fmt_bytes, table  # noqa: PLC0415
+  print()
+  print(table([[r["seq"], f"{r['rows']}x{r['chunk_tokens']}", fmt_bytes(r["forward_temp_bytes"]),
+                fmt_bytes(r["forward_output_bytes"]), fmt_bytes(r["step_temp_bytes"]),
+                fmt_bytes(r["step_kv_cache_bytes"]), fmt_bytes(r["predicted_working_set_bytes"]),
+                f"{r['step_temp_over_predicted']:.2f}"] for r in rows],
+               ["seq", "chunk", "fwd temp", "fwd output", "step temp", "step KV (donated)",
+                "predicted WS", "step/pred"]))
+  print("per device, from memory_analysis() of the compiled programs (compiled, not run). "
+        "fwd: the whole layer-wise forward; step: one engine.stage_step on local shard shapes.")
+
+
+def _sweep(args, setup) -> int:
+  from tqdm import tqdm  # noqa: PLC0415
+  from jaxpart import measure  # noqa: PLC0415
+  from jaxpart.plan import PlanError  # noqa: PLC0415
+  counts = _int_list(args.device_counts)
+  chunks = _int_list(args.chunks) if args.strategy == "layerwise" else [None]
+  params_x = _inputs(setup, args.seed)
+  sink = open(args.jsonl, "w") if args.jsonl else sys.stdout
+  points = [(n, c) for n in counts for c in chunks]
+  ok = 0
+  try:
+    for n, c in tqdm(points, desc="sweep", file=sys.stderr):
+      fixed = {}
+      if args.strategy == "baseline":
+        pp = min(args.pp or 2, n)
+        fixed = {"pp": pp, "tp": n // pp}
+      elif c is not None:
+        fixed = {"chunk_tokens": c}
+      try:
+        plan = _common.plan_from(argparse_ns(args, devices=n), setup, **fixed)
+      except PlanError as e:
+        print(f"skip devices={n} chunk={c}: {e}", file=sys.stderr)
+        continue
+      res = bench_point(setup, plan, argparse_ns(args, no_gspmd=True), params_x)
+      eng = res["variants"][0]
+      line = {"devices": n, "chunk_tokens": plan.chunk_tokens, "strategy": plan.strategy,
+              "stages": plan.stages, "tp": plan.tp, "units": plan.units,
+              "bubble_fraction": plan.bubble_fraction, **{k: v for k, v in eng.items()
+                                                          if k != "runs_s"},
+              "ratios": res["ratios"], "machine_note": res["machine_note"]}
+      sink.write(measure.to_json_line(line) + "\n")
+      sink.flush()
+      ok += 1
+  finally:
+    if sink is not sys.stdout:
+      sink.close()
+      print(f"wrote {ok} points to {args.jsonl}", file=sys.stderr)
+  return 0 if ok else 2
+
+
+def argparse_ns(args, **changes):
+  import argparse  # noqa: PLC0415
+  return argparse.Namespace(**{**vars(args), **changes})

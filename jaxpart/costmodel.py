@@ -1,0 +1,401 @@
+"""Analytic cost of a Plan on a Hardware: a roofline per layer step, collectives, bubble, energy.
+
+The model follows what jaxpart's engine executes, tick by tick, so that the parts that can be
+measured on simulated devices (collective bytes, FLOPs) can be checked against compiled HLO:
+
+- a lax.scan runs `plan.ticks` ticks; at every tick each stage either runs its layers on one
+  unit (rows x chunk_tokens, the last chunk padded to chunk_tokens) or skips (lax.cond);
+- every tick ends with a ppermute of one unit between stages, bubble ticks included;
+- each layer of a valid step runs two psums over `tensor` of the unit's activations (after the
+  attention output projection and after the MLP), in the model dtype;
+- attention visits, for a chunk starting at q_start, the KV blocks j with j*kv_block <= last
+  query position, each in full (masked), so FLOPs grow with the prefix, not with cache_len.
+
+Time is the sum over ticks of the slowest active stage's step plus the tick's ppermute: the
+scan is lock-step, so a bubble tick costs as long as a busy one. A layer step costs the largest
+of its compute, HBM and L2 times (kernels are assumed to overlap their own loads), then its two
+all-reduces, which Megatron's forward cannot overlap (the next op reads the reduced sum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxpart import memory
+from jaxpart.config import ModelConfig, Setup
+from jaxpart.plan import Plan
+
+
+@dataclass(frozen=True)
+class ModelParams:
+  """Every constant the model uses beyond the Hardware spec, each with where it comes from."""
+
+  # Fraction of peak a large bf16 GEMM sustains. cuBLAS on H100 SXM reaches ~700-750 of the
+  # 989 dense TFLOP/s on large square GEMMs (NVIDIA "H100 Tensor Core GPU" performance notes;
+  # MLPerf-era cuBLASLt benchmarks): 0.75 is an assumption of that order.
+  gemm_fraction: float = 0.75
+  # Fraction of HBM bandwidth a streaming kernel reaches: ~90% in STREAM-like copies on H100
+  # (Chips and Cheese, "Nvidia's H100", 2023). Assumption.
+  hbm_fraction: float = 0.90
+  # NCCL all-reduce bus bandwidth on 8 x H100 NVLink4 is ~360-370 GB/s of the 450 GB/s
+  # per direction (nccl-tests results published by NVIDIA and cloud vendors): 0.8.
+  link_fraction: float = 0.80
+  # GEMM tile (M x N) of the CUTLASS/cuBLAS Hopper bf16 kernels (CUTLASS 3 default
+  # 128 x 256 x 64 warp-specialised tile): how often each operand is re-read from L2.
+  tile_m: int = 128
+  tile_n: int = 256
+  # Energy. The board bound: 700 W TDP / 989e12 FLOP/s = 0.71 pJ/FLOP for everything at once,
+  # so the FLOP itself costs less; 0.4 pJ per bf16 FLOP is an assumption below that bound.
+  pj_per_flop: float = 0.4
+  # HBM access energy: 3.9 pJ/bit for HBM2 (O'Connor et al., "Fine-Grained DRAM", MICRO 2017)
+  # = 31.2 pJ/byte; HBM3 is of the same order. Assumption.
+  pj_per_hbm_byte: float = 31.2
+  # On-chip SRAM plus network-on-chip to a far L2 slice: ~0.1 pJ/bit/mm of wire over ~6 mm
+  # (Keckler et al., "GPUs and the future of parallel computing", IEEE Micro 2011) = ~5 pJ/byte.
+  pj_per_l2_byte: float = 5.0
+  # NVLink SerDes plus switch: ~1.3 pJ/bit quoted for NVLink-class links (Dally, Hot Chips
+  # 2023 keynote, order of magnitude) = ~10 pJ/byte. Assumption.
+  pj_per_link_byte: float = 10.0
+  # Power drawn whatever the work (idle H100 SXM draws ~70-100 W per nvidia-smi): 90 W.
+  static_watts: float = 90.0
+  # The engine sends the unit after the step; set True to model a fully hidden transfer.
+  overlap_pipeline: bool = False
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+DEFAULT = ModelParams()
+
+
+# --- counting: FLOPs and bytes of one layer step, per device ------------------------------
+
+def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
+  """Q, K, V, O and the two MLP projections of `tokens` row-tokens on one tensor shard."""
+  return 2 * tokens * (cfg.projection_params_per_layer // tp)
+
+
+def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: int, tp: int) -> int:
+  """QK^T and PV of rows x tokens queries against `positions` keys, the local heads."""
+  return 2 * 2 * rows * tokens * positions * (cfg.attn_dim // tp)
+
+
+def kv_positions(plan: Plan, chunk_index: int) -> int:
+  """Keys a chunk's step visits: whole KV blocks up to its last query (as attention.py does)."""
+  last_q = chunk_index * plan.chunk_tokens + plan.chunk_tokens - 1
+  blocks = min(last_q // plan.kv_block + 1, plan.cache_len // plan.kv_block)
+  return blocks * plan.kv_block
+
+
+def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
+  """One psum's buffer: the unit's activations, rows x chunk x d_model in the model dtype."""
+  return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
+
+
+def unit_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
+  """What the ppermute carries each tick: one unit of activations."""
+  return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
+
+
+def ring_allreduce_link_bytes(payload: float, tp: int) -> float:
+  """Bytes each device sends in a ring all-reduce: reduce-scatter then all-gather."""
+  return 2 * (tp - 1) / tp * payload if tp > 1 else 0.0
+
+
+def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT) -> float:
+  if tp <= 1:
+    return 0.0
+  return (ring_allreduce_link_bytes(payload, tp) / (hw.link_bw * params.link_fraction)
+          + hw.link_latency)
+
+
+def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT) -> float:
+  return payload / (hw.link_bw * params.link_fraction) + hw.link_latency
+
+
+def bubble_fraction(stages: int, units: int) -> float:
+  """(S-1)/(M+S-1): the share of a lock-step pipeline's ticks a stage has nothing to do."""
+  return (stages - 1) / (units + stages - 1)
+
+
+def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
+  """Matmul FLOPs per device (every device of a stage does the same) for the whole run.
+
+  executed: what the engine runs: each of the U units once per layer of the stage, attention
+  over the visited KV blocks only; bubble ticks take the cond's skip branch and cost nothing.
+  static: every tick counted as a step and every KV block as visited: what a static count of
+  the compiled program (each dot times its loop trip counts, cond branches as taken) sees.
+  useful: the causal minimum on real (unpadded) tokens: matmuls on B*T tokens and attention over
+  (T+1)/2 keys on average; executed/useful is the engine's overhead from padding the last chunk
+  and from computing whole KV blocks.
+  Elementwise work (LayerNorm, softmax, GELU) is not counted: it is under 1% at paper width.
+  """
+  n = plan.rows * plan.chunk_tokens
+  lps = plan.layers_per_stage
+  mm_step = lps * matmul_flops(cfg, n, plan.tp)
+  att = [lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, kv_positions(plan, k), plan.tp)
+         for k in range(plan.n_chunks)]
+  att_all_blocks = lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, plan.cache_len,
+                                         plan.tp)
+  executed = plan.units * mm_step + plan.microbatches * sum(att)
+  static = plan.ticks * (mm_step + att_all_blocks)
+  tokens = plan.batch * plan.seq
+  useful = tokens * lps * (2 * cfg.projection_params_per_layer
+                           + 2 * (plan.seq + 1) * cfg.attn_dim) / plan.tp
+  return {"executed": float(executed), "static": float(static), "useful": float(useful),
+          "matmul": float(plan.units * mm_step),
+          "attention": float(plan.microbatches * sum(att))}
+
+
+def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
+  """Branch weights that turn a static count of the engine's HLO into the executed count.
+
+  Outer cond (the tick's run/skip): a stage runs on units of its ticks. Inner cond (attention's
+  per-KV-block skip): the mean share of the cache's blocks a chunk visits; every microbatch
+  repeats the same chunks, so the mean over chunks is exact.
+  """
+  blocks = plan.cache_len // plan.kv_block
+  visited = sum(kv_positions(plan, k) // plan.kv_block for k in range(plan.n_chunks))
+  return plan.units / plan.ticks, visited / (plan.n_chunks * blocks)
+
+
+def collective_bytes(cfg: ModelConfig, plan: Plan,
+                     element_bytes: int | None = None) -> dict[str, dict[str, float]]:
+  """Collective buffer bytes per device for the whole run, per HLO collective kind.
+
+  `executed` and `static` count each collective op's buffer once, as HLO shapes do (an
+  all-reduce of X bytes counts X): `executed` the psums of valid steps only (they sit in the
+  cond's run branch), `static` the psums on every tick, which is what a static count of the
+  compiled program (op bytes x loop trip counts) sees. The ppermute runs on every tick, bubble
+  ticks included, in both. `link` is what a device sends: a ring all-reduce 2(t-1)/t X, a
+  ppermute X (every stage but the last). The gather of the output outside the engine's loop,
+  which XLA's partitioner lays out, is not modelled.
+
+  element_bytes overrides the model dtype's size: XLA on CPU promotes bf16 collectives to
+  float32, so a bf16 program compiled there moves 4-byte elements.
+  """
+  ar = allreduce_payload_bytes(cfg, plan, element_bytes) if plan.tp > 1 else 0
+  per_step = 2 * plan.layers_per_stage * ar
+  pp = unit_bytes(cfg, plan, element_bytes) if plan.stages > 1 else 0
+  payload_exec = {"all-reduce": plan.units * per_step, "collective-permute": plan.ticks * pp}
+  payload_static = {"all-reduce": plan.ticks * per_step, "collective-permute": plan.ticks * pp}
+  link = {"all-reduce": plan.units * 2 * plan.layers_per_stage
+                        * ring_allreduce_link_bytes(ar, plan.tp),
+          "collective-permute": plan.ticks * pp}
+  return {"executed": _floats(payload_exec), "static": _floats(payload_static),
+          "link": _floats(link)}
+
+
+def _floats(d):
+  return {k: float(v) for k, v in d.items()}
+
+
+# --- traffic: HBM and L2 of one layer step -------------------------------------------------
+
+def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: float,
+                       params: ModelParams = DEFAULT) -> dict[str, float]:
+  """Bytes one device moves for one layer on one unit: HBM reads/writes and L2 read requests.
+
+  HBM: the layer's weight shard is read every step unless the stage's weights and the step's
+  working set fit the L2 together (then once per run: see `predict`); the unit's input and
+  output cross HBM once (the ppermute lands there); the visited K/V are read once and the
+  chunk's K/V written once; every other intermediate (LN outputs, q/k/v/o, MLP hidden, partial
+  sums) stays in L2 when the step's working set fits the L2 and otherwise is written to and
+  read back from HBM once. L2 requests count what the kernels read, a GEMM reading its
+  activation operand once per N-tile and its weight once per M-tile (params.tile_*).
+  """
+  b = cfg.dtype_bytes
+  t = plan.tp
+  n = plan.rows * plan.chunk_tokens
+  D, A, F = cfg.d_model, cfg.attn_dim // t, cfg.d_ff // t
+  ws = plan_working_set(cfg, plan)
+  fits = ws <= l2_bytes
+  w_layer = memory.weight_shard_bytes(cfg, t, 1)
+  weights_resident = plan.layers_per_stage * w_layer + ws <= l2_bytes
+  act_io = 2 * n * D * b                                       # input read, output write
+  kv_read = 2 * plan.rows * positions * A * b
+  kv_write = 2 * n * A * b
+  inter = n * b * (5 * D + 4 * A + F)                          # h1, attn partial, x1, h2, mlp partial; q k v o; u
+  spill = 0 if fits else 2 * inter
+  hbm_read = (0 if weights_resident else w_layer) + act_io / 2 + kv_read + spill / 2
+  hbm_write = act_io / 2 + kv_write + spill / 2
+
+  def gemm(m, k, nn):  # L2 reads of one GEMM m x k @ k x nn
+    return b * (m * k * math.ceil(nn / params.tile_n) + k * nn * math.ceil(m / params.tile_m))
+
+  q_tiles = math.ceil(plan.chunk_tokens / params.tile_m)
+  l2_read = (3 * gemm(n, D, A) + gemm(n, A, D) + gemm(n, D, F) + gemm(n, F, D)
+             + n * A * b + kv_read * q_tiles                    # attention: q once, K/V per q tile
+             + n * b * (4 * D + F))                            # LN, residual, GELU inputs
+  return {"hbm_read": float(hbm_read), "hbm_write": float(hbm_write), "l2_read": float(l2_read),
+          "weights_resident": weights_resident, "working_set_fits": fits,
+          "weight_bytes": float(0 if weights_resident else w_layer)}
+
+
+def plan_working_set(cfg: ModelConfig, plan: Plan) -> int:
+  step = memory.StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block,
+                          tp=plan.tp)
+  return sum(memory.step_working_set(cfg, step).values())
+
+
+# --- the prediction ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+  """Modelled figures for one Plan on one Hardware. Times in seconds, per device unless noted."""
+
+  strategy: str
+  hardware: str
+  devices: int
+  stages: int
+  tp: int
+  rows: int
+  chunk_tokens: int
+  units: int
+  ticks: int
+  bubble_fraction: float
+  total_s: float                     # the whole batch through the pipeline
+  tokens_per_s: float                # real (unpadded) tokens / total_s
+  seed_time_per_token_ms: float      # 1000 / tokens_per_s: the seed's "TPOT" (aggregate)
+  sequence_latency_s: float          # first unit of a sequence in -> its last unit out (mean)
+  step_s: float                      # mean busy tick: layers + all-reduces + ppermute
+  compute_s: float                   # summed over the run, per device, as if nothing overlapped
+  hbm_s: float
+  l2_s: float
+  tp_comm_s: float
+  pipe_comm_s: float
+  bubble_s: float                    # time a device waits: bubble ticks, slower stages
+  bound: str                         # what dominates the busy layer steps: compute, hbm or l2
+  flops_per_device: float            # executed
+  flops_total: float
+  useful_flops_total: float
+  mfu: float                         # useful FLOPs / (devices x peak x total_s)
+  arithmetic_intensity: float        # executed FLOPs / HBM bytes over the run
+  hbm_read_bytes_per_device: float
+  hbm_write_bytes_per_device: float
+  l2_read_bytes_per_device: float
+  link_bytes_per_device: float       # sent by a device that is not the last stage
+  collective_payload_bytes: dict = field(default_factory=dict)
+  l2_hit_rate: float = 0.0           # 1 - HBM reads / L2 read requests (modelled)
+  working_set_bytes: int = 0
+  working_set_fits_l2: bool = False
+  weights_per_device_bytes: int = 0
+  weights_resident_in_l2: bool = False
+  device_memory_bytes: dict = field(default_factory=dict)   # what the engine holds per device
+  fits_device_memory: bool = True
+  energy_j: float = 0.0
+  energy_per_token_j: float = 0.0
+  energy_breakdown_j: dict = field(default_factory=dict)
+  params: dict = field(default_factory=dict)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def layer_step(setup: Setup, plan: Plan, positions: int,
+               params: ModelParams = DEFAULT) -> dict[str, Any]:
+  """One layer on one unit on one device, attending to `positions` keys: time and bytes.
+
+  step_s = max(compute, HBM, L2) + the layer's two all-reduces (not overlapped: the next op
+  reads the reduced sum).
+  """
+  cfg, hw = setup.model, setup.hardware
+  n = plan.rows * plan.chunk_tokens
+  tr = layer_step_traffic(cfg, plan, positions, hw.l2_bytes, params)
+  flops = matmul_flops(cfg, n, plan.tp) + attention_flops(cfg, plan.rows, plan.chunk_tokens,
+                                                          positions, plan.tp)
+  hbm = tr["hbm_read"] + tr["hbm_write"]
+  compute_s = flops / (hw.peak_flops * params.gemm_fraction)
+  hbm_s = hbm / (hw.hbm_bw * params.hbm_fraction)
+  l2_s = tr["l2_read"] / hw.l2_bw
+  allreduce_s = 2 * allreduce_seconds(allreduce_payload_bytes(cfg, plan), plan.tp, hw, params)
+  bound = max((("compute", compute_s), ("hbm", hbm_s), ("l2", l2_s)), key=lambda kv: kv[1])[0]
+  return {**tr, "flops": float(flops), "hbm_bytes": float(hbm), "compute_s": compute_s,
+          "hbm_s": hbm_s, "l2_s": l2_s, "allreduce_s": allreduce_s,
+          "step_s": max(compute_s, hbm_s, l2_s) + allreduce_s, "bound": bound,
+          "intensity": flops / hbm if hbm else math.inf}
+
+
+def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Prediction:
+  """Modelled cost of running `plan`'s forward on setup.hardware."""
+  cfg, hw = setup.model, setup.hardware
+  lps, S, U, nc, m = (plan.layers_per_stage, plan.stages, plan.units, plan.n_chunks,
+                      plan.microbatches)
+  # One layer step per chunk index (the attention prefix differs); every microbatch repeats them.
+  steps = [layer_step(setup, plan, kv_positions(plan, k), params) for k in range(nc)]
+  stage_s = lps * np.array([st["step_s"] for st in steps])           # per chunk index
+  pipe_s = 0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params)
+
+  # Lock-step ticks: tick t costs the slowest active stage's step (stage s holds unit t-s),
+  # then the ppermute, which the engine issues after the step on every tick.
+  unit_s = np.tile(stage_s, m)                                       # U
+  padded = np.concatenate([np.full(S - 1, -np.inf), unit_s, np.full(S - 1, -np.inf)])
+  tick_busy = np.lib.stride_tricks.sliding_window_view(padded, S).max(axis=1)   # ticks
+  tick_s = np.maximum(tick_busy, pipe_s) if params.overlap_pipeline else tick_busy + pipe_s
+  total_s = float(tick_s.sum())
+  csum = np.concatenate([[0.0], np.cumsum(tick_s)])
+  first = np.arange(m) * nc                                          # a microbatch's first tick
+  seq_latency = float(np.mean(csum[first + nc + S - 1] - csum[first]))
+
+  def run_sum(key):  # per device over the run: every stage runs each unit once per layer
+    return float(lps * m * sum(st[key] for st in steps))
+
+  w_dev = memory.weight_shard_bytes(cfg, plan.tp, lps)
+  hbm_read, hbm_write, l2_read = run_sum("hbm_read"), run_sum("hbm_write"), run_sum("l2_read")
+  if steps[0]["weights_resident"]:
+    hbm_read += w_dev                                                # loaded once, then in L2
+  fl = plan_flops(cfg, plan)
+  coll = collective_bytes(cfg, plan)
+  link = sum(coll["link"].values())
+  pipe_total = plan.ticks * pipe_s
+  mem = memory.per_device(cfg, setup.run, plan)
+  engine_bytes = {"weights": mem["weights_per_device"],
+                  "kv_cache": mem["kv_cache_engine_per_device"],
+                  "input_stream": mem["engine_input_per_device"],
+                  "output_buffer": mem["engine_output_per_device"],
+                  "total": mem["engine_resident_per_device"]}
+
+  tokens = plan.batch * plan.seq
+  energy = {
+      "flops": fl["executed"] * plan.devices * params.pj_per_flop * 1e-12,
+      "hbm": (hbm_read + hbm_write) * plan.devices * params.pj_per_hbm_byte * 1e-12,
+      "l2": l2_read * plan.devices * params.pj_per_l2_byte * 1e-12,
+      "links": link * plan.devices * params.pj_per_link_byte * 1e-12,
+      "static": params.static_watts * plan.devices * total_s,
+  }
+  e_total = sum(energy.values())
+  tps = tokens / total_s
+  return Prediction(
+      strategy=plan.strategy, hardware=hw.name, devices=plan.devices, stages=S, tp=plan.tp,
+      rows=plan.rows, chunk_tokens=plan.chunk_tokens, units=U, ticks=plan.ticks,
+      bubble_fraction=bubble_fraction(S, U), total_s=total_s, tokens_per_s=tps,
+      seed_time_per_token_ms=1e3 / tps, sequence_latency_s=seq_latency,
+      step_s=float(unit_s.mean()) + pipe_s, compute_s=run_sum("compute_s"),
+      hbm_s=run_sum("hbm_s"), l2_s=run_sum("l2_s"), tp_comm_s=run_sum("allreduce_s"),
+      pipe_comm_s=pipe_total, bubble_s=max(0.0, total_s - float(unit_s.sum()) - pipe_total),
+      bound=steps[nc // 2]["bound"],
+      flops_per_device=fl["executed"], flops_total=fl["executed"] * plan.devices,
+      useful_flops_total=fl["useful"] * plan.devices,
+      mfu=fl["useful"] / (hw.peak_flops * total_s),
+      arithmetic_intensity=fl["executed"] / (hbm_read + hbm_write),
+      hbm_read_bytes_per_device=hbm_read, hbm_write_bytes_per_device=hbm_write,
+      l2_read_bytes_per_device=l2_read, link_bytes_per_device=link,
+      collective_payload_bytes=coll["executed"],
+      l2_hit_rate=max(0.0, 1.0 - hbm_read / l2_read) if l2_read else 0.0,
+      working_set_bytes=plan_working_set(cfg, plan),
+      working_set_fits_l2=bool(steps[0]["working_set_fits"]),
+      weights_per_device_bytes=w_dev, weights_resident_in_l2=bool(steps[0]["weights_resident"]),
+      device_memory_bytes=engine_bytes,
+      fits_device_memory=engine_bytes["total"] <= hw.hbm_bytes,
+      energy_j=e_total, energy_per_token_j=e_total / tokens, energy_breakdown_j=energy,
+      params=params.to_dict())
+
+
+def score(setup: Setup, plan: Plan) -> float:
+  """The planner's ranking: predicted seconds for the whole run (lower is better)."""
+  return predict(setup, plan).total_s

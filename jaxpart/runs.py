@@ -1,0 +1,94 @@
+"""Set up and check one forward of a Plan: parameters and input on the mesh, engine vs reference.
+
+Arrays are built with make_array_from_callback from host copies made from a seed, so every
+process of a multi-host run builds the same global arrays without any device holding the whole
+model first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpart import engine, model, sharding
+from jaxpart.config import Setup
+from jaxpart.plan import Plan
+
+
+def global_array(host, shard):
+  """A global jax.Array with `shard` sharding whose shards are read from a host array."""
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, shard, lambda idx: host[idx])
+
+
+def host_params(setup: Setup, seed: int) -> dict:
+  """Parameters as numpy arrays (same on every process for the same seed)."""
+  return jax.tree.map(np.asarray, model.init_params(setup.model, jax.random.key(seed)))
+
+
+def host_input(setup: Setup, seed: int, dtype=None) -> np.ndarray:
+  key = jax.random.fold_in(jax.random.key(seed), 1)
+  return np.asarray(model.random_input(setup.model, setup.run.batch, setup.run.seq, key, dtype))
+
+
+@dataclass
+class Placed:
+  """A Plan made concrete: its mesh, parameters and input on the mesh, the jitted forward."""
+
+  plan: Plan
+  mesh: Any
+  params: Any
+  x: Any
+  forward: Any
+
+  def __call__(self):
+    return self.forward(self.params, self.x)
+
+
+def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=None,
+          **engine_kw) -> Placed:
+  mesh = sharding.mesh_for(plan, devices)
+  shardings = sharding.param_shardings(mesh)
+  params = jax.tree.map(global_array, params_host, shardings)
+  x = global_array(x_host, sharding.replicated(mesh))
+  fwd = engine.jit_forward(plan, setup.model, mesh, dtype, **engine_kw)
+  return Placed(plan, mesh, params, x, fwd)
+
+
+def fetch(y) -> np.ndarray:
+  """The whole of a (replicated or per-process addressable) result on the host."""
+  if getattr(y, "is_fully_addressable", True):
+    return np.asarray(y)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+
+def reference(setup: Setup, params_host, x_host, dtype=None) -> np.ndarray:
+  """The single-device reference on this process's first device."""
+  dev = jax.local_devices()[0]
+  p = jax.device_put(params_host, dev)
+  x = jax.device_put(x_host, dev)
+  f = jax.jit(lambda p, x: model.reference_forward(p, x, setup.model, dtype))
+  return np.asarray(f(p, x))
+
+
+def errors(y, y_ref) -> dict[str, float]:
+  y = np.asarray(y, np.float64)
+  y_ref = np.asarray(y_ref, np.float64)
+  abs_err = float(np.max(np.abs(y - y_ref)))
+  scale = float(np.max(np.abs(y_ref)))
+  return {"max_abs_err": abs_err, "max_rel_err": abs_err / scale if scale else abs_err,
+          "finite": bool(np.isfinite(y).all()), "bit_exact": bool(np.array_equal(y, y_ref))}
+
+
+def bf16_tolerance(setup: Setup, params_host, x_host) -> float:
+  """How far the bf16 reference itself sits from float32: an engine that rounds differently
+  (psum of partial sums, blocked softmax) may land one such distance away on the other side,
+  so twice this gap is the yardstick for a bf16 engine-vs-reference check."""
+  ref_bf = reference(setup, params_host, x_host)
+  ref_32 = reference(setup, params_host, x_host, jnp.float32)
+  return 2.0 * errors(ref_bf, ref_32)["max_abs_err"]

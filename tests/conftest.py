@@ -1,0 +1,25 @@
+"""16 simulated CPU devices for every test; set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=16").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def require_devices(n: int) -> None:
+  have = len(jax.devices())
+  if have < n:
+    pytest.skip(f"needs {n} devices, {have} present")
+
+
+@pytest.fixture
+def fresh_key(request):
+  """A key that differs per test (and per run) so inputs are fresh, printed for replay."""
+  import time  # noqa: PLC0415
+  seed = int(os.environ.get("JAXPART_TEST_SEED", time.time_ns() % 2**31))
+  print(f"{request.node.name}: JAXPART_TEST_SEED={seed}")
+  return jax.random.key(seed)
