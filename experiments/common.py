@@ -30,6 +30,7 @@ class Result:
   lines: list[str] = field(default_factory=list)
   data: dict[str, Any] = field(default_factory=dict)
   plots: list[str] = field(default_factory=list)
+  stem: str = ""                # file name without suffix; the experiment's name by default
 
   def add(self, *lines: str) -> None:
     self.lines.extend(lines)
@@ -54,6 +55,13 @@ class Context:
   measure: bool = True
   progress: bool = True
   notes: list[str] = field(default_factory=list)
+  memo: dict[str, Any] = field(default_factory=dict)
+
+  def once(self, key: str, compute: Callable[[], Any]) -> Any:
+    """Compile (or compute) once per run: several sections read the same compiled program."""
+    if key not in self.memo:
+      self.memo[key] = compute()
+    return self.memo[key]
 
   def bar(self, total: int, desc: str):
     from tqdm import tqdm  # noqa: PLC0415
@@ -123,8 +131,9 @@ def plan_label(p: Plan) -> str:
 
 def write(result: Result, results_dir: Path) -> list[Path]:
   results_dir.mkdir(parents=True, exist_ok=True)
-  md = results_dir / f"{result.name}.md"
-  js = results_dir / f"{result.name}.json"
+  stem = result.stem or result.name
+  md = results_dir / f"{stem}.md"
+  js = results_dir / f"{stem}.json"
   md.write_text(result.markdown())
   js.write_text(json.dumps({"name": result.name, "title": result.title, **result.data},
                            indent=2, default=_jsonable) + "\n")
@@ -142,6 +151,7 @@ def _jsonable(o: Any):
 
 
 def read_result(results_dir: Path, name: str) -> dict[str, Any] | None:
+  """An experiment's JSON as written by `write`, or None if it has not been run there."""
   path = results_dir / f"{name}.json"
   return json.loads(path.read_text()) if path.exists() else None
 

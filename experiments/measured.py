@@ -75,16 +75,20 @@ def _collective_element_bytes(hlo: str) -> int:
 
 def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.float32,
                  progress=None) -> dict[str, Any]:
-  """Median wall time of each plan's forward, interleaved, on real arrays (small presets)."""
-  fns = {}
-  key = jax.random.key(0)
-  params_host = model.init_params(setup.model, key)
+  """Median wall time of each plan's forward, interleaved, on real arrays (small presets),
+  with the executed matmul FLOPs per device of the very program timed (compiled once)."""
+  fns, flops = {}, {}
+  params_host = model.init_params(setup.model, jax.random.key(0))
   x = model.random_input(setup.model, setup.run.batch, setup.run.seq, jax.random.key(1), dtype)
   for name, plan in plans.items():
     require_devices(plan.devices)
     mesh = sharding.mesh_for(plan)
     placed = sharding.place_params(params_host, mesh)
     xr = jax.device_put(x, sharding.replicated(mesh))
-    f = engine.jit_forward(plan, setup.model, mesh, dtype=dtype)
-    fns[name] = (lambda f=f, p=placed, xx=xr: f(p, xx))
-  return measure.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
+    compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype).lower(placed, xr).compile()
+    flops[name] = measure.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
+    fns[name] = (lambda c=compiled, p=placed, xx=xr: c(p, xx))
+    if progress:
+      progress(1)
+  timing = measure.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
+  return {k: {**v, "flops_per_device_executed": flops[k]} for k, v in timing.items()}

@@ -20,10 +20,10 @@ manifest records which one a file uses.
 
 Checksums. orbax does not check content: a flipped byte in its zstd data can restore silently
 as different numbers. A leaf's checksum is a sum over its elements, modulo 2^32 in two lanes, of
-a hash of (global index, bit pattern). It is computed per shard on the device that holds it, does
-not depend on how the array is split (so a converted checkpoint must carry the source's
-checksums exactly), and per-process partial sums add up across hosts. It detects damage, not
-tampering.
+a hash of (global index, bit pattern). Under jit each device sums the shard it holds and one
+all-reduce (across processes too) adds the parts; the value does not depend on how the array is
+split, so a converted checkpoint must carry the source's checksums exactly, and the whole model
+is never gathered to compute it. It detects damage, not tampering.
 
 bf16 in npz: numpy has no bfloat16 and np.save writes ml_dtypes.bfloat16 as an opaque |V2, so
 bf16 leaves are stored as their uint16 bit patterns; the embedded manifest (entry
@@ -49,10 +49,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
 from jaxpart import config, sharding
 from jaxpart.config import ConfigError, ModelConfig
+from jaxpart.errors import UserError
 from jaxpart.model import param_shapes
 from jaxpart.plan import Plan, PlanError
 
@@ -68,7 +69,7 @@ CHECKSUM_ALGO = "ix64-v1"             # two uint32 lanes of sum(lowbias32(index,
 UNSHARDED = "unsharded"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that cannot be read, written or converted; the message says why."""
 
 
@@ -173,9 +174,14 @@ def _words(x):
   return jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
 
 
-@jax.jit
-def _shard_sums(x, offsets_u32):
-  """Two lanes of sum over elements of hash(global index, bits), wrapping modulo 2^32."""
+def _leaf_sums(x):
+  """Two lanes of sum over elements of hash(global index, bits), wrapping modulo 2^32.
+
+  Written over the global array: under jit, XLA partitions the iotas and the reduction to
+  match x's sharding (local sums, then one all-reduce, across processes too), and because
+  wrapping integer addition is associative and commutative the result is the same bits for
+  every sharding.
+  """
   w = _words(x)
   out = []
   for seed in _SEEDS:
@@ -183,43 +189,33 @@ def _shard_sums(x, offsets_u32):
     for a, n in enumerate(w.shape):   # h broadcasts up one axis at a time
       shape = [1] * w.ndim
       shape[a] = n
-      i = jax.lax.broadcasted_iota(jnp.uint32, shape, a) + offsets_u32[a]
+      i = jax.lax.broadcasted_iota(jnp.uint32, shape, a)
       h = _mix(h ^ _mix(i + jnp.uint32((seed + a * 0x632BE5AB) & 0xFFFFFFFF)))
     out.append(jnp.sum(_mix(h + _mix(w ^ jnp.uint32(seed))), dtype=jnp.uint32))
   return jnp.stack(out)
 
 
-def _partial_sums(x) -> np.ndarray:
-  """This process's share: every shard it holds once (replica 0), summed as uint64."""
-  if not isinstance(x, jax.Array):
-    x = jnp.asarray(x)
-  extra = [0] if x.dtype.itemsize == 8 and x.dtype != jnp.bool_ else []
-  parts = []
-  for shard in x.addressable_shards:
-    if shard.replica_id != 0:
-      continue
-    offs = [s.start or 0 for s in shard.index] + extra
-    parts.append(_shard_sums(shard.data, np.asarray(offs, np.uint32)))
-  total = np.zeros(2, np.uint64)
-  for p in parts:
-    total += np.asarray(p).astype(np.uint64)
-  return total % np.uint64(2**32)
+@jax.jit
+def _tree_sums(leaves: list):
+  return [_leaf_sums(x) for x in leaves]
 
 
-def checksums(flat: dict[str, Any], progress: bool = False, desc: str = "checksum") -> dict[str, str]:
-  """Checksum of every leaf; process-spanning arrays add up every process's share."""
-  local = {}
-  for path, x in _progress(flat.items(), desc, flat, progress):
-    local[path] = _partial_sums(x)
-  spanning = [p for p, x in flat.items()
-              if isinstance(x, jax.Array) and not x.is_fully_addressable]
-  if spanning:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    stacked = np.stack([local[p] for p in spanning]).astype(np.uint32)
-    every = np.asarray(multihost_utils.process_allgather(stacked)).astype(np.uint64)
-    for i, p in enumerate(spanning):
-      local[p] = every.reshape(-1, len(spanning), 2)[:, i].sum(0) % np.uint64(2**32)
-  return {p: f"{int(s[0]):08x}{int(s[1]):08x}" for p, s in local.items()}
+def checksums(flat: dict[str, Any], progress: bool = False,
+              desc: str = "checksum") -> dict[str, str]:
+  """Checksum of every leaf, in one jitted call (one compile per placement of the tree)."""
+  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in flat.values()]
+  with _phase(desc, progress, sum(_nbytes(x) for x in leaves)):
+    sums = [_local_value(s) for s in _tree_sums(leaves)]
+  return {p: f"{int(s[0]):08x}{int(s[1]):08x}" for p, s in zip(flat, sums)}
+
+
+def _local_value(s: jax.Array) -> np.ndarray:
+  """A (replicated) result on the host; across processes every process holds the whole of it."""
+  if s.is_fully_addressable:
+    return np.asarray(s)
+  if not s.is_fully_replicated:
+    raise CheckpointError(f"checksum result is split across processes ({s.sharding})")
+  return np.asarray(s.addressable_data(0))
 
 
 def checksum(x) -> str:
@@ -245,7 +241,7 @@ class Manifest:
 
   @property
   def placement(self) -> str:
-    return placement_name(self.plan)
+    return "npz file (unsharded)" if self.container == "npz" else placement_name(self.plan)
 
   @property
   def param_bytes(self) -> int:
@@ -330,14 +326,14 @@ def _read_json(path: Path, where: str) -> Any:
 
 def read_manifest(path) -> Manifest:
   """The manifest of a checkpoint directory or a jaxpart .npz file; refuses anything else."""
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   if not path.exists():
     raise CheckpointError(f"{path}: no such checkpoint (the path does not exist)")
   if path.is_file():
     if path.suffix != ".npz":
       raise CheckpointError(f"{path}: a file that is not .npz; a checkpoint is a directory or "
                             f"an .npz file")
-    m = _npz_manifest(path)
+    m = npz_manifest(path)
     if m is None:
       raise CheckpointError(f"{path}: an .npz without a jaxpart manifest; import it by naming "
                             f"the model (--preset/--config/--set)")
@@ -457,11 +453,15 @@ def _sync(name: str) -> None:
 def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> None:
   """Refuse, before any work, a destination that exists (unless overwrite) or is the source."""
   dst = Path(dst)
-  if src is not None and Path(src).exists() and dst.exists() and os.path.samefile(src, dst):
-    raise CheckpointError(f"destination {dst} is the source; write the conversion elsewhere")
+  if src is not None and Path(src).exists():
+    if dst.exists() and os.path.samefile(src, dst):
+      raise CheckpointError(f"destination {dst} is the source; write the conversion elsewhere")
+    if Path(src).is_dir() and Path(dst).resolve().is_relative_to(Path(src).resolve()):
+      raise CheckpointError(f"destination {dst} is inside the source {src}; the source is only "
+                            f"read, write the conversion elsewhere")
   if not (dst.exists() or dst.is_symlink()):
-    if not dst.parent.is_dir():
-      raise CheckpointError(f"destination {dst}: parent directory {dst.parent} does not exist")
+    if dst.parent.exists() and not dst.parent.is_dir():
+      raise CheckpointError(f"destination {dst}: {dst.parent} is not a directory")
     return
   if not overwrite:
     raise CheckpointError(f"destination {dst} exists; pass --overwrite (overwrite=True) to "
@@ -483,6 +483,7 @@ def _atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
   check_destination(dst, overwrite)
   tmp = _partial_path(dst)
   if _primary():
+    dst.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
       if not (tmp / SENTINEL).exists():
         raise CheckpointError(f"{tmp} exists and is not a jaxpart partial write; remove it")
@@ -498,17 +499,24 @@ def _atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   if _primary():
+    # With --overwrite the old checkpoint steps aside first: a kill between the two renames
+    # leaves no destination (the old one survives as .NAME.replaced), never a mixed one.
     old = dst.with_name(f".{dst.name}.replaced")
     if dst.exists() or dst.is_symlink():
-      if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+      _remove(old)
       os.rename(dst, old)
     os.rename(tmp, dst)
     (dst / SENTINEL).unlink()   # a kill before this leaves dst refused, never half-valid
     _fsync_dir(dst.parent)
-    if old.exists():
-      shutil.rmtree(old) if old.is_dir() else old.unlink()
+    _remove(old)
   _sync("jaxpart-checkpoint-committed")
+
+
+def _remove(path: Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path)
+  elif path.exists() or path.is_symlink():
+    path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -555,7 +563,7 @@ def save(path, params, cfg: ModelConfig, plan: Plan | None = None, *, opt_state=
   its restore), to skip computing them twice.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   if plan is None and jax.process_count() > 1:
     raise CheckpointError("an unsharded checkpoint is written by one process; save with a Plan")
   check_plan(cfg, plan)
@@ -571,7 +579,8 @@ def save(path, params, cfg: ModelConfig, plan: Plan | None = None, *, opt_state=
       opt_flat = flatten(opt_state)
       opt_entries = _entries(opt_flat, checksums(opt_flat, progress, "checksum opt_state"))
       items["opt_state"] = ocp.args.StandardSave(opt_state)
-    with _quiet_orbax(), _phase("orbax save", progress):
+    nbytes = sum(_nbytes(x) for x in jax.tree.leaves((params, opt_state)))
+    with _quiet_orbax(), _phase("orbax save", progress, nbytes):
       with _manager(tmp / ORBAX_DIR, tuple(items), read_only=False) as mngr:
         mngr.save(0, args=ocp.args.Composite(**items))
         mngr.wait_until_finished()
@@ -591,6 +600,9 @@ class Restored:
 
 def _verify(flat: dict[str, Any], entries: dict[str, dict], where: str, progress: bool,
             prefix: str = "") -> dict[str, str]:
+  if set(flat) != set(entries):
+    raise CheckpointError(f"{where}: read {prefix or 'params/'}{sorted(flat)}, the manifest "
+                          f"lists {sorted(entries)}")
   for p, x in flat.items():
     e = entries.get(p)
     if e is None:
@@ -616,7 +628,7 @@ def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
   restores into that structure.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   m = read_manifest(path)
   if m.container == "npz":
     return load_npz(path, cfg, plan, progress=progress)
@@ -628,7 +640,7 @@ def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
     raise CheckpointError(f"{path}: holds no optimizer state")
   root = path / ORBAX_DIR
   try:
-    with _quiet_orbax(), _phase("orbax restore", progress):
+    with _quiet_orbax(), _phase("orbax restore", progress, m.param_bytes):
       names = ("params", "opt_state") if m.opt_state is not None else ("params",)
       with _manager(root, names, read_only=True) as mngr:
         if mngr.latest_step() != 0:
@@ -658,9 +670,9 @@ def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
 
 # --- npz -----------------------------------------------------------------------------------
 
-def _npz_manifest(path: Path) -> Manifest | None:
-  try:
-    with np.load(path, allow_pickle=False) as z:
+def npz_manifest(path: Path) -> Manifest | None:
+  try:   # our own handle: np.load leaks its file when the zip directory is unreadable
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
       if NPZ_MANIFEST_KEY not in z.files:
         return None
       text = str(z[NPZ_MANIFEST_KEY][()])
@@ -692,8 +704,9 @@ def _decode(a: np.ndarray, want: str, key: str, where: str) -> np.ndarray:
 
 
 def _write_npy(zf: zipfile.ZipFile, key: str, a: np.ndarray) -> None:
+  """What np.savez does for one entry, so a large model is written one leaf at a time."""
   with zf.open(key + ".npy", "w", force_zip64=True) as f:
-    np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+    np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 
 def _host(x) -> np.ndarray:
@@ -706,7 +719,7 @@ def export_npz(path, params, cfg: ModelConfig, *, layout: str = "stacked", stage
                run: dict | None = None, hardware: str | None = None, overwrite: bool = False,
                progress: bool = False, known_checksums: dict[str, str] | None = None) -> Manifest:
   """Write params to an .npz named by parameter path; one leaf is on the host at a time."""
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   _check_layout(layout)
   if path.suffix != ".npz":
     raise CheckpointError(f"{path}: an npz export must end in .npz")
@@ -719,6 +732,7 @@ def export_npz(path, params, cfg: ModelConfig, *, layout: str = "stacked", stage
   sums = dict(known_checksums) if known_checksums else checksums(flat, progress)
   tmp = path.with_name(f".{path.name}.partial")
   entries = _entries(flat, sums)
+  path.parent.mkdir(parents=True, exist_ok=True)
   try:
     with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
       for p, x in _progress(flat.items(), "write npz", flat, progress):
@@ -748,10 +762,10 @@ def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
              layout: str | None = None, progress: bool = False) -> Restored:
   """Read an .npz (jaxpart's, or another framework's named by parameter path) into `plan`'s
   shardings. Each leaf is read, checked and placed shard by shard before the next is read."""
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   if not path.is_file():
     raise CheckpointError(f"{path}: no such .npz file")
-  m = _npz_manifest(path)
+  m = npz_manifest(path)
   where = str(path)
   if m is not None:
     cfg = cfg or m.model
@@ -765,7 +779,7 @@ def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
   shardings = flatten(param_shardings(plan))
   out, sums = {}, {}
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
       present = {k for k in z.files if k != NPZ_MANIFEST_KEY}
       if m is None:
         layout = layout or infer_layout(present)
@@ -804,7 +818,7 @@ def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
 def load(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
          opt_state: Any = False, progress: bool = False) -> Restored:
   """Restore a checkpoint directory or an .npz into `plan`'s shardings."""
-  path = Path(path)
+  path = Path(path).absolute()   # orbax wants absolute paths
   if path.suffix == ".npz" and path.is_file():
     if opt_state not in (False, None):
       raise CheckpointError(f"{path}: an .npz holds parameters only, no optimizer state")
@@ -820,18 +834,20 @@ def source_plan_if_present(m: Manifest) -> Plan | None:
 
 
 def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = None,
-            overwrite: bool = False, npz_layout: str = "stacked", progress: bool = False) -> dict:
+            overwrite: bool = False, npz_layout: str = "stacked", progress: bool = False,
+            run: dict | None = None, hardware: str | None = None) -> dict:
   """src (directory or .npz) -> dst (directory placed as `plan`, or .npz), verified bit-exact.
 
   Everything that can be refused is refused before anything is written: the source's manifest,
-  the model, the target plan, the destination. The source is only read.
+  the model, the target plan, the destination. The source is only read. run and hardware are
+  recorded when the source has none (a foreign .npz).
   """
   t0 = time.perf_counter()
-  src, dst = Path(src), Path(dst)
+  src, dst = Path(src).absolute(), Path(dst).absolute()
   if not src.exists():
     raise CheckpointError(f"{src}: no such checkpoint (the path does not exist)")
   to_npz = dst.suffix == ".npz"
-  src_m = read_manifest(src) if (src.is_dir() or _npz_manifest(src) is not None) else None
+  src_m = read_manifest(src) if (src.is_dir() or npz_manifest(src) is not None) else None
   if src_m is not None:
     cfg = cfg or src_m.model
     check_model(cfg, src_m, str(src))
@@ -848,8 +864,8 @@ def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = Non
   read_plan = source_plan_if_present(src_m) if to_npz and src_m is not None else plan
   carry_opt = src_m is not None and src_m.opt_state is not None and not to_npz
   r = load(src, cfg, read_plan, opt_state=carry_opt, progress=progress)
-  run = r.manifest.run
-  hw = r.manifest.hardware
+  run = r.manifest.run or run
+  hw = r.manifest.hardware or hardware
   stages = 1
   if to_npz:
     stages = r.manifest.plan.stages if (npz_layout == "per_stage" and r.manifest.plan) else 1
@@ -858,6 +874,8 @@ def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = Non
   else:
     out_m = save(dst, r.params, cfg, plan, opt_state=r.opt_state, run=run, hardware=hw,
                  overwrite=overwrite, progress=progress, known_checksums=r.checksums)
+  # out_m's checksums were computed on the arrays as placed for the target (in load); they
+  # equal the source's, or load would have refused. `jaxpart verify DST` re-reads what was written.
   src_sums = {p: e["checksum"] for p, e in (src_m.params if src_m else {}).items()}
   return {
       "source": str(src), "destination": str(dst),
@@ -901,15 +919,16 @@ def _progress(items, desc: str, sized: dict | None, enabled: bool):
 
 
 @contextlib.contextmanager
-def _phase(desc: str, enabled: bool) -> Iterator[None]:
-  """One-step bar for calls that report no progress of their own (orbax save and restore)."""
+def _phase(desc: str, enabled: bool, nbytes: int) -> Iterator[None]:
+  """A bar for one call that reports no progress of its own (orbax save and restore, the
+  jitted checksums): it fills when the call returns and shows the bytes per second."""
   if not enabled:
     yield
     return
   from tqdm import tqdm  # noqa: PLC0415
-  with tqdm(total=1, desc=desc, unit="step", leave=False) as bar:
+  with tqdm(total=nbytes, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
     yield
-    bar.update(1)
+    bar.update(nbytes)
 
 
 def _now() -> str:

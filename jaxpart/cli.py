@@ -1,7 +1,8 @@
 """`jaxpart` command line: each subcommand lives in jaxpart/commands/<name>.py.
 
 A command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`. Modules are
-found by listing the package, so adding a command touches no shared file.
+found by listing the package, so adding a command touches no shared file. A module that sets
+DISTRIBUTED = True gets the multi-host flags, and jax.distributed is started before its run.
 """
 
 from __future__ import annotations
@@ -16,17 +17,31 @@ DEFAULT_CPU_DEVICES = 16
 
 
 def _ensure_cpu_devices(argv: list[str]) -> None:
-  """Simulated CPU devices must be requested before JAX starts; GPUs ignore the flag."""
+  """Simulated CPU devices must be requested before JAX starts; GPUs ignore the flag. One process
+  gets max(16, --devices); each of N processes (--num-processes, JAX_NUM_PROCESSES, a detected
+  cluster) gets --local-devices, else its share of --devices (default 16)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
     return
-  want = DEFAULT_CPU_DEVICES
+  from jaxpart import distributed  # noqa: PLC0415  (imports no JAX backend)
+  devices = _int_arg(argv, "--devices")
+  processes = distributed.process_count_hint(argv)
+  local = _int_arg(argv, "--local-devices")
+  if local is not None and local < 1:
+    local = None                       # the command's parser names the bad value
+  if local is None:
+    total = devices or DEFAULT_CPU_DEVICES
+    local = -(-total // processes) if processes > 1 else max(DEFAULT_CPU_DEVICES, total)
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local}".strip()
+
+
+def _int_arg(argv: list[str], flag: str) -> int | None:
   for i, a in enumerate(argv):
-    if a == "--devices" and i + 1 < len(argv) and argv[i + 1].isdigit():
-      want = max(want, int(argv[i + 1]))
-    elif a.startswith("--devices=") and a.split("=", 1)[1].isdigit():
-      want = max(want, int(a.split("=", 1)[1]))
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={want}".strip()
+    value = argv[i + 1] if a == flag and i + 1 < len(argv) else (
+        a.split("=", 1)[1] if a.startswith(flag + "=") else None)
+    if value is not None and value.isdigit():
+      return int(value)
+  return None
 
 
 def _command_modules():
@@ -44,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
   for mod in _command_modules():
     p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
     mod.add_arguments(p)
-    p.set_defaults(_run=mod.run)
+    if getattr(mod, "DISTRIBUTED", False):
+      from jaxpart import distributed  # noqa: PLC0415
+      distributed.add_arguments(p)
+    p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False))
   return parser
 
 
@@ -52,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _ensure_cpu_devices(argv)
   args = build_parser().parse_args(argv)
-  from jaxpart.config import ConfigError  # noqa: PLC0415
-  from jaxpart.plan import PlanError  # noqa: PLC0415
+  from jaxpart.errors import UserError  # noqa: PLC0415
   try:
+    if args._distributed:
+      from jaxpart import distributed  # noqa: PLC0415
+      distributed.initialize(args)
     return int(args._run(args) or 0)
-  except (ConfigError, PlanError) as e:
+  except UserError as e:
     print(f"jaxpart {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -11,11 +11,13 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from jaxpart.errors import UserError
+
 DTYPES = ("bfloat16", "float32", "float64")
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A configuration value is invalid; the message names field, value and what is valid."""
 
 

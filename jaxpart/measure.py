@@ -217,6 +217,7 @@ class CountedOp:
   cond_depth: int           # enclosing conditional branches
   trips_known: bool         # False when a surrounding loop's trip count could not be read
   op_name: str              # JAX's metadata op_name, for humans
+  element_type: str = ""    # of the (first) operand, as compiled: f32 where CPU promoted bf16
 
 
 def _dot_flops(ins: Instr, symbols: Mapping[str, str]) -> float:
@@ -263,9 +264,11 @@ def counted_ops(hlo_text: str, cond_weight: float | Sequence[float] = 1.0) -> li
       op_name = meta.group(1) if meta else ""
       if kind:
         ops = ins.operands[:1] if kind == "collective-permute" else ins.operands
-        nbytes = sum(shape_bytes(_operand_type(o, symbols)) for o in ops)
+        types = [_operand_type(o, symbols) for o in ops]
+        nbytes = sum(shape_bytes(t) for t in types)
+        arrays = _arrays(types[0]) if types else []
         out.append(CountedOp(kind, name, ins.name, nbytes, 0.0, mult, loops, conds, known,
-                             op_name))
+                             op_name, arrays[0][0] if arrays else ""))
       elif ins.opcode == "dot" or (ins.opcode == "custom-call" and re.search(
           r'custom_call_target="[^"]*(gemm|matmul)', ins.attrs, re.I)):
         out.append(CountedOp("dot", name, ins.name, 0.0, _dot_flops(ins, symbols), mult, loops,
@@ -343,6 +346,9 @@ def compile_stats(jitted_fn, *args, cond_weight: float | Sequence[float] = 1.0) 
   compiled = jitted_fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   ma = compiled.memory_analysis()
+  if ma is None:
+    raise RuntimeError(f"{jax.devices()[0].platform}: the compiled program has no "
+                       f"memory_analysis(); per-device memory cannot be read on this backend")
   hlo = compiled.as_text()
   cost = _cost_dict(compiled)
   return {
@@ -373,7 +379,10 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
   """Median wall time of each zero-argument fn, run A, B, C, A, B, C, ... so that load changes
   on a shared machine hit every candidate alike; each run waits for its results on the device
   (block_until_ready). The order rotates every round so no fn always follows the same one.
-  `progress(n)` is called after each run (e.g. a tqdm bar's update)."""
+
+  Also the process's CPU time per run (all threads): on a CPU host shared with other jobs it
+  moves less with their load than wall time does, and for simulated devices it is the total
+  work. `progress(n)` is called after each run (e.g. a tqdm bar's update)."""
   if repeats < 1 or warmup < 0:
     raise ValueError(f"repeats = {repeats}, warmup = {warmup}: need repeats >= 1, warmup >= 0")
   names = list(fns)
@@ -383,15 +392,18 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
       if progress:
         progress(1)
   runs: dict[str, list[float]] = {n: [] for n in names}
+  cpu: dict[str, list[float]] = {n: [] for n in names}
   for r in range(repeats):
     order = names[r % len(names):] + names[:r % len(names)]
     for n in order:
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       jax.block_until_ready(fns[n]())
       runs[n].append(time.perf_counter() - t0)
+      cpu[n].append(time.process_time() - c0)
       if progress:
         progress(1)
-  return {n: {"median_s": statistics.median(v), "runs": v} for n, v in runs.items()}
+  return {n: {"median_s": statistics.median(runs[n]), "runs": runs[n],
+              "cpu_median_s": statistics.median(cpu[n]), "cpu_runs": cpu[n]} for n in names}
 
 
 # --- what the engine should move: Megatron's formulas for a Plan ---------------------------
@@ -430,16 +442,31 @@ def megatron_collective_bytes(plan, cfg, element_bytes: int) -> dict[str, float]
   return out
 
 
-def engine_loop_bytes(hlo_text: str, plan) -> dict[str, dict[str, float]]:
+def engine_loop_bytes(hlo_text: str, plan) -> dict[str, Any]:
   """Measured per-device collective bytes of a compiled engine forward, split into the
   pipeline loop (ops inside the tick loop, weighted by engine_cond_weights) and the rest
-  (outside every loop: GSPMD's gather of the last stage's output to all devices)."""
+  (outside every loop: GSPMD's gather of the last stage's output to all devices), with the
+  element size the loop's collectives were compiled with."""
   ops = collective_ops(hlo_text, engine_cond_weights(plan))
   loop = {k: 0.0 for k in COLLECTIVE_KINDS}
   rest = {k: 0.0 for k in COLLECTIVE_KINDS}
+  sizes = set()
   for o in ops:
     (loop if o.loop_depth else rest)[o.kind] += o.bytes * o.count
-  return {"loop": loop, "outside_loops": rest}
+    if o.loop_depth and o.element_type:
+      sizes.add(_ELEMENT_BYTES[o.element_type])
+  return {"loop": loop, "outside_loops": rest,
+          "element_bytes": sizes.pop() if len(sizes) == 1 else None}
+
+
+def megatron_comparison(hlo_text: str, plan, cfg) -> dict[str, Any]:
+  """engine_loop_bytes beside megatron_collective_bytes at the compiled element size."""
+  m = engine_loop_bytes(hlo_text, plan)
+  eb = m["element_bytes"] or cfg.dtype_bytes
+  want = megatron_collective_bytes(plan, cfg, eb)
+  return {"element_bytes": eb, "measured_loop": m["loop"], "formula": want,
+          "outside_loops": m["outside_loops"],
+          "ratio": {k: (m["loop"][k] / want[k]) if want[k] else None for k in want}}
 
 
 # --- local-shard shapes and one stage step -------------------------------------------------
@@ -522,10 +549,12 @@ def model_flops(cfg, batch: int, seq: int) -> float:
   return memory.forward_flops_per_token(cfg, seq) * batch * seq
 
 
-def build_variants(setup, plan, params, x_BxTxD, *, reference: bool = True,
+def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" = True,
                    gspmd: bool = True) -> list[Variant]:
   """The engine for `plan`, the single-device reference, and plain jax.jit with GSPMD tensor
-  parallel annotations over the same devices (what a user writes without jaxpart)."""
+  parallel annotations over the same devices (what a user writes without jaxpart).
+
+  reference may be a Variant built earlier (a sweep compiles the reference once)."""
   import functools  # noqa: PLC0415
   from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
   from jaxpart import compat, engine, model, sharding  # noqa: PLC0415
@@ -539,7 +568,9 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: bool = True,
                   jax.device_put(x_BxTxD, sharding.replicated(mesh))),
                  engine_cond_weights(plan))]
   fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
-  if reference:
+  if isinstance(reference, Variant):
+    out.append(reference)
+  elif reference:
     out.append(Variant("reference", 1, fwd, jax.device_put((params, x_BxTxD), devices[0])))
   if gspmd:
     n = plan.devices
@@ -586,6 +617,7 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
     err = None if ref_out is None else float(np.max(np.abs(v.out - ref_out)))
     rows.append({
         "name": v.name, "devices": v.devices, "median_s": t, "runs_s": times[v.name]["runs"],
+        "cpu_median_s": times[v.name]["cpu_median_s"], "cpu_runs_s": times[v.name]["cpu_runs"],
         "tokens_per_s": tokens / t, "time_per_token_s": t / tokens, "latency_s": t,
         "argument_bytes": v.stats["argument_bytes"], "output_bytes": v.stats["output_bytes"],
         "temp_bytes": v.stats["temp_bytes"], "compiled_flops_per_device": v.stats["flops"],
@@ -599,16 +631,17 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
 
 
 def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """Wall-time ratios of the engine to the others (below 1: the engine is faster)."""
-  by = {r["name"]: r["median_s"] for r in rows}
-  eng = next((n for n in by if n.startswith("engine:")), None)
+  """Ratios of the engine's median time to the others' (below 1: the engine is faster): wall
+  time, and process CPU time (all threads) as "(cpu)"."""
+  eng = next((r["name"] for r in rows if r["name"].startswith("engine:")), None)
+  pairs = [("engine/reference", eng, "reference"), ("engine/gspmd", eng, "gspmd-tp"),
+           ("gspmd/reference", "gspmd-tp", "reference")]
   out = {}
-  if eng and "reference" in by:
-    out["engine/reference"] = by[eng] / by["reference"]
-  if eng and "gspmd-tp" in by:
-    out["engine/gspmd"] = by[eng] / by["gspmd-tp"]
-  if "gspmd-tp" in by and "reference" in by:
-    out["gspmd/reference"] = by["gspmd-tp"] / by["reference"]
+  for key in ("median_s", "cpu_median_s"):
+    by = {r["name"]: r[key] for r in rows}
+    for label, a, b in pairs:
+      if a in by and b in by and by[b] > 0:
+        out[label + (" (cpu)" if key == "cpu_median_s" else "")] = by[a] / by[b]
   return out
 
 

@@ -77,7 +77,10 @@ def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
   """Resident bytes one layer's chunk step touches per device (weights and KV prefix excluded).
 
   The sum over the step, an upper bound on its peak: if it fits in L2, no activation byte of
-  the step has to go back to HBM. `step_peak_bytes` gives the larger phase alone.
+  the step has to go back to HBM. `step_peak_bytes` gives the larger phase alone. A compiler
+  fuses LayerNorms and casts into the matmuls and reuses dead buffers, so compiled temp bytes
+  come lower still: XLA on CPU, `small` at 4 rows x 32 tokens and tp 4, compiles the step to
+  525,136 temp bytes against this sum of 1,705,984 and a larger phase of 884,736.
   """
   if cfg.n_heads % s.tp or cfg.d_ff % s.tp:
     raise PlanError(f"tp = {s.tp} must divide n_heads = {cfg.n_heads} and d_ff = {cfg.d_ff}")

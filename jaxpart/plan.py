@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from jaxpart.errors import UserError
+
 STAGE_AXIS = "stage"
 TENSOR_AXIS = "tensor"
 STRATEGIES = ("baseline", "layerwise")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
   """A placement that cannot be built; the message says why and what would be valid."""
 
 

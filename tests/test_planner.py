@@ -56,6 +56,20 @@ def test_paper_16_layerwise_is_the_seed_placement():
   assert plan.ragged == (plan.last_chunk_tokens != plan.chunk_tokens)
   assert plan.units == plan.microbatches * plan.n_chunks
   assert plan.bubble_fraction == pytest.approx(3 / (plan.units + 3))
+  # More rows of shorter chunks can hold as many token-rows, but re-read the KV prefix far more.
+  cfg = _setup("paper").model
+  # By hand, 1 row at tp 4 (kv_block = T): per token 5 x 32,768 (D-wide bf16) + 2 x 98,304
+  # (partial sums) + 18,432 (QKV) + 4,160 (softmax state) + 2,048 (attn out) + 24,576 (MLP)
+  # = 409,664; plus scores and probs 8 heads x T x 6 and a KV block 4,096 x T.
+  # T=119: 48,750,016 + 679,728 + 487,424 = 49,917,168 <= 50e6;
+  # T=120: 49,159,680 + 691,200 + 491,520 = 50,342,400 > 50e6.
+  assert (plan.rows, plan.chunk_tokens) == (1, 119)
+  assert plan.predicted_working_set_bytes == 49_917_168
+  assert planner.working_set(cfg, 8, 15, 4) <= 50e6 and 8 * 15 > 119
+  alt = memory.run_streamed_bytes(cfg, 128, 10_000, 8, 15, 4)
+  got = memory.run_streamed_bytes(cfg, 128, 10_000, 1, 119, 4)
+  assert alt["kv_prefix"] > 7 * got["kv_prefix"]
+  assert sum(alt.values()) > sum(got.values())
 
 
 @pytest.mark.parametrize("devices,tp", [(32, 8), (64, 16)])
@@ -105,9 +119,9 @@ def test_layerwise_refusals_name_the_reason():
   setup = _setup("tiny")
   with pytest.raises(PlanError, match=r"tp = 2 on devices = 16 gives 8 stages.*Valid tp here: 4, 8"):
     planner.make_plan(setup, 16, "layerwise", tp=2)
-  with pytest.raises(PlanError, match=r"--pp do\(es\) not apply to strategy 'layerwise'"):
+  with pytest.raises(PlanError, match=r"--pp does not apply to strategy 'layerwise'"):
     planner.make_plan(setup, 16, "layerwise", pp=4)
-  with pytest.raises(PlanError, match=r"--chunk-tokens do\(es\) not apply to strategy 'baseline'"):
+  with pytest.raises(PlanError, match=r"--chunk-tokens does not apply to strategy 'baseline'"):
     planner.make_plan(setup, 16, "baseline", tp=8, pp=2, chunk_tokens=10)
   with pytest.raises(PlanError, match=r"chunk_rows = 3: must divide batch = 2"):
     planner.make_plan(setup, 16, "layerwise", chunk_rows=3)
@@ -159,7 +173,7 @@ def test_auto_ranks_and_filters():
   assert only and {p.tp for p in only} == {8}
   with pytest.raises(PlanError, match="no \\(stages, tp\\) split works"):
     planner.candidates(setup, 16, tp=3)
-  with pytest.raises(PlanError, match="--microbatches do\\(es\\) not apply to strategy 'auto'"):
+  with pytest.raises(PlanError, match="--microbatches does not apply to strategy 'auto'"):
     planner.make_plan(setup, 16, "auto", microbatches=2)
 
 
@@ -252,7 +266,8 @@ def test_cli_plan_auto_lists_candidates(capsys):
     (["--devices", "16", "--strategy", "layerwise", "--cache-mb", "0.0001"], "too small"),
     (["--devices", "12", "--strategy", "baseline", "--tp", "3", "--pp", "4"],
      "n_heads = 32 is not divisible by tp = 3"),
-    (["--devices", "16", "--strategy", "auto", "--chunk-tokens", "64"], "does not apply"),
+    (["--devices", "16", "--strategy", "auto", "--chunk-tokens", "64"],
+     "--chunk-tokens does not apply to strategy 'auto'"),
 ])
 def test_cli_plan_errors_exit_2(capsys, argv, needle):
   rc, out, err = _cli(capsys, "plan", "--preset", "paper", *argv)

@@ -23,14 +23,15 @@ KIND_ABBREV = {"all-reduce": "all-reduce", "collective-permute": "permute",
                "all-to-all": "all-to-all"}
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(flag: str, text: str) -> list[int]:
+  from jaxpart.config import ConfigError  # noqa: PLC0415
   try:
     out = [int(t) for t in text.split(",") if t.strip()]
   except ValueError:
-    raise SystemExit(f"jaxpart bench: error: {text!r} is not a comma-separated list of "
-                     f"integers") from None
+    out = []
   if not out or any(v <= 0 for v in out):
-    raise SystemExit(f"jaxpart bench: error: {text!r}: need positive integers")
+    raise ConfigError(f"{flag} = {text!r}: must be a comma-separated list of positive integers, "
+                      f"for example 256,512")
   return out
 
 
@@ -46,6 +47,8 @@ def add_arguments(p):
   g.add_argument("--memory-seqs", default=None, metavar="S1,S2,...",
                  help="also compile (not run) the forward and one chunk step at these seq "
                       "lengths and print per-device temp bytes beside the predicted working set")
+  g.add_argument("--memory-only", action="store_true",
+                 help="with --memory-seqs: compile and report memory only, time nothing")
   g.add_argument("--sweep", action="store_true",
                  help="instead of one point: every device count in --device-counts x chunk in "
                       "--chunks, each timed against the reference; one JSON line per point")
@@ -61,19 +64,27 @@ def run(args) -> int:
   if args.repeats < 1 or args.warmup < 0:
     raise PlanError(f"--repeats = {args.repeats}, --warmup = {args.warmup}: need repeats >= 1 "
                     f"and warmup >= 0")
+  seqs = _int_list("--memory-seqs", args.memory_seqs) if args.memory_seqs else None
+  if args.memory_only and not seqs:
+    raise PlanError("--memory-only needs --memory-seqs S1,S2,...")
   setup = _common.setup_from(args)
   if args.sweep:
     return _sweep(args, setup)
   plan = _common.plan_from(args, setup)
-  result = bench_point(setup, plan, args)
-  if args.memory_seqs:
-    result["memory_by_seq"] = memory_by_seq(setup, args, _int_list(args.memory_seqs))
+  if args.memory_only:
+    result = {"preset": setup.preset, "plan": plan.to_dict()}
+  else:
+    result = bench_point(setup, plan, args)
+    result.pop("_variants")
+  if seqs:
+    result["memory_by_seq"] = memory_by_seq(setup, args, seqs)
   if args.json:
     _common.emit_json(result, args.json)
     if args.json == "-":
       return 0
-  print_point(result)
-  if "memory_by_seq" in result:
+  if not args.memory_only:
+    print_point(result)
+  if seqs:
     print_memory(result["memory_by_seq"])
   return 0
 
@@ -86,20 +97,25 @@ def _inputs(setup, seed: int):
           model.random_input(setup.model, setup.run.batch, setup.run.seq, kx))
 
 
-def bench_point(setup, plan, args, params_x=None) -> dict:
+def bench_point(setup, plan, args, params_x=None, reference=None) -> dict:
+  """reference: a measure.Variant compiled by an earlier point, reused (sweeps)."""
   from tqdm import tqdm  # noqa: PLC0415
   from jaxpart import measure  # noqa: PLC0415
   params, x = params_x or _inputs(setup, args.seed)
-  variants = measure.build_variants(setup, plan, params, x, reference=not args.no_reference,
-                                    gspmd=not args.no_gspmd and plan.devices > 1)
-  total = len(variants) * (1 + args.warmup + args.repeats)
+  variants = measure.build_variants(
+      setup, plan, params, x, reference=reference or not args.no_reference,
+      gspmd=not args.no_gspmd and plan.devices > 1)
+  total = (sum(v.stats is None for v in variants)
+           + len(variants) * (args.warmup + args.repeats))
   with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
             file=sys.stderr, leave=False) as bar:
     rows = measure.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
   return {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
           "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
           "machine_note": _machine_note(), "repeats": args.repeats, "warmup": args.warmup,
-          "variants": rows, "ratios": measure.ratios(rows)}
+          "variants": rows, "ratios": measure.ratios(rows),
+          "megatron": measure.megatron_comparison(variants[0].stats["hlo"], plan, setup.model),
+          "_variants": variants}
 
 
 def _machine_note() -> str:
@@ -107,8 +123,9 @@ def _machine_note() -> str:
   import jax  # noqa: PLC0415
   d = jax.devices()
   if d[0].platform == "cpu":
-    return (f"CPU, {len(d)} simulated devices on {os.cpu_count()} cores: wall times measure "
-            f"total work and overhead, not parallel speed-up")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"CPU, {len(d)} simulated devices on {os.cpu_count()} cores (load average {load} "
+            f"at the end): wall times measure total work and overhead, not parallel speed-up")
   return f"{len(d)} x {d[0].device_kind}"
 
 
@@ -124,10 +141,11 @@ def print_point(result: dict) -> None:
   for r in result["variants"]:
     err = r["max_abs_err_vs_reference"]
     rows.append([r["name"], r["devices"], f"{r['median_s'] * 1e3:,.1f}",
+                 f"{r['cpu_median_s'] * 1e3:,.1f}",
                  f"{r['tokens_per_s']:,.0f}", f"{r['time_per_token_s'] * 1e6:,.2f}",
                  f"{r['latency_s'] * 1e3:,.1f}", f"{r['achieved_flops_per_s'] / 1e9:,.2f}",
                  "-" if err is None else f"{err:.2e}"])
-  print(table(rows, ["program", "devices", "median ms", "tokens/s", "time/token us",
+  print(table(rows, ["program", "devices", "median ms", "cpu ms", "tokens/s", "time/token us",
                      "latency ms", "GFLOP/s", "max |err|"]))
   print()
   rows = []
@@ -141,9 +159,24 @@ def print_point(result: dict) -> None:
   print("MFLOP (HLO): matmul FLOPs per device per call, loop trips applied; MFLOP (xla): "
         "cost_analysis(), which counts each loop body once. GFLOP/s: useful model FLOPs "
         f"({result['variants'][0]['model_flops'] / 1e9:,.3f} GFLOP per call) / median time. "
-        "time/token: the seed's TPOT, 1 / tokens/s. latency: one call (the whole batch).")
+        "time/token: the seed's TPOT, 1 / tokens/s. latency: one call (the whole batch). "
+        "cpu ms: process CPU time of a call, all threads (on a shared host, wall time favours "
+        "the program with more threads: 16 simulated devices get more of a loaded CPU than 1).")
   print()
-  print(table([[k, f"{v:.3f}"] for k, v in result["ratios"].items()], ["wall-time ratio", "x"]))
+  m = result["megatron"]
+  print(table([[KIND_ABBREV[k], fmt_bytes(m["measured_loop"][k]), fmt_bytes(m["formula"][k]),
+                "-" if m["ratio"][k] is None else f"{m['ratio'][k]:.3f}",
+                fmt_bytes(m["outside_loops"][k])]
+               for k in measure.COLLECTIVE_KINDS
+               if m["formula"][k] or m["measured_loop"][k] or m["outside_loops"][k]],
+              ["engine collectives", "in tick loop", "Megatron formula", "measured/formula",
+               "outside loops"]))
+  print(f"per device per forward, {m['element_bytes']}-byte elements as compiled (XLA on CPU "
+        "promotes bf16 collectives to f32). Formula: TP 2 all-reduces of a unit per layer per "
+        "unit; pipeline one unit per tick (units + bubble ticks). Outside loops: the output's "
+        "gather from the last stage.")
+  print()
+  print(table([[k, f"{v:.3f}"] for k, v in result["ratios"].items()], ["ratio of medians", "x"]))
 
 
 def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
@@ -183,12 +216,12 @@ def _sweep(args, setup) -> int:
   from tqdm import tqdm  # noqa: PLC0415
   from jaxpart import measure  # noqa: PLC0415
   from jaxpart.plan import PlanError  # noqa: PLC0415
-  counts = _int_list(args.device_counts)
-  chunks = _int_list(args.chunks) if args.strategy == "layerwise" else [None]
+  counts = _int_list("--device-counts", args.device_counts)
+  chunks = _int_list("--chunks", args.chunks) if args.strategy == "layerwise" else [None]
   params_x = _inputs(setup, args.seed)
   sink = open(args.jsonl, "w") if args.jsonl else sys.stdout
   points = [(n, c) for n in counts for c in chunks]
-  ok = 0
+  ok, reference = 0, None
   try:
     for n, c in tqdm(points, desc="sweep", file=sys.stderr):
       fixed = {}
@@ -202,13 +235,16 @@ def _sweep(args, setup) -> int:
       except PlanError as e:
         print(f"skip devices={n} chunk={c}: {e}", file=sys.stderr)
         continue
-      res = bench_point(setup, plan, argparse_ns(args, no_gspmd=True), params_x)
+      res = bench_point(setup, plan, argparse_ns(args, no_gspmd=True), params_x, reference)
+      reference = reference or next((v for v in res["_variants"] if v.name == "reference"),
+                                    None)
       eng = res["variants"][0]
       line = {"devices": n, "chunk_tokens": plan.chunk_tokens, "strategy": plan.strategy,
               "stages": plan.stages, "tp": plan.tp, "units": plan.units,
               "bubble_fraction": plan.bubble_fraction, **{k: v for k, v in eng.items()
                                                           if k != "runs_s"},
-              "ratios": res["ratios"], "machine_note": res["machine_note"]}
+              "ratios": res["ratios"], "megatron": res["megatron"],
+              "machine_note": res["machine_note"]}
       sink.write(measure.to_json_line(line) + "\n")
       sink.flush()
       ok += 1

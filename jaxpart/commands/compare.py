@@ -6,11 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpart import config, measure, model, runs
+from jaxpart import config, distributed, measure, model, runs
 from jaxpart.commands import _common
 
 NAME = "compare"
 HELP = "baseline (TP x PP) vs layer-wise placement: correctness and throughput, one table"
+DISTRIBUTED = True
 
 
 def add_arguments(p):
@@ -74,7 +75,8 @@ def run(args) -> int:
     entry.update(median_s=t["median_s"], runs_s=t["runs"], tokens_per_s=tokens / t["median_s"],
                  time_per_token_ms_seed_def=1e3 * t["median_s"] / tokens,
                  latency_per_sequence_ms=1e3 * t["median_s"])
-  out = {"preset": setup.preset, "devices": args.devices, "platform": dev0.platform,
+  out = {"preset": setup.preset, "devices": args.devices, "processes": jax.process_count(),
+         "platform": dev0.platform,
          "bf16_tolerance_abs": tol_bf, "float32_tolerance_rel": 1e-5, "results": rows,
          "ratios": {"layerwise_over_baseline_throughput":
                     rows["layerwise"]["tokens_per_s"] / rows["baseline"]["tokens_per_s"],
@@ -82,6 +84,8 @@ def run(args) -> int:
                     rows["layerwise"]["median_s"] / rows["reference"]["median_s"],
                     "baseline_over_reference_time":
                     rows["baseline"]["median_s"] / rows["reference"]["median_s"]}}
+  if not distributed.is_main():
+    return 0 if ok else 1
   if args.json:
     _common.emit_json(out)
   else:
@@ -114,7 +118,8 @@ def _print(setup, out):
   print(_common.table(table, ["Model", "Method", "Devices", "TPS (tok/s)", "TPOT* (ms)",
                               "Seq latency (ms)", "max err bf16 abs / f32 rel", "vs baseline"]))
   sim = out["platform"] == "cpu"
-  print(f"All figures measured on this machine ({out['platform']}"
+  procs = f", {out['processes']} processes" if out["processes"] > 1 else ""
+  print(f"All figures measured on this machine ({out['platform']}{procs}"
         f"{', simulated devices sharing the host cores: times measure total work and overhead, not parallel speed-up' if sim else ''}); "
         f"median of timed runs, interleaved.")
   print("* TPOT as the seed defines it: 1 / aggregate tokens per second (not time per output "

@@ -13,25 +13,24 @@ HELP = "partition a model over N devices (baseline TPxPP, layer-wise, or auto) a
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
   _common.add_plan_args(p)
-  p.add_argument("--top", type=int, default=5, help="auto: how many ranked candidates to show")
+  p.add_argument("--top", type=int, default=None,
+                 help="auto: how many ranked candidates to show (default 5)")
   _common.add_json_arg(p)
 
 
 def _plan(args, setup):
   """The Plan, and for auto the ranked candidates and how they were ranked."""
   if args.strategy != "auto":
+    if args.top is not None:
+      raise PlanError(f"--top applies to --strategy auto only (got --strategy {args.strategy})")
     return _common.plan_from(args, setup), [], ""
-  # The same refusals as planner.make_plan gives for options auto does not take.
-  for flag, v in (("--microbatches", args.microbatches), ("--chunk-tokens", args.chunk_tokens),
-                  ("--chunk-rows", args.chunk_rows), ("--kv-block", args.kv_block)):
-    if v is not None:
-      raise PlanError(f"{flag} does not apply to strategy 'auto': auto searches it "
-                              f"itself; fix it with --strategy baseline or layerwise")
-  if args.top < 1:
-    raise PlanError(f"--top = {args.top}: must be at least 1")
+  planner.check_options("auto", microbatches=args.microbatches, chunk_tokens=args.chunk_tokens,
+                        chunk_rows=args.chunk_rows, kv_block=args.kv_block)
+  top = 5 if args.top is None else args.top
+  if top < 1:
+    raise PlanError(f"--top = {top}: must be at least 1")
   cache = None if args.cache_mb is None else args.cache_mb * 1e6
-  best, ranked, how = planner.plan_auto(setup, args.devices, cache, args.top, tp=args.tp,
-                                        pp=args.pp)
+  best, ranked, how = planner.plan_auto(setup, args.devices, cache, top, tp=args.tp, pp=args.pp)
   return best, ranked, how
 
 

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config, measure, runs
+from jaxpart import config, distributed, measure, runs
 from jaxpart.commands import _common
 
 NAME = "run"
 HELP = "run the forward of one placement on the devices present; check it and time it"
+DISTRIBUTED = True
 
 
 def add_arguments(p):
@@ -42,6 +43,7 @@ def run(args) -> int:
   tokens = setup.run.tokens
   out = {"preset": setup.preset, "plan": plan.to_dict(), "dtype": "float32" if args.f32 else
          setup.model.dtype, "devices_present": len(jax.devices()),
+         "processes": jax.process_count(),
          "platform": jax.devices()[0].platform, "median_s": seconds,
          "tokens_per_s": tokens / seconds, "time_per_token_ms_seed_def": 1e3 * seconds / tokens,
          "runs_s": timing["engine"]["runs"]}
@@ -54,6 +56,8 @@ def run(args) -> int:
     key = "max_rel_err" if args.f32 else "max_abs_err"
     ok = out["check"]["finite"] and out["check"][key] <= tol
     out["check"]["ok"] = ok
+  if not distributed.is_main():
+    return 0 if ok else 1
   if args.dump:
     _dump(args.dump, setup, plan, params_h, x_h, y)
     out["dump"] = args.dump
@@ -70,7 +74,8 @@ def _print(out):
   print(f"{plan['strategy']} on {plan['devices']} devices: mesh stage x tensor = "
         f"{d['mesh_shape'][0]} x {d['mesh_shape'][1]}, {d['split']}, "
         f"{plan['stage_layers']} layers per stage")
-  print(f"measured on {out['platform']} ({out['devices_present']} devices present"
+  procs = f" in {out['processes']} processes" if out["processes"] > 1 else ""
+  print(f"measured on {out['platform']} ({out['devices_present']} devices present{procs}"
         f"{', simulated: wall time is total work, not parallel speed-up' if out['platform'] == 'cpu' else ''})")
   print(f"  median {out['median_s'] * 1e3:.1f} ms  {out['tokens_per_s']:,.0f} tokens/s  "
         f"time per token (seed's definition, 1/TPS) {out['time_per_token_ms_seed_def']:.4f} ms")

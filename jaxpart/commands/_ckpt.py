@@ -1,0 +1,87 @@
+"""What the checkpoint commands share: target placement flags and the Setup a target Plan is
+made for."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxpart import config
+from jaxpart.commands import _common
+
+STRATEGIES = ("baseline", "layerwise", "auto", "unsharded")
+# = checkpoint.LAYOUTS, repeated so that building the parser does not import JAX (a test checks)
+LAYOUTS = ("stacked", "per_layer", "per_stage")
+
+
+def add_target_args(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
+  g = p.add_argument_group("target placement")
+  g.add_argument(flag, dest="strategy", default=default, choices=STRATEGIES,
+                 help="placement to write (unsharded: one device, no Plan)"
+                      + (f"; default {default}" if default else ""))
+  g.add_argument("--devices", type=int, default=None, help="devices of the target Plan")
+  g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+  g.add_argument("--pp", type=int, default=None, help="pipeline stages (baseline)")
+  g.add_argument("--microbatches", type=int, default=None, help="baseline batch splits")
+  g.add_argument("--cache-mb", type=float, default=None,
+                 help="working-set budget per device in MB (default: the hardware's L2)")
+  g.add_argument("--chunk-tokens", type=int, default=None, help="layer-wise chunk length")
+  g.add_argument("--chunk-rows", type=int, default=None, help="layer-wise batch rows per chunk")
+  g.add_argument("--kv-block", type=int, default=None, help="keys per online-softmax step")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                 help="progress bars on stderr (default: when stderr is a terminal)")
+
+
+def progress_from(args) -> bool:
+  return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def setup_flags_given(args) -> bool:
+  return bool(args.preset or args.config or args.set)
+
+
+def setup_for_target(args, manifest) -> config.Setup:
+  """The model comes from the flags if any were given (and must match the checkpoint's), else
+  from the checkpoint; the run shape likewise, which the target Plan's split needs."""
+  if setup_flags_given(args):
+    return _common.setup_from(args)
+  if manifest is None:
+    from jaxpart.checkpoint import CheckpointError  # noqa: PLC0415
+    raise CheckpointError(f"{args.src}: an .npz without a jaxpart manifest; name the model "
+                          f"(--preset/--config/--set) to import it")
+  if manifest.run is None:
+    raise config.ConfigError("the checkpoint records no run shape for the target Plan; name it "
+                             "with --preset/--config/--set run.batch=... run.seq=...")
+  hw = args.hardware or manifest.hardware or "h100"
+  if hw not in config.HARDWARE_PRESETS:
+    raise config.ConfigError(f"hardware = {hw!r}: unknown; valid hardwares are "
+                             f"{', '.join(sorted(config.HARDWARE_PRESETS))}")
+  return config.Setup(model=manifest.model, run=config.RunShape(**manifest.run),
+                      hardware=config.HARDWARE_PRESETS[hw], preset="checkpoint")
+
+
+def target_plan(args, setup: config.Setup):
+  """None for unsharded; else the planner's Plan, which refuses splits the model can't take."""
+  if args.strategy in (None, "unsharded"):
+    for name in ("devices", "tp", "pp", "microbatches", "chunk_tokens", "chunk_rows"):
+      if getattr(args, name) is not None and not (name == "devices" and args.devices == 1):
+        raise config.ConfigError(f"--{name.replace('_', '-')} applies to a sharded target; "
+                                 f"the target is unsharded (give --to-strategy / --strategy)")
+    return None
+  if args.devices is None:
+    raise config.ConfigError(f"--devices is required for a {args.strategy} target")
+  return _common.plan_from(args, setup, strategy=args.strategy)
+
+
+def leaf_rows(manifest, shardings: dict | None = None) -> list[list[str]]:
+  rows = []
+  for path, e in manifest.params.items():
+    row = [path, "x".join(map(str, e["shape"])), e["dtype"] + (f" as {e['stored_as']}"
+                                                              if e.get("stored_as") else "")]
+    if shardings is not None:
+      row.append(str(shardings.get(path, "")))
+    rows.append(row + [e["checksum"]])
+  return rows

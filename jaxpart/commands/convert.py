@@ -1,0 +1,78 @@
+"""`jaxpart convert SRC DST`: a checkpoint into another placement, or to and from .npz.
+
+SRC is a checkpoint directory or an .npz (jaxpart's, or another framework's named by parameter
+path: then name the model with --preset/--config/--set). DST is a directory, written placed as
+--to-strategy says, or an .npz (unsharded; --npz-layout picks stacked, per_layer or per_stage).
+The source's checksums are verified on read and must come out unchanged: the conversion is
+bit-exact or it fails. Nothing is written until every check has passed, and DST appears only
+complete (written to a hidden sibling, then renamed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxpart import distributed
+from jaxpart.commands import _ckpt, _common
+
+NAME = "convert"
+HELP = "convert a checkpoint between placements, or to/from .npz, verified bit-exact"
+DISTRIBUTED = True
+
+
+def add_arguments(p):
+  p.add_argument("src", help="checkpoint directory, or .npz to import")
+  p.add_argument("dst", help="checkpoint directory to write, or .npz to export")
+  _ckpt.add_target_args(p, "--to-strategy", default=None)
+  p.add_argument("--npz-layout", default="stacked", choices=_ckpt.LAYOUTS,
+                 help="how an .npz destination stores layers: stacked [L,...] under attn/wq, "
+                      "per_layer under layers/<i>/attn/wq, per_stage [S, L/S, ...] as the "
+                      "source Plan's stages hold them")
+  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  _ckpt.add_progress_arg(p)
+  _common.add_setup_args(p)
+  _common.add_json_arg(p)
+
+
+def run(args) -> int:
+  from jaxpart import checkpoint, config  # noqa: PLC0415
+  src, dst = Path(args.src), Path(args.dst)
+  if not src.exists():
+    raise checkpoint.CheckpointError(f"{src}: no such checkpoint (the path does not exist)")
+  manifest = None
+  if src.is_dir() or checkpoint.npz_manifest(src) is not None:
+    manifest = checkpoint.read_manifest(src)
+  if dst.suffix != ".npz" and args.strategy is None:
+    raise checkpoint.CheckpointError(
+        f"{dst}: a checkpoint directory needs a placement: give --to-strategy (baseline, "
+        f"layerwise, auto or unsharded) and --devices")
+  setup = _ckpt.setup_for_target(args, manifest)
+  if manifest is not None:
+    checkpoint.check_model(setup.model, manifest, str(src))
+  plan = _ckpt.target_plan(args, setup)
+  report = checkpoint.convert(src, dst, plan, cfg=setup.model, overwrite=args.overwrite,
+                              npz_layout=args.npz_layout, progress=_ckpt.progress_from(args),
+                              run=config.to_dict(setup.run), hardware=setup.hardware.name)
+  ok = report["bit_exact_vs_source"]
+  if not distributed.is_main():
+    return 0 if ok else 1
+  if args.json:
+    _common.emit_json(report)
+    return 0 if ok else 1
+  out = checkpoint.read_manifest(dst)
+  print(f"converted {src} -> {dst}")
+  print(f"  from  {report['source_placement']}, layout {report['source_layout']}")
+  print(f"  to    {report['target_placement']}, layout {report['target_layout']}"
+        + (f" ({report['layout_stages']} stages)" if report["target_layout"] == "per_stage"
+           else ""))
+  if plan is not None:
+    print(f"  plan  {plan.split}; {plan.reason}")
+  print(f"  {report['leaves']} leaves, {_common.fmt_bytes(report['param_bytes'])} of parameters"
+        + (f", {report['opt_state_leaves']} optimizer-state leaves" if report["opt_state_leaves"]
+           else "")
+        + f"; checksums verified on read; bit-exact vs source: "
+        + ("yes" if report["bit_exact_vs_source"] else "NO") + f"; {report['seconds']:.1f} s")
+  if report["opt_state_dropped"]:
+    print("  note: the source's optimizer state is not exported (an .npz holds parameters only)")
+  print(_common.table(_ckpt.leaf_rows(out), ["leaf", "shape", "dtype", "checksum"]))
+  return 0 if ok else 1

@@ -1,0 +1,221 @@
+"""The cost model: its arithmetic, and its counts against what XLA compiles for the engine.
+
+Model and measurement count the same thing on purpose:
+- collective bytes: each collective op's buffer per device, for the ops inside the engine's tick
+  loop, times loop trip counts, with the tick's cond weighted by units / ticks (the psums run
+  only on valid ticks; the ppermute runs on every tick). The gather of the output after the
+  loop belongs to XLA's partitioner and is in neither.
+- FLOPs: matmul (dot) FLOPs times loop trip counts; the tick cond weighted by units / ticks and
+  attention's per-KV-block cond by the share of blocks visited (costmodel.hlo_cond_weights), or
+  every branch counted as taken for the static count. XLA's cost_analysis() is not used: it
+  counts a loop body once. Elementwise FLOPs are in neither.
+float32, because CPU XLA promotes bf16 collectives to float32.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import require_devices
+from jaxpart import cli, config, costmodel, engine, measure, model, planner, sharding
+
+TINY32 = config.load_setup("tiny", overrides={"model.dtype": "float32"})
+PAPER = config.load_setup("paper")
+RTOL = 0.05
+
+TINY_PLANS = {
+    "baseline": lambda s: planner.make_plan(s, 16, "baseline", tp=8, pp=2),
+    # 2 microbatches x 7 chunks of 16 (ragged: the last holds 4), kv blocks of 16
+    "layerwise": lambda s: planner.make_plan(s, 16, "layerwise", chunk_tokens=16, chunk_rows=1),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  require_devices(16)
+  out = {}
+  for name, make in TINY_PLANS.items():
+    plan = make(TINY32)
+    mesh = sharding.mesh_for(plan)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          model.param_shapes(TINY32.model), sharding.param_shardings(mesh))
+    x = jax.ShapeDtypeStruct((TINY32.run.batch, TINY32.run.seq, TINY32.model.d_model),
+                             jnp.float32)
+    stats = measure.compile_stats(engine.jit_forward(plan, TINY32.model, mesh), params, x)
+    out[name] = (plan, stats["hlo"])
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PLANS))
+def test_collective_bytes_match_compiled_hlo(compiled, name):
+  plan, hlo = compiled[name]
+  modelled = costmodel.collective_bytes(TINY32.model, plan)
+  loop = measure.engine_loop_bytes(hlo, plan)["loop"]
+  static = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
+  for op in measure.collective_ops(hlo):
+    if op.loop_depth:
+      static[op.kind] += op.bytes * op.count
+  for kind in ("all-reduce", "collective-permute"):
+    assert modelled["executed"][kind] > 0
+    assert modelled["executed"][kind] == pytest.approx(loop[kind], rel=RTOL), kind
+    assert modelled["static"][kind] == pytest.approx(static[kind], rel=RTOL), kind
+  assert not any(v for k, v in loop.items() if k not in ("all-reduce", "collective-permute"))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PLANS))
+def test_flops_match_compiled_hlo(compiled, name):
+  plan, hlo = compiled[name]
+  fl = costmodel.plan_flops(TINY32.model, plan)
+  executed = measure.hlo_flops(hlo, costmodel.hlo_cond_weights(plan))
+  assert fl["executed"] == pytest.approx(executed, rel=RTOL)
+  assert fl["static"] == pytest.approx(measure.hlo_flops(hlo), rel=RTOL)
+  # The counts differ where they should: bubble ticks and skipped KV blocks are real savings.
+  assert fl["executed"] < 0.95 * fl["static"]
+
+
+def test_ring_allreduce_and_collective_link_bytes():
+  assert costmodel.ring_allreduce_link_bytes(1000, 1) == 0
+  assert costmodel.ring_allreduce_link_bytes(1000, 2) == pytest.approx(1000)
+  assert costmodel.ring_allreduce_link_bytes(1000, 8) == pytest.approx(1750)
+  hw = PAPER.hardware
+  p = costmodel.DEFAULT
+  assert costmodel.allreduce_seconds(1e9, 4, hw, p) == pytest.approx(
+      1.5e9 / (hw.link_bw * p.link_fraction) + hw.link_latency)
+  assert costmodel.allreduce_seconds(1e9, 1, hw, p) == 0
+  plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
+  cb = costmodel.collective_bytes(PAPER.model, plan)
+  unit = plan.rows * plan.seq * PAPER.model.d_model * 2
+  # Megatron forward: two all-reduces of the unit per layer, on each of the units.
+  assert cb["executed"]["all-reduce"] == 2 * plan.layers_per_stage * plan.units * unit
+  assert cb["link"]["all-reduce"] == pytest.approx(cb["executed"]["all-reduce"] * 2 * 7 / 8)
+  assert cb["executed"]["collective-permute"] == plan.ticks * unit
+
+
+@pytest.mark.parametrize("stages,units", [(1, 5), (2, 8), (4, 85), (4, 10880)])
+def test_bubble_formula(stages, units):
+  assert costmodel.bubble_fraction(stages, units) == pytest.approx(
+      (stages - 1) / (units + stages - 1))
+
+
+def test_uniform_pipeline_time_is_ticks_times_step():
+  """One chunk per microbatch: every tick costs the same, a stage idles S-1 of them."""
+  plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
+  p = costmodel.predict(PAPER, plan)
+  assert p.bubble_fraction == pytest.approx(plan.bubble_fraction)
+  assert p.total_s == pytest.approx(plan.ticks * p.step_s)
+  pipe = p.pipe_comm_s / plan.ticks
+  assert p.bubble_s == pytest.approx((plan.stages - 1) * (p.step_s - pipe))
+  assert p.tokens_per_s * p.total_s == pytest.approx(plan.batch * plan.seq)
+  assert p.seed_time_per_token_ms == pytest.approx(1e3 / p.tokens_per_s)
+
+
+@pytest.mark.parametrize("strategy,kw", [("baseline", {"tp": 8, "pp": 2}), ("layerwise", {})])
+@pytest.mark.parametrize("field,factor", [("link_bw", 4.0), ("hbm_bw", 2.0), ("peak_flops", 2.0),
+                                          ("l2_bytes", 4.0), ("l2_bw", 2.0)])
+def test_better_hardware_is_never_slower(strategy, kw, field, factor):
+  plan = planner.make_plan(PAPER, 16, strategy, **kw)
+  base = costmodel.predict(PAPER, plan)
+  better = config.load_setup(
+      "paper", overrides={f"hardware.{field}": getattr(PAPER.hardware, field) * factor})
+  assert costmodel.predict(better, plan).total_s <= base.total_s * (1 + 1e-12)
+
+
+def test_more_work_takes_longer():
+  plan = planner.make_plan(PAPER, 16, "layerwise")
+  longer = config.load_setup("paper", overrides={"model.d_ff": 2 * PAPER.model.d_ff})
+  plan2 = planner.make_plan(longer, 16, "layerwise", chunk_tokens=plan.chunk_tokens,
+                            chunk_rows=plan.rows)
+  assert costmodel.predict(longer, plan2).total_s > costmodel.predict(PAPER, plan).total_s
+
+
+def test_paper_layerwise_streams_its_weights():
+  """The design's central fact: a 403 MB shard never sits in a 50 MB L2, so an L2-sized chunk
+  of T tokens has arithmetic intensity about T FLOP/byte and is HBM-bound on an H100."""
+  plan = planner.make_plan(PAPER, 16, "layerwise")
+  p = costmodel.predict(PAPER, plan)
+  assert p.working_set_fits_l2 and not p.weights_resident_in_l2
+  assert p.weights_per_device_bytes > 8 * PAPER.hardware.l2_bytes
+  n = plan.rows * plan.chunk_tokens
+  assert p.arithmetic_intensity == pytest.approx(n, rel=0.25)
+  assert n < PAPER.hardware.ridge_flop_per_byte and p.bound == "hbm"
+  step = costmodel.layer_step(PAPER, plan, costmodel.kv_positions(plan, 0))
+  assert step["weight_bytes"] == costmodel.memory.weight_shard_bytes(PAPER.model, plan.tp, 1)
+
+
+def test_small_model_weights_stay_in_l2():
+  small = config.load_setup("tiny")
+  plan = planner.make_plan(small, 16, "layerwise", chunk_tokens=16, chunk_rows=1)
+  p = costmodel.predict(small, plan)
+  assert p.weights_resident_in_l2
+  # Weights then cross HBM once per run, not once per step.
+  assert p.hbm_read_bytes_per_device < plan.units * p.weights_per_device_bytes
+
+
+def test_kv_positions_follow_blocked_attention():
+  plan = planner.make_plan(PAPER, 16, "layerwise", chunk_tokens=100, chunk_rows=1, kv_block=64)
+  pos = [costmodel.kv_positions(plan, k) for k in range(plan.n_chunks)]
+  assert pos[0] == 128                     # queries 0..99 need blocks 0 and 1
+  assert pos[1] == 256                     # queries 100..199 need blocks 0..3
+  assert all(a <= b for a, b in zip(pos, pos[1:]))
+  assert pos[-1] <= plan.cache_len
+  assert all(p % plan.kv_block == 0 for p in pos)
+
+
+def test_flop_counts_are_ordered():
+  for strategy, kw in (("baseline", {"tp": 8, "pp": 2}), ("layerwise", {})):
+    plan = planner.make_plan(PAPER, 16, strategy, **kw)
+    fl = costmodel.plan_flops(PAPER.model, plan)
+    assert fl["useful"] <= fl["executed"] <= fl["static"]
+    assert fl["executed"] == pytest.approx(fl["matmul"] + fl["attention"])
+    per_token = fl["useful"] * plan.devices / (plan.batch * plan.seq)
+    assert per_token == pytest.approx(costmodel.memory.forward_flops_per_token(PAPER.model,
+                                                                                plan.seq))
+
+
+def test_energy_adds_up():
+  for strategy, kw in (("baseline", {"tp": 8, "pp": 2}), ("layerwise", {})):
+    p = costmodel.predict(PAPER, planner.make_plan(PAPER, 16, strategy, **kw))
+    assert p.energy_j == pytest.approx(sum(p.energy_breakdown_j.values()))
+    assert all(v >= 0 for v in p.energy_breakdown_j.values())
+    assert p.energy_per_token_j == pytest.approx(p.energy_j / (PAPER.run.batch * PAPER.run.seq))
+    assert 0 <= p.l2_hit_rate <= 1
+
+
+def test_planner_auto_ranks_by_the_cost_model():
+  how, scorer = planner._default_scorer()
+  assert scorer is costmodel.score and "cost model" in how
+  best, ranked, _ = planner.plan_auto(PAPER, 16)
+  scores = [s for s, _ in ranked]
+  assert scores == sorted(scores)
+  assert scores[0] == pytest.approx(costmodel.score(PAPER, best))
+
+
+def test_predict_command_json(capsys):
+  rc = cli.main(["predict", "--preset", "paper", "--devices", "16", "--strategy", "baseline",
+                 "--tp", "8", "--pp", "2", "--json"])
+  assert rc == 0
+  out = json.loads(capsys.readouterr().out)
+  plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
+  assert out["plan"]["tp"] == 8 and out["plan"]["stages"] == 2
+  assert out["prediction"]["tokens_per_s"] == pytest.approx(
+      costmodel.predict(PAPER, plan).tokens_per_s)
+
+
+def test_predict_command_table_and_errors(capsys):
+  assert cli.main(["predict", "--preset", "paper", "--devices", "16",
+                   "--strategy", "layerwise"]) == 0
+  text = capsys.readouterr().out
+  assert "tokens/s" in text and "L2 hit rate (modelled)" in text
+  assert cli.main(["predict", "--preset", "paper", "--devices", "16", "--strategy", "baseline",
+                   "--tp", "3"]) == 2
+  assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,match", [({"gemm_fraction": 1.5}, "gemm_fraction = 1.5: must be in"),
+                                      ({"tile_m": 0}, "tile_m = 0: must be positive"),
+                                      ({"static_watts": -1.0}, "static_watts = -1.0")])
+def test_bad_model_params_name_the_field(kw, match):
+  with pytest.raises(config.ConfigError, match=match):
+    costmodel.ModelParams(**kw)
