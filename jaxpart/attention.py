@@ -26,8 +26,12 @@ def full_causal(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE):
   return out.astype(q_BxQxHxE.dtype)
 
 
-def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block: int):
+def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block: int,
+                   layer=None):
   """Queries at absolute positions q_start .. q_start+Q-1 against a KV cache of C positions.
+
+  With `layer` given, the caches carry a leading layer axis (L x B x C x H x E) and blocks are
+  read from that layer in place, without copying its cache out first.
 
   Visits the cache in blocks of kv_block keys with a running max and sum (flash-style), and
   skips, with lax.cond, every block that starts after the last query: a step never holds more
@@ -35,7 +39,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
   after a query's position are masked, so stale or padded entries there are never read.
   """
   b, n_q, h, e = q_BxQxHxE.shape
-  n_cache = kcache_BxCxHxE.shape[1]
+  n_cache = kcache_BxCxHxE.shape[-3]
   if n_cache % kv_block:
     raise ValueError(f"cache length {n_cache} must be a multiple of kv_block {kv_block}")
   n_blocks = n_cache // kv_block
@@ -45,8 +49,8 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
 
   def visit(carry, j):
     m_BxHxQ, l_BxHxQ, acc_BxQxHxE = carry
-    k_BxKxHxE = jax.lax.dynamic_slice_in_dim(kcache_BxCxHxE, j * kv_block, kv_block, axis=1)
-    v_BxKxHxE = jax.lax.dynamic_slice_in_dim(vcache_BxCxHxE, j * kv_block, kv_block, axis=1)
+    k_BxKxHxE, v_BxKxHxE = (_block(c, j * kv_block, kv_block, layer)
+                            for c in (kcache_BxCxHxE, vcache_BxCxHxE))
     s = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
                    preferred_element_type=jnp.float32) * scale
     k_pos_K = j * kv_block + jnp.arange(kv_block)
@@ -74,3 +78,11 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
   (_, l_BxHxQ, acc_BxQxHxE), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
   out = acc_BxQxHxE / jnp.moveaxis(l_BxHxQ, 1, 2)[..., None]
   return out.astype(q_BxQxHxE.dtype)
+
+
+def _block(cache, start, size: int, layer):
+  """cache[layer][:, start:start+size] (or cache[:, start:start+size] with no layer axis)."""
+  if layer is None:
+    return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
+  _, b, _, h, e = cache.shape
+  return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, size, h, e))[0]

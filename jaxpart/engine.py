@@ -42,22 +42,27 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
                tp_axis: str | None):
   """Apply this stage's layers to one unit; writes the unit's K/V into the caches.
 
-  p_stage leaves have a leading local-layer axis; caches are Lps x R x cache_len x H x E.
+  p_stage leaves have a leading local-layer axis; caches are Lps x R x cache_len x H x E. The
+  caches stay whole in the scan's carry and are updated and read in place at (layer, ...):
+  slicing one layer's cache out and stacking it back would copy it every step.
   """
-  def one_layer(x, layer):
-    p, kc, vc = layer
+  def one_layer(carry, layer):
+    x, kc, vc = carry
+    p, l = layer
 
     def attend(q, k, v, state):
       kc, vc = state
-      kc = jax.lax.dynamic_update_slice_in_dim(kc, k, q_start, axis=1)
-      vc = jax.lax.dynamic_update_slice_in_dim(vc, v, q_start, axis=1)
-      o = attention.blocked_causal(q, kc, vc, q_start, plan.kv_block)
+      at = (l, 0, q_start, 0, 0)
+      kc = jax.lax.dynamic_update_slice(kc, k[None], at)
+      vc = jax.lax.dynamic_update_slice(vc, v[None], at)
+      o = attention.blocked_causal(q, kc, vc, q_start, plan.kv_block, layer=l)
       return o, (kc, vc)
 
     y, (kc, vc) = block_apply(p, x, cfg.head_dim, cfg.ln_eps, attend, (kc, vc), tp_axis)
-    return y, (kc, vc)
+    return (y, kc, vc), None
 
-  y, (kcache, vcache) = jax.lax.scan(one_layer, x_RxCxD, (p_stage, kcache, vcache))
+  layers = jnp.arange(plan.layers_per_stage)
+  (y, kcache, vcache), _ = jax.lax.scan(one_layer, (x_RxCxD, kcache, vcache), (p_stage, layers))
   return y, kcache, vcache
 
 
@@ -113,15 +118,17 @@ def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: b
     inp = jnp.where(stage == 0, x_UxRxCxD[u_c], recv)
     inp = jnp.where(valid, inp, jnp.asarray(bubble_fill, dt))
     y, kc, vc = jax.lax.cond(valid, run, skip, (inp, kc, vc, q_start))
-    write = valid & is_last
-    out = out.at[u_c].set(jnp.where(write, y, out[u_c]))
+    # Every tick writes one slot: its unit's on the last stage's valid ticks, else the spare
+    # slot U. Selecting the slot, not the value, keeps the write an in-place update.
+    slot = jnp.where(valid & is_last, u_c, U)
+    out = jax.lax.dynamic_update_index_in_dim(out, y, slot, 0)
     recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
     return (recv, kc, vc, out), None
 
   init = (jnp.zeros(unit_shape, dt), jnp.zeros(cache_shape, dt), jnp.zeros(cache_shape, dt),
-          jnp.full((U,) + unit_shape, out_fill, dt))
+          jnp.full((U + 1,) + unit_shape, out_fill, dt))
   (_, _, _, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  return out
+  return out[:U]
 
 
 def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,

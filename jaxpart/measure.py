@@ -571,7 +571,7 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
   if isinstance(reference, Variant):
     out.append(reference)
   elif reference:
-    out.append(Variant("reference", 1, fwd, jax.device_put((params, x_BxTxD), devices[0])))
+    out.append(Variant("reference", 1, fwd, jax.device_put((params, x_BxTxD), jax.local_devices()[0])))
   if gspmd:
     n = plan.devices
     for what, size in (("n_heads x head_dim", cfg.attn_dim), ("d_ff", cfg.d_ff)):
@@ -596,6 +596,7 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
   the call returns, so it is also each sequence's latency.
   """
   import numpy as np  # noqa: PLC0415
+  from jaxpart import runs  # noqa: PLC0415
   cfg, run = setup.model, setup.run
   for v in variants:
     if v.stats is None:
@@ -606,7 +607,7 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
   times = time_interleaved(fns, repeats, warmup, progress)
   ref_out = None
   for v in variants:
-    v.out = np.asarray(jax.device_get(fns[v.name]()), np.float32)
+    v.out = np.asarray(runs.fetch(fns[v.name]()), np.float32)
     if v.name == "reference":
       ref_out = v.out
   tokens = run.batch * run.seq

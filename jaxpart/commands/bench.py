@@ -10,6 +10,7 @@ not parallel speed-up.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from jaxpart.commands import _common
@@ -17,6 +18,7 @@ from jaxpart.commands import _common
 NAME = "bench"
 HELP = ("benchmark a placement: tokens/s, compiled memory, FLOPs and collective bytes, against "
         "the single-device reference and plain GSPMD")
+DISTRIBUTED = True
 
 KIND_ABBREV = {"all-reduce": "all-reduce", "collective-permute": "permute",
                "all-gather": "all-gather", "reduce-scatter": "reduce-scatter",
@@ -78,6 +80,9 @@ def run(args) -> int:
     result.pop("_variants")
   if seqs:
     result["memory_by_seq"] = memory_by_seq(setup, args, seqs)
+  from jaxpart import distributed  # noqa: PLC0415
+  if not distributed.is_main():
+    return 0
   if args.json:
     _common.emit_json(result, args.json)
     if args.json == "-":
@@ -219,7 +224,9 @@ def _sweep(args, setup) -> int:
   counts = _int_list("--device-counts", args.device_counts)
   chunks = _int_list("--chunks", args.chunks) if args.strategy == "layerwise" else [None]
   params_x = _inputs(setup, args.seed)
-  sink = open(args.jsonl, "w") if args.jsonl else sys.stdout
+  from jaxpart import distributed  # noqa: PLC0415
+  main = distributed.is_main()  # every process measures; only process 0 writes
+  sink = (open(args.jsonl, "w") if args.jsonl else sys.stdout) if main else open(os.devnull, "w")
   points = [(n, c) for n in counts for c in chunks]
   ok, reference = 0, None
   try:
@@ -251,6 +258,7 @@ def _sweep(args, setup) -> int:
   finally:
     if sink is not sys.stdout:
       sink.close()
+    if main and args.jsonl:
       print(f"wrote {ok} points to {args.jsonl}", file=sys.stderr)
   return 0 if ok else 2
 

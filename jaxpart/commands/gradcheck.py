@@ -61,24 +61,24 @@ def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> di
   x_f32 = model.random_input(cfg, plan.batch, plan.seq, k_x, jnp.float32)
   target = train.teacher_target(cfg, x_f32, k_target)
 
-  def run(forward, p, x, dt):
+  def evaluate(forward, p, x, dt):
     (loss, y), (g_p, g_x) = train.value_and_grads(forward)(model.cast_params(p, dt),
                                                            x.astype(dt), target)
     return {"forward": y, "loss": loss, "grad.x": g_x, "grad": g_p}
 
-  ref = run(train.reference_forward(cfg), params, x_f32, jnp.float32)
+  ref = evaluate(train.reference_forward(cfg), params, x_f32, jnp.float32)
   dt = jnp.dtype(dtype)
   placed_params = sharding.place_params(model.cast_params(params, dt), mesh)
   nan = float("nan")
-  got = run(train.engine_forward(plan, cfg, mesh, remat=remat, bubble_fill=nan, out_fill=nan),
-            placed_params, x_f32, dt)
+  poisoned = train.engine_forward(plan, cfg, mesh, remat=remat, bubble_fill=nan, out_fill=nan)
+  got = evaluate(poisoned, placed_params, x_f32, dt)
 
   if dt == jnp.float32:
     tol = {n: (F32_FORWARD_TOL if n == "forward" else grad_tol)
            for n in train.named_leaves(ref)}
     basis = f"float32: forward rel < {F32_FORWARD_TOL:g}, loss and gradients rel < {grad_tol:g}"
   else:
-    ref_low = run(train.reference_forward(cfg), params, x_f32, dt)
+    ref_low = evaluate(train.reference_forward(cfg), params, x_f32, dt)
     tol = train.bf16_tolerances(ref_low, ref)
     basis = ("bfloat16: per leaf, 4 x rel(bf16 reference vs float32 reference), at least 2^-8 "
              "(one bf16 rounding); compared against the float32 reference")
