@@ -1,7 +1,7 @@
 """Causal attention: the full reference and a blocked online-softmax form for chunk steps.
 
 Shapes: B batch, Q query tokens, K key tokens, H heads (local to a tensor shard), E head_dim.
-Scores and softmax statistics are float32 whatever the input dtype.
+Scores and softmax statistics are float32 for bf16 and float32 inputs, float64 for float64.
 """
 
 from __future__ import annotations
@@ -12,17 +12,23 @@ import jax.numpy as jnp
 _NEG = -1e30  # finite "minus infinity": a fully masked row never produces NaN
 
 
+def acc_dtype(dtype):
+  """Accumulate in float32, or wider if the inputs are (float64 gradient checks need it)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def full_causal(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE):
   """Reference: builds the whole Q x K score matrix; Q == K, token i sees tokens <= i."""
   scale = q_BxQxHxE.shape[-1] ** -0.5
+  acc = acc_dtype(q_BxQxHxE.dtype)
   s_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
-                         preferred_element_type=jnp.float32) * scale
+                         preferred_element_type=acc) * scale
   n_q, n_k = q_BxQxHxE.shape[1], k_BxKxHxE.shape[1]
   mask_QxK = jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :]
   s_BxHxQxK = jnp.where(mask_QxK, s_BxHxQxK, _NEG)
   p_BxHxQxK = jax.nn.softmax(s_BxHxQxK, axis=-1)
   out = jnp.einsum("bhqk,bkhe->bqhe", p_BxHxQxK.astype(v_BxKxHxE.dtype), v_BxKxHxE,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=acc)
   return out.astype(q_BxQxHxE.dtype)
 
 
@@ -44,6 +50,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
     raise ValueError(f"cache length {n_cache} must be a multiple of kv_block {kv_block}")
   n_blocks = n_cache // kv_block
   scale = e ** -0.5
+  acc = acc_dtype(q_BxQxHxE.dtype)
   q_pos_Q = q_start + jnp.arange(n_q)
   last_q = q_start + n_q - 1
 
@@ -52,7 +59,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
     k_BxKxHxE, v_BxKxHxE = (_block(c, j * kv_block, kv_block, layer)
                             for c in (kcache_BxCxHxE, vcache_BxCxHxE))
     s = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=acc) * scale
     k_pos_K = j * kv_block + jnp.arange(kv_block)
     # Keys after the last query are masked in s; zero their values too, so that whatever a
     # stale or padded cache slot holds (even NaN) cannot reach the output through 0 * v.
@@ -65,7 +72,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
     correction = jnp.exp(m_BxHxQ - m_new)
     l_new = l_BxHxQ * correction + p.sum(axis=-1)
     pv = jnp.einsum("bhqk,bkhe->bqhe", p.astype(v_BxKxHxE.dtype), v_BxKxHxE,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=acc)
     acc_new = acc_BxQxHxE * jnp.moveaxis(correction, 1, 2)[..., None] + pv
     return m_new, l_new, acc_new
 
@@ -73,8 +80,8 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block:
     needed = j * kv_block <= last_q
     return jax.lax.cond(needed, visit, lambda c, _: c, carry, j), None
 
-  init = (jnp.full((b, h, n_q), _NEG, jnp.float32), jnp.zeros((b, h, n_q), jnp.float32),
-          jnp.zeros((b, n_q, h, e), jnp.float32))
+  init = (jnp.full((b, h, n_q), _NEG, acc), jnp.zeros((b, h, n_q), acc),
+          jnp.zeros((b, n_q, h, e), acc))
   (_, l_BxHxQ, acc_BxQxHxE), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
   out = acc_BxQxHxE / jnp.moveaxis(l_BxHxQ, 1, 2)[..., None]
   return out.astype(q_BxQxHxE.dtype)

@@ -84,16 +84,17 @@ def layer_slice(params: Params, i) -> Params:
 
 
 def layernorm(x_BxTxD, p, eps: float):
-  x32 = x_BxTxD.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-  return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x_BxTxD.dtype)
+  acc = attention.acc_dtype(x_BxTxD.dtype)
+  xa = x_BxTxD.astype(acc)
+  mean = xa.mean(-1, keepdims=True)
+  var = jnp.square(xa - mean).mean(-1, keepdims=True)
+  y = (xa - mean) * jax.lax.rsqrt(var + eps)
+  return (y * p["scale"].astype(acc) + p["bias"].astype(acc)).astype(x_BxTxD.dtype)
 
 
 def _matmul(x, w):
-  """Activation dtype in and out, float32 accumulation."""
-  return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32)
+  """Activation dtype in, float32 (float64 for float64 inputs) accumulation out."""
+  return jnp.einsum("...d,df->...f", x, w, preferred_element_type=attention.acc_dtype(x.dtype))
 
 
 def block_apply(p: Params, x_BxTxD, head_dim: int, eps: float, attend: Attend, state=None,
