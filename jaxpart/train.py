@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxpart import engine, model, sharding
+from jaxpart import engine, model, runs, sharding
 from jaxpart.config import ConfigError, ModelConfig
 
 Forward = Callable[[Any, jax.Array], jax.Array]
@@ -140,8 +140,8 @@ def compare(got, want, tol: float | dict[str, float]) -> list[LeafCheck]:
     raise ValueError(f"trees differ in leaves: {sorted(g.keys() ^ w.keys())}")
   out = []
   for name in w:
-    a = np.asarray(jax.device_get(g[name]), np.float64)
-    b = np.asarray(jax.device_get(w[name]), np.float64)
+    a = np.asarray(runs.fetch(g[name]), np.float64)
+    b = np.asarray(runs.fetch(w[name]), np.float64)
     if a.shape != b.shape:
       raise ValueError(f"leaf {name}: shape {a.shape} vs reference {b.shape}")
     out.append(LeafCheck(name=name, max_abs_diff=float(np.abs(a - b).max(initial=0.0)),
