@@ -15,19 +15,10 @@ LAYOUTS = ("stacked", "per_layer", "per_stage")
 
 
 def add_target_args(p: argparse.ArgumentParser, flag: str, default: str | None) -> None:
-  g = p.add_argument_group("target placement")
-  g.add_argument(flag, dest="strategy", default=default, choices=STRATEGIES,
-                 help="placement to write (unsharded: one device, no Plan)"
-                      + (f"; default {default}" if default else ""))
-  g.add_argument("--devices", type=int, default=None, help="devices of the target Plan")
-  g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
-  g.add_argument("--pp", type=int, default=None, help="pipeline stages (baseline)")
-  g.add_argument("--microbatches", type=int, default=None, help="baseline batch splits")
-  g.add_argument("--cache-mb", type=float, default=None,
-                 help="working-set budget per device in MB (default: the hardware's L2)")
-  g.add_argument("--chunk-tokens", type=int, default=None, help="layer-wise chunk length")
-  g.add_argument("--chunk-rows", type=int, default=None, help="layer-wise batch rows per chunk")
-  g.add_argument("--kv-block", type=int, default=None, help="keys per online-softmax step")
+  _common.add_plan_args(p, default_devices=None, default_strategy=default,
+                        title="target placement", strategy_flag=flag, strategies=STRATEGIES,
+                        strategy_help="placement to write (unsharded: one device, no Plan)"
+                                      + (f"; default {default}" if default else ""))
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:

@@ -32,12 +32,16 @@ def setup_from(args) -> config.Setup:
                            overrides=config.parse_overrides(args.set))
 
 
-def add_plan_args(p: argparse.ArgumentParser, default_devices: int = 16,
-                  default_strategy: str = "layerwise") -> None:
-  g = p.add_argument_group("placement")
+def add_plan_args(p: argparse.ArgumentParser, default_devices: int | None = 16,
+                  default_strategy: str | None = "layerwise", *, title: str = "placement",
+                  strategy_flag: str = "--strategy",
+                  strategies: tuple[str, ...] = ("baseline", "layerwise", "auto"),
+                  strategy_help: str | None = None) -> None:
+  """The placement flags every command shares; plan_from turns them into a Plan."""
+  g = p.add_argument_group(title)
   g.add_argument("--devices", type=int, default=default_devices)
-  g.add_argument("--strategy", default=default_strategy,
-                 choices=["baseline", "layerwise", "auto"])
+  g.add_argument(strategy_flag, dest="strategy", default=default_strategy, choices=strategies,
+                 help=strategy_help)
   g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
   g.add_argument("--pp", type=int, default=None, help="pipeline stages (baseline)")
   g.add_argument("--microbatches", type=int, default=None, help="baseline batch splits")
