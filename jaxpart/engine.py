@@ -14,7 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from jaxpart import attention, compat, sharding
 from jaxpart.config import ModelConfig
@@ -143,7 +142,7 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
                            bubble_fill=bubble_fill, out_fill=out_fill)
-  mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), P()),
+  mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), sharding.SPECS.replicated),
                             out_specs=sharding.SPECS.per_stage)
 
   def forward(params, x_BxTxD):

@@ -583,7 +583,7 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
                          is_leaf=lambda s: isinstance(s, PartitionSpec))
     out.append(Variant("gspmd-tp", n, fwd,
                        (jax.device_put(params, shard),
-                        jax.device_put(x_BxTxD, NamedSharding(mesh1, PartitionSpec())))))
+                        jax.device_put(x_BxTxD, NamedSharding(mesh1, sharding.SPECS.replicated)))))
   return out
 
 
