@@ -72,8 +72,8 @@ def _print(out):
   plan = out["plan"]
   d = plan["derived"]
   print(f"{plan['strategy']} on {plan['devices']} devices: mesh stage x tensor = "
-        f"{d['mesh_shape'][0]} x {d['mesh_shape'][1]}, {d['split']}, "
-        f"{plan['stage_layers']} layers per stage")
+        f"{d['mesh_shape'][0]} x {d['mesh_shape'][1]}, {d['split']}, layers by stage "
+        f"{plan['stage_layers']}")
   procs = f" in {out['processes']} processes" if out["processes"] > 1 else ""
   print(f"measured on {out['platform']} ({out['devices_present']} devices present{procs}"
         f"{', simulated: wall time is total work, not parallel speed-up' if out['platform'] == 'cpu' else ''})")
