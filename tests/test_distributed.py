@@ -9,6 +9,7 @@ within float32 tolerance with the plain in-process run.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -222,6 +223,18 @@ def _finish(proc, timeout):
   return proc.returncode, err, time.monotonic() - t0
 
 
+@contextlib.contextmanager
+def _reaped(procs):
+  """Whatever the test does, no process it started outlives it."""
+  try:
+    yield
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
 def _read_until(proc, needle, timeout):
   """Lines of proc's stderr until one contains `needle`."""
   seen, t0 = [], time.monotonic()
@@ -240,17 +253,10 @@ def test_a_dead_process_ends_the_other():
   procs = _spawn(["run", "--preset", "tiny", "--f32", "--devices", "16", "--chunk-tokens",
                   "32", "--repeats", "100000", "--heartbeat-timeout", str(HEARTBEAT_S),
                   "--shutdown-timeout", str(HEARTBEAT_S), "--init-timeout", "120"], 2, port)
-  try:
+  with _reaped(procs):
     _read_until(procs[0], "[Gloo]", LAUNCH_TIMEOUT)   # collectives are running
     procs[1].kill()
-    t0 = time.monotonic()
-    rc, err, _ = _finish(procs[0], HEARTBEAT_S + 60)
-    elapsed = time.monotonic() - t0
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
+    rc, err, elapsed = _finish(procs[0], HEARTBEAT_S + 60)
   assert rc != 0
   assert "another task died" in err or "unhealthy" in err, err[-3000:]
   assert elapsed < HEARTBEAT_S + 45, elapsed
@@ -265,16 +271,9 @@ def test_a_failing_process_leaves_at_once_and_ends_the_other():
   procs = _spawn(["--out", os.devnull, "--fail-process", "1", "--heartbeat-timeout",
                   str(HEARTBEAT_S), "--shutdown-timeout", str(HEARTBEAT_S)], 2, port,
                  program=WORKER)
-  try:
+  with _reaped(procs):
     rc1, err1, _ = _finish(procs[1], 120)
-    t0 = time.monotonic()
-    rc0, err0, _ = _finish(procs[0], HEARTBEAT_S + 60)
-    elapsed = time.monotonic() - t0
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
+    rc0, err0, elapsed = _finish(procs[0], HEARTBEAT_S + 60)
   assert rc1 == 1, err1[-3000:]
   assert "RuntimeError: injected failure in process 1" in err1
   assert "leaving without the exit barrier" in err1

@@ -114,23 +114,22 @@ def test_bf16_within_stated_tolerance(fresh_key):
     assert err["finite"] and err["max_abs_err"] <= tol, (plan.strategy, err, tol)
 
 
+def _placed_tiny(devices):
+  require_devices(devices)
+  setup = _setup()
+  plan = planner.make_plan(setup, devices, "layerwise", chunk_tokens=16)
+  return runs.place(setup, plan, runs.host_params(setup, 0), runs.host_input(setup, 0))
+
+
 def test_bubble_ticks_are_skipped_by_cond():
   """The stage step sits in a conditional, so bubble ticks run no FLOPs and no collectives."""
-  require_devices(16)
-  setup = _setup()
-  plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=16)
-  params_h, x_h = runs.host_params(setup, 0), runs.host_input(setup, 0)
-  placed = runs.place(setup, plan, params_h, x_h)
+  placed = _placed_tiny(16)
   hlo = placed.forward.lower(placed.params, placed.x).compile().as_text()
   assert "conditional" in hlo
 
 
 def test_wrong_input_shape_is_refused():
-  require_devices(4)
-  setup = _setup()
-  plan = planner.make_plan(setup, 4, "layerwise", chunk_tokens=16)
-  params_h, x_h = runs.host_params(setup, 0), runs.host_input(setup, 0)
-  placed = runs.place(setup, plan, params_h, x_h)
+  placed = _placed_tiny(4)
   with pytest.raises(ValueError, match="the plan was made for"):
     placed.forward(placed.params, placed.x[:, :50])
 
