@@ -91,7 +91,7 @@ def seed_plans(setup: config.Setup, devices: int = 16) -> dict[str, Plan]:
 def baseline_for(setup: config.Setup, devices: int) -> Plan:
   """Megatron at any device count: 2 pipeline stages (as the seed's), tp = devices / 2."""
   pp = 2 if devices >= 2 else 1
-  return planner.make_plan(setup, devices, "baseline", tp=devices // pp, pp=pp)
+  return planner.make_plan(setup, devices, "baseline", tp=devices // pp, pp=pp, fit_memory=False)
 
 
 def predict(setup: config.Setup, plan: Plan, **params) -> costmodel.Prediction:

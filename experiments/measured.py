@@ -44,7 +44,7 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   require_devices(plan.devices)
   mesh = sharding.mesh_for(plan)
   params, x = abstract_args(setup, plan, mesh, dtype)
-  stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh), params, x)
+  stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh, differentiable=False), params, x)
   hlo = stats["hlo"]
   loop = measure.engine_loop_bytes(hlo, plan)
   static_loop = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
@@ -84,8 +84,8 @@ def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.f
     require_devices(plan.devices)
     mesh = sharding.mesh_for(plan)
     placed = sharding.place_params(params_host, mesh)
-    xr = jax.device_put(x, sharding.replicated(mesh))
-    compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype).lower(placed, xr).compile()
+    xr = jax.device_put(x, sharding.stream(mesh))
+    compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype, differentiable=False).lower(placed, xr).compile()
     flops[name] = measure.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
     fns[name] = (lambda c=compiled, p=placed, xx=xr: c(p, xx))
     if progress:

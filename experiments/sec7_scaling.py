@@ -12,7 +12,7 @@ SEED_STRONG = {2: 1920, 4: 3840, 8: 7680, 16: 15360}
 
 
 def strong_plans(setup, n: int) -> dict:
-  return {"layerwise": planner.make_plan(setup, n, "layerwise"),
+  return {"layerwise": planner.make_plan(setup, n, "layerwise", fit_memory=False),
           "baseline": common.baseline_for(setup, n)}
 
 
@@ -76,8 +76,8 @@ def run(ctx: common.Context) -> common.Result:
     layers = 4 * factor
     s = config.load_setup("paper", overrides={"model.layers": layers})
     for n in sorted({16, 16 * factor}):
-      lw = costmodel.predict(s, planner.make_plan(s, n, "layerwise"))
-      bl = costmodel.predict(s, planner.make_plan(s, n, "baseline", tp=8, pp=n // 8))
+      lw = costmodel.predict(s, planner.make_plan(s, n, "layerwise", fit_memory=False))
+      bl = costmodel.predict(s, planner.make_plan(s, n, "baseline", tp=8, pp=n // 8, fit_memory=False))
       data["weak"][f"{factor}x-{n}"] = {"layers": layers, "devices": n,
                                         "layerwise": lw.to_dict(), "baseline": bl.to_dict()}
       seed = {1: "15,360 (16 GPUs)", 2: "linear throughput increase",

@@ -1,6 +1,7 @@
 """Causal attention: the full reference and a blocked online-softmax form for chunk steps.
 
-Shapes: B batch, Q query tokens, K key tokens, H heads (local to a tensor shard), E head_dim.
+Shapes: B batch, Q query tokens, K key tokens, H query heads and G K/V heads (local to a tensor
+shard), E head_dim.
 Scores and softmax statistics are float32 for bf16 and float32 inputs, float64 for float64.
 """
 
@@ -32,64 +33,88 @@ def full_causal(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE):
   return out.astype(q_BxQxHxE.dtype)
 
 
-def blocked_causal(q_BxQxHxE, kcache_BxCxHxE, vcache_BxCxHxE, q_start, kv_block: int,
-                   layer=None):
+def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block: int,
+                   layer=None, q_block: int | None = None):
   """Queries at absolute positions q_start .. q_start+Q-1 against a KV cache of C positions.
 
-  With `layer` given, the caches carry a leading layer axis (L x B x C x H x E) and blocks are
-  read from that layer in place, without copying its cache out first.
+  With `layer` given, the caches carry a leading layer axis (L x B x C x G x E) and blocks are
+  read from that layer in place, without copying its cache out first. G is the number of K/V
+  heads: H query heads share them in groups of H / G (grouped-query attention; G == H is plain
+  multi-head attention).
 
-  Visits the cache in blocks of kv_block keys with a running max and sum (flash-style), and
-  skips, with lax.cond, every block that starts after the last query: a step never holds more
-  than a Q x kv_block score tile and its cost grows with the prefix, not with C. Cache entries
-  after a query's position are masked, so stale or padded entries there are never read.
+  Queries are cut into tiles of q_block (default kv_block) and keys into blocks of kv_block.
+  Each query tile visits, with a running max and sum (flash-style), only the KV blocks that
+  start at or before its own last query; the others are skipped by lax.cond. So a whole
+  sequence costs the causal triangle plus half a tile per diagonal block, not the full square
+  (costmodel.tile_visits counts the blocks each tile visits),
+  and a step never holds more than a q_block x kv_block score tile. The last tile is padded
+  with zero queries and its padded rows are dropped. Keys after the chunk's last real query are
+  masked and their values zeroed, so stale or padded cache slots (even NaN) never reach an
+  output or a gradient.
   """
   b, n_q, h, e = q_BxQxHxE.shape
-  n_cache = kcache_BxCxHxE.shape[-3]
+  n_cache, g = kcache_BxCxGxE.shape[-3], kcache_BxCxGxE.shape[-2]
   if n_cache % kv_block:
     raise ValueError(f"cache length {n_cache} must be a multiple of kv_block {kv_block}")
+  if h % g:
+    raise ValueError(f"{h} query heads cannot share {g} K/V heads: {g} must divide {h}")
+  q_block = min(q_block or kv_block, n_q)
   n_blocks = n_cache // kv_block
+  n_tiles = -(-n_q // q_block)
   scale = e ** -0.5
   acc = acc_dtype(q_BxQxHxE.dtype)
-  q_pos_Q = q_start + jnp.arange(n_q)
-  last_q = q_start + n_q - 1
+  last_real = q_start + n_q - 1
+  pad = n_tiles * q_block - n_q
+  q = jnp.pad(q_BxQxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q_BxQxHxE
+  # tiles x B x q_block x G x H/G x E: the query heads of one K/V head sit together.
+  q_NxBxQxGxRxE = jnp.moveaxis(q.reshape(b, n_tiles, q_block, g, h // g, e), 1, 0)
 
-  def visit(carry, j):
-    m_BxHxQ, l_BxHxQ, acc_BxQxHxE = carry
-    k_BxKxHxE, v_BxKxHxE = (_block(c, j * kv_block, kv_block, layer)
-                            for c in (kcache_BxCxHxE, vcache_BxCxHxE))
-    s = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE,
-                   preferred_element_type=acc) * scale
-    k_pos_K = j * kv_block + jnp.arange(kv_block)
-    # Keys after the last query are masked in s; zero their values too, so that whatever a
-    # stale or padded cache slot holds (even NaN) cannot reach the output through 0 * v.
-    v_BxKxHxE = jnp.where((k_pos_K <= last_q)[None, :, None, None], v_BxKxHxE, 0)
-    s = jnp.where(q_pos_Q[:, None] >= k_pos_K[None, :], s, _NEG)
-    m_new = jnp.maximum(m_BxHxQ, s.max(axis=-1))
-    p = jnp.exp(s - m_new[..., None])
-    # Masked entries give exp(_NEG - m) == 0 once any real key has been seen; before that
-    # (m == _NEG) they give 1 and are wiped out by `correction` at the first real key.
-    correction = jnp.exp(m_BxHxQ - m_new)
-    l_new = l_BxHxQ * correction + p.sum(axis=-1)
-    pv = jnp.einsum("bhqk,bkhe->bqhe", p.astype(v_BxKxHxE.dtype), v_BxKxHxE,
-                    preferred_element_type=acc)
-    acc_new = acc_BxQxHxE * jnp.moveaxis(correction, 1, 2)[..., None] + pv
-    return m_new, l_new, acc_new
+  def tile(i, q_BxQxGxRxE):
+    first = q_start + i * q_block
+    last_q = jnp.minimum(first + q_block - 1, last_real)
+    q_pos_Q = first + jnp.arange(q_block)
 
-  def step(carry, j):
-    needed = j * kv_block <= last_q
-    return jax.lax.cond(needed, visit, lambda c, _: c, carry, j), None
+    def visit(carry, j):
+      m_BxGxRxQ, l_BxGxRxQ, acc_BxQxGxRxE = carry
+      k_BxKxGxE, v_BxKxGxE = (_block(c, j * kv_block, kv_block, layer)
+                              for c in (kcache_BxCxGxE, vcache_BxCxGxE))
+      k_pos_K = j * kv_block + jnp.arange(kv_block)
+      v_BxKxGxE = jnp.where((k_pos_K <= last_real)[None, :, None, None], v_BxKxGxE, 0)
+      s = jnp.einsum("bqgre,bkge->bgrqk", q_BxQxGxRxE, k_BxKxGxE,
+                     preferred_element_type=acc) * scale
+      seen_QxK = (q_pos_Q[:, None] >= k_pos_K[None, :]) & (k_pos_K <= last_real)[None, :]
+      s = jnp.where(seen_QxK, s, _NEG)
+      m_new = jnp.maximum(m_BxGxRxQ, s.max(axis=-1))
+      p = jnp.exp(s - m_new[..., None])
+      # Masked entries give exp(_NEG - m) == 0 once any real key has been seen; before that
+      # (m == _NEG) they give 1 and are wiped out by `correction` at the first real key.
+      correction = jnp.exp(m_BxGxRxQ - m_new)
+      l_new = l_BxGxRxQ * correction + p.sum(axis=-1)
+      pv = jnp.einsum("bgrqk,bkge->bqgre", p.astype(v_BxKxGxE.dtype), v_BxKxGxE,
+                      preferred_element_type=acc)
+      acc_new = acc_BxQxGxRxE * jnp.moveaxis(correction, 3, 1)[..., None] + pv
+      return m_new, l_new, acc_new
 
-  init = (jnp.full((b, h, n_q), _NEG, acc), jnp.zeros((b, h, n_q), acc),
-          jnp.zeros((b, n_q, h, e), acc))
-  (_, l_BxHxQ, acc_BxQxHxE), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
-  out = acc_BxQxHxE / jnp.moveaxis(l_BxHxQ, 1, 2)[..., None]
-  return out.astype(q_BxQxHxE.dtype)
+    def step(carry, j):
+      return jax.lax.cond(j * kv_block <= last_q, visit, lambda c, _: c, carry, j), None
+
+    init = (jnp.full((b, g, h // g, q_block), _NEG, acc), jnp.zeros((b, g, h // g, q_block), acc),
+            jnp.zeros((b, q_block, g, h // g, e), acc))
+    (_, l, o), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+    return (o / jnp.moveaxis(l, 3, 1)[..., None]).astype(q_BxQxHxE.dtype)
+
+  if n_tiles == 1:
+    o_NxBxQxGxRxE = tile(0, q_NxBxQxGxRxE[0])[None]
+  else:
+    _, o_NxBxQxGxRxE = jax.lax.scan(lambda c, a: (c, tile(*a)), None,
+                                    (jnp.arange(n_tiles), q_NxBxQxGxRxE))
+  o = jnp.moveaxis(o_NxBxQxGxRxE, 0, 1).reshape(b, n_tiles * q_block, h, e)
+  return o[:, :n_q] if pad else o
 
 
 def _block(cache, start, size: int, layer):
   """cache[layer][:, start:start+size] (or cache[:, start:start+size] with no layer axis)."""
   if layer is None:
     return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
-  _, b, _, h, e = cache.shape
-  return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, size, h, e))[0]
+  _, b, _, g, e = cache.shape
+  return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, size, g, e))[0]

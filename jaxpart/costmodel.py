@@ -98,16 +98,31 @@ def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   return 2 * tokens * (cfg.projection_params_per_layer // tp)
 
 
-def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: int, tp: int) -> int:
+def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: float, tp: int) -> float:
   """QK^T and PV of rows x tokens queries against `positions` keys, the local heads."""
   return 2 * 2 * rows * tokens * positions * (cfg.attn_dim // tp)
 
 
-def kv_positions(plan: Plan, chunk_index: int) -> int:
-  """Keys a chunk's step visits: whole KV blocks up to its last query (as attention.py does)."""
-  last_q = chunk_index * plan.chunk_tokens + plan.chunk_tokens - 1
-  blocks = min(last_q // plan.kv_block + 1, plan.cache_len // plan.kv_block)
-  return blocks * plan.kv_block
+def q_block(plan: Plan) -> int:
+  """Queries per attention tile: attention.blocked_causal's default, kv_block (or the chunk)."""
+  return min(plan.kv_block, plan.chunk_tokens)
+
+
+def tile_visits(plan: Plan, chunk_index: int) -> list[int]:
+  """KV blocks each query tile of a chunk visits: those starting at or before the tile's last
+  real query (attention.blocked_causal's skip rule)."""
+  qb, c = q_block(plan), plan.chunk_tokens
+  q_start = chunk_index * c
+  last_real = q_start + c - 1
+  n_blocks = plan.cache_len // plan.kv_block
+  return [min(min(q_start + (i + 1) * qb - 1, last_real) // plan.kv_block + 1, n_blocks)
+          for i in range(-(-c // qb))]
+
+
+def kv_positions(plan: Plan, chunk_index: int) -> float:
+  """Keys per query a chunk's step computes against: every visited (tile, block) pair in full,
+  padded queries of a ragged last tile included, spread over the chunk's queries."""
+  return sum(tile_visits(plan, chunk_index)) * plan.kv_block * q_block(plan) / plan.chunk_tokens
 
 
 def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
@@ -118,6 +133,31 @@ def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | N
 def unit_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
   """What the ppermute carries each tick: one unit of activations."""
   return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
+
+
+def stream_collective_bytes(cfg: ModelConfig, plan: Plan,
+                            element_bytes: int | None = None) -> dict[str, int]:
+  """Collective buffer bytes per device per tick for the sharded input and output streams.
+
+  The engine (engine._gather_unit, engine._scatter_unit) issues, on every tick and every
+  device, S - 1 one-pair ppermutes of a 1/N slice of a unit towards stage 0 and S - 1 from the
+  last stage, and one all-gather over the tensor group of a 1/tp slice."""
+  unit = unit_bytes(cfg, plan, element_bytes)
+  return {"collective-permute": 2 * (plan.stages - 1) * (unit // plan.devices),
+          "all-gather": unit // plan.tp if plan.tp > 1 else 0}
+
+
+def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
+  """One tick's stream traffic: S - 1 slices into stage 0 and S - 1 out of the last stage,
+  one after another over the stage boundary, then the all-gather inside stage 0's group."""
+  unit = unit_bytes(cfg, plan)
+  s = 0.0
+  if plan.stages > 1:
+    s += 2 * (plan.stages - 1) * transfer_seconds(unit / plan.devices, hw, params)
+  if plan.tp > 1:
+    s += ((plan.tp - 1) / plan.tp * unit / (hw.link_bw * params.link_fraction)
+          + hw.link_latency)
+  return s
 
 
 def ring_allreduce_link_bytes(payload: float, tp: int) -> float:
@@ -160,7 +200,8 @@ def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
   mm_step = lps * matmul_flops(cfg, n, plan.tp)
   att = [lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, kv_positions(plan, k), plan.tp)
          for k in range(plan.n_chunks)]
-  att_all_blocks = lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, plan.cache_len,
+  tiles = len(tile_visits(plan, 0))
+  att_all_blocks = lps * attention_flops(cfg, plan.rows, tiles * q_block(plan), plan.cache_len,
                                          plan.tp)
   executed = plan.units * mm_step + plan.microbatches * sum(att)
   static = plan.ticks * (mm_step + att_all_blocks)
@@ -176,12 +217,13 @@ def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
   """Branch weights that turn a static count of the engine's HLO into the executed count.
 
   Outer cond (the tick's run/skip): a stage runs on units of its ticks. Inner cond (attention's
-  per-KV-block skip): the mean share of the cache's blocks a chunk visits; every microbatch
-  repeats the same chunks, so the mean over chunks is exact.
+  per-KV-block skip, inside each query tile): the share of (tile, block) pairs visited; every
+  microbatch repeats the same chunks, so the mean over chunks is exact.
   """
   blocks = plan.cache_len // plan.kv_block
-  visited = sum(kv_positions(plan, k) // plan.kv_block for k in range(plan.n_chunks))
-  return plan.units / plan.ticks, visited / (plan.n_chunks * blocks)
+  visits = [tile_visits(plan, k) for k in range(plan.n_chunks)]
+  return (plan.units / plan.ticks,
+          sum(map(sum, visits)) / (plan.n_chunks * len(visits[0]) * blocks))
 
 
 def collective_bytes(cfg: ModelConfig, plan: Plan,
@@ -202,11 +244,20 @@ def collective_bytes(cfg: ModelConfig, plan: Plan,
   ar = allreduce_payload_bytes(cfg, plan, element_bytes) if plan.tp > 1 else 0
   per_step = 2 * plan.layers_per_stage * ar
   pp = unit_bytes(cfg, plan, element_bytes) if plan.stages > 1 else 0
-  payload_exec = {"all-reduce": plan.units * per_step, "collective-permute": plan.ticks * pp}
-  payload_static = {"all-reduce": plan.ticks * per_step, "collective-permute": plan.ticks * pp}
+  st = stream_collective_bytes(cfg, plan, element_bytes)
+  permute = plan.ticks * (pp + st["collective-permute"])
+  gather = plan.ticks * st["all-gather"]
+  payload_exec = {"all-reduce": plan.units * per_step, "collective-permute": permute,
+                  "all-gather": gather}
+  payload_static = dict(payload_exec, **{"all-reduce": plan.ticks * per_step})
+  # A middle stage sends its unit on and its input slice to stage 0; the last stage sends
+  # S - 1 output slices; every device sends (tp - 1)/tp of the gathered unit in the ring.
+  piece = unit_bytes(cfg, plan, element_bytes) // plan.devices
   link = {"all-reduce": plan.units * 2 * plan.layers_per_stage
                         * ring_allreduce_link_bytes(ar, plan.tp),
-          "collective-permute": plan.ticks * pp}
+          "collective-permute": plan.ticks * max(pp + piece * (plan.stages > 1),
+                                                 (plan.stages - 1) * piece),
+          "all-gather": plan.ticks * (plan.tp - 1) * st["all-gather"]}
   return {"executed": _floats(payload_exec), "static": _floats(payload_static),
           "link": _floats(link)}
 
@@ -350,7 +401,8 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   # One layer step per chunk index (the attention prefix differs); every microbatch repeats them.
   steps = [layer_step(setup, plan, kv_positions(plan, k), params) for k in range(nc)]
   stage_s = lps * np.array([st["step_s"] for st in steps])           # per chunk index
-  pipe_s = 0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params)
+  pipe_s = ((0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params))
+            + stream_seconds(cfg, plan, hw, params))
 
   # Lock-step ticks: tick t costs the slowest active stage's step (stage s holds unit t-s),
   # then the ppermute, which the engine issues after the step on every tick.
@@ -375,11 +427,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   link = sum(coll["link"].values())
   pipe_total = plan.ticks * pipe_s
   mem = memory.per_device(cfg, setup.run, plan)
-  engine_bytes = {"weights": mem["weights_per_device"],
-                  "kv_cache": mem["kv_cache_engine_per_device"],
-                  "input_stream": mem["engine_input_per_device"],
-                  "output_buffer": mem["engine_output_per_device"],
-                  "total": mem["engine_resident_per_device"]}
+  engine_bytes = {**mem["program_bytes"], "total": mem["predicted_hbm_bytes"]}
 
   tokens = plan.batch * plan.seq
   energy = {

@@ -18,23 +18,7 @@ import jax.numpy as jnp
 from jaxpart import attention, compat, sharding
 from jaxpart.config import ModelConfig
 from jaxpart.model import block_apply, cast_params
-from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan
-
-
-def to_units(x_BxTxD, plan: Plan):
-  """B x T x D -> U x R x C x D (U units of R rows x C chunk tokens); pads T up to whole chunks."""
-  b, t, d = x_BxTxD.shape
-  pad = plan.padded_seq - t
-  x = jnp.pad(x_BxTxD, ((0, 0), (0, pad), (0, 0))) if pad else x_BxTxD
-  m, r, n, c = plan.microbatches, plan.rows, plan.n_chunks, plan.chunk_tokens
-  return x.reshape(m, r, n, c, d).transpose(0, 2, 1, 3, 4).reshape(m * n, r, c, d)
-
-
-def from_units(y_UxRxCxD, plan: Plan):
-  m, r, n, c = plan.microbatches, plan.rows, plan.n_chunks, plan.chunk_tokens
-  d = y_UxRxCxD.shape[-1]
-  y = y_UxRxCxD.reshape(m, n, r, c, d).transpose(0, 2, 1, 3, 4).reshape(m * r, n * c, d)
-  return y[:, :plan.seq]
+from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
 
 
 def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, plan: Plan,
@@ -83,24 +67,93 @@ def remat_step(step, remat: bool | str):
                    f"(or True / False for stage / none)")
 
 
-def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
-                   bubble_fill: float, out_fill: float):
-  """Per-device program inside shard_map."""
+def _unit_origin(u, plan: Plan):
+  """First batch row and first token of unit u (microbatch-major, chunk-minor)."""
+  return (u // plan.n_chunks) * plan.rows, (u % plan.n_chunks) * plan.chunk_tokens
+
+
+def _as_bits(a):
+  """The same bytes as unsigned integers (see make_forward's `differentiable`)."""
+  return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
+
+
+def _from_bits(a, dtype):
+  return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+
+def _read_piece(x_BxTxW, row0, tok0, rows: int, tokens: int):
+  """This device's slice of one unit of a stream: `rows` rows from row0, `tokens` tokens from
+  tok0. Past the end of the sequence (a ragged last chunk) it repeats the last token: those
+  positions come after every real token, so causal attention never shows them to a real one,
+  their cache slots are masked, and their outputs are never written."""
+  x_RxTxW = jax.lax.dynamic_slice_in_dim(x_BxTxW, row0, rows, axis=0)
+  idx_C = jnp.minimum(tok0 + jnp.arange(tokens), x_BxTxW.shape[1] - 1)
+  return jnp.take(x_RxTxW, idx_C, axis=1)
+
+
+def _write_piece(out_BpxTpxW, piece_RxCxW, row0, tok0, valid):
+  """Write one unit's slice into this device's output buffer, in place. The buffer has a
+  spare block of rows past the batch, where invalid units land, and runs to the padded
+  sequence, so a ragged last chunk fits whole; both margins are cut off at the end."""
+  spare = out_BpxTpxW.shape[0] - piece_RxCxW.shape[0]
+  return jax.lax.dynamic_update_slice(out_BpxTpxW, piece_RxCxW,
+                                      (jnp.where(valid, row0, spare), tok0, 0))
+
+
+def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan, dtype):
+  """The whole width of one input unit at stage 0, from the stream sharded over every device.
+
+  Device (s, t) holds width block t*S + s (sharding.SPECS.stream). Each stage s > 0 sends its
+  block of the unit to stage 0 (S - 1 one-pair ppermutes: nothing goes anywhere else), stage 0
+  lays the S blocks of its tensor slice side by side, and one all-gather over the tensor group
+  completes the width. Other stages run the same all-gather on their own blocks and discard it.
+  """
+  S = plan.stages
+  piece = _from_bits(_read_piece(x_BxTxWn, row0, tok0, plan.rows, plan.chunk_tokens), dtype)
+  with jax.named_scope("input_gather"):
+    pieces = [piece] + [jax.lax.ppermute(piece, STAGE_AXIS, [(k, 0)]) for k in range(1, S)]
+    slab = jnp.concatenate(pieces, axis=-1) if S > 1 else piece
+    if plan.tp > 1:
+      slab = jax.lax.all_gather(slab, TENSOR_AXIS, axis=slab.ndim - 1, tiled=True)
+  return slab
+
+
+def _scatter_unit(y_RxCxW, plan: Plan):
+  """The inverse at the last stage: device (S-1, t) keeps width block t*S + S-1 of its tensor
+  slice and sends block t*S + k to stage k. Returns the block this device stores."""
+  S, tp = plan.stages, plan.tp
+  w = y_RxCxW.shape[-1]
+  stage = jax.lax.axis_index(STAGE_AXIS)
+  if tp > 1:
+    t = jax.lax.axis_index(TENSOR_AXIS)
+    y_RxCxW = jax.lax.dynamic_slice_in_dim(y_RxCxW, t * (w // tp), w // tp, axis=-1)
+  if S == 1:
+    return y_RxCxW
+  blocks = jnp.split(y_RxCxW, S, axis=-1)
+  with jax.named_scope("output_scatter"):
+    recv = [jax.lax.ppermute(blocks[k], STAGE_AXIS, [(S - 1, k)]) for k in range(S - 1)]
+  return jnp.stack(recv + [blocks[S - 1]])[stage]
+
+
+def _pipeline_body(p_stage, x_BxTxWn, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
+                   bubble_fill: float, out_fill: float, differentiable: bool):
+  """Per-device program inside shard_map: x is this device's share of the input stream, the
+  result its share of the output stream (both B x T x W/N)."""
   S, U = plan.stages, plan.units
   tp_axis = TENSOR_AXIS if plan.tp > 1 else None
   stage = jax.lax.axis_index(STAGE_AXIS)
-  is_last = stage == S - 1
-  dt = x_UxRxCxD.dtype
-  unit_shape = x_UxRxCxD.shape[1:]
-  r = plan.rows
+  dt = x_BxTxWn.dtype
+  store = (lambda a: a) if differentiable else _as_bits
+  x_BxTxWn = store(x_BxTxWn)
+  unit_shape = (plan.rows, plan.chunk_tokens, cfg.d_model)
   heads_local = cfg.n_heads // plan.tp
-  cache_shape = (plan.layers_per_stage, r, plan.cache_len, heads_local, cfg.head_dim)
+  cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len, heads_local, cfg.head_dim)
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
   def run(operands):
     inp, kc, vc, q_start = operands
-    return step(p_stage, inp, kc, vc, q_start)
+    with jax.named_scope("stage_step"):
+      return step(p_stage, inp, kc, vc, q_start)
 
   def skip(operands):
     inp, kc, vc, _ = operands
@@ -112,47 +165,85 @@ def _pipeline_body(p_stage, x_UxRxCxD, *, cfg: ModelConfig, plan: Plan, remat: b
     recv, kc, vc, out = carry
     u = t - stage
     valid = (u >= 0) & (u < U)
-    u_c = jnp.clip(u, 0, U - 1)
-    q_start = (u_c % plan.n_chunks) * plan.chunk_tokens
-    inp = jnp.where(stage == 0, x_UxRxCxD[u_c], recv)
+    q_start = (jnp.clip(u, 0, U - 1) % plan.n_chunks) * plan.chunk_tokens
+    # Stage 0 takes unit t from the stream (every device joins the gather; on bubble ticks
+    # past the last unit it re-reads the last one, which the cond below never uses).
+    unit = _gather_unit(x_BxTxWn, *_unit_origin(jnp.minimum(t, U - 1), plan), plan, dt)
+    inp = jnp.where(stage == 0, unit, recv)
     inp = jnp.where(valid, inp, jnp.asarray(bubble_fill, dt))
     y, kc, vc = jax.lax.cond(valid, run, skip, (inp, kc, vc, q_start))
-    # Every tick writes one slot: its unit's on the last stage's valid ticks, else the spare
-    # slot U. Selecting the slot, not the value, keeps the write an in-place update.
-    slot = jnp.where(valid & is_last, u_c, U)
-    out = jax.lax.dynamic_update_index_in_dim(out, y, slot, 0)
-    recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
+    # The last stage finished unit t - (S-1): every device stores its block of it.
+    u_out = t - (S - 1)
+    piece = _scatter_unit(y, plan)
+    out = _write_piece(out, store(piece), *_unit_origin(jnp.clip(u_out, 0, U - 1), plan),
+                       (u_out >= 0) & (u_out < U))
+    with jax.named_scope("pipeline_send"):
+      recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
     return (recv, kc, vc, out), None
 
   init = (jnp.zeros(unit_shape, dt), jnp.zeros(cache_shape, dt), jnp.zeros(cache_shape, dt),
-          jnp.full((U + 1,) + unit_shape, out_fill, dt))
+          jnp.full((plan.batch + plan.rows, plan.padded_seq, x_BxTxWn.shape[2]),
+                   store(jnp.asarray(out_fill, dt)), x_BxTxWn.dtype))
   (_, _, _, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  return out[:U]
+  return _from_bits(out[:plan.batch, :plan.seq], dt)
+
+
+def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
+  """The input and output streams are split over all devices along their last axis."""
+  if width % plan.devices:
+    raise PlanError(f"{what} = {width} is not divisible by devices = {plan.devices}: the "
+                    f"engine splits the input and output over every device along it; use a "
+                    f"device count dividing {width}")
 
 
 def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,
-                 bubble_fill: float = 0.0, out_fill: float = 0.0):
+                 bubble_fill: float = 0.0, out_fill: float = 0.0, differentiable: bool = True):
   """(params, x_BxTxD) -> y_BxTxD, executing `plan` on `mesh`. Not jitted: wrap as you need.
 
-  remat is one of REMAT_POLICIES (see remat_step); it only changes what a backward saves.
+  Input and output are sharded over every device along d_model (sharding.SPECS.stream): no
+  device ever holds more than 1/N of either. remat is one of REMAT_POLICIES (see remat_step);
+  it only changes what a backward saves.
+
+  differentiable=False keeps the input and output shares as unsigned integers of the same
+  bytes while they are sliced and updated (bit for bit the same values). XLA on CPU widens
+  bf16 data movement to float32 and hoists that conversion onto the whole share, one or two
+  extra copies of it per device; integers are left alone. Integers carry no gradient, so that
+  forward refuses jax.grad; leave it True to differentiate.
 
   bubble_fill is what a stage sees as input on ticks it has no unit; out_fill what the output
   buffer holds before units are written. Tests set both to NaN to prove neither leaks.
   """
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
+  check_stream_width(cfg.d_model, plan)
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
-                           bubble_fill=bubble_fill, out_fill=out_fill)
-  mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), sharding.SPECS.replicated),
-                            out_specs=sharding.SPECS.per_stage)
+                           bubble_fill=bubble_fill, out_fill=out_fill,
+                           differentiable=differentiable)
+  mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), sharding.SPECS.stream),
+                            out_specs=sharding.SPECS.stream)
+  if not differentiable:
+    mapped = _without_gradient(mapped)
 
   def forward(params, x_BxTxD):
     if x_BxTxD.shape[:2] != (plan.batch, plan.seq):
       raise ValueError(f"input is batch x seq = {x_BxTxD.shape[:2]}, the plan was made for "
                        f"{(plan.batch, plan.seq)}")
-    out_SUxRxCxD = mapped(params, to_units(x_BxTxD, plan))
-    return from_units(out_SUxRxCxD[(plan.stages - 1) * plan.units:], plan)
+    return mapped(params, x_BxTxD)
 
   return forward
+
+
+def _without_gradient(f):
+  """f, with a backward that says why there is none instead of returning zeros."""
+  @jax.custom_vjp
+  def g(params, x):
+    return f(params, x)
+
+  def bwd(_, ct):
+    raise TypeError("this engine forward was built with differentiable=False (integer stream "
+                    "buffers): build it with differentiable=True to take gradients")
+
+  g.defvjp(lambda params, x: (f(params, x), None), bwd)
+  return g
 
 
 def jit_forward(plan: Plan, cfg: ModelConfig, mesh, dtype=None, **kw):

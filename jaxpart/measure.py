@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from jaxpart import costmodel
+
 COLLECTIVE_KINDS = ("all-reduce", "collective-permute", "all-gather", "reduce-scatter",
                     "all-to-all")
 # Opcode as printed -> kind. The -start halves of async pairs carry the operands; -done do not.
@@ -356,6 +358,9 @@ def compile_stats(jitted_fn, *args, cond_weight: float | Sequence[float] = 1.0) 
       "output_bytes": int(ma.output_size_in_bytes),
       "temp_bytes": int(ma.temp_size_in_bytes),
       "alias_bytes": int(ma.alias_size_in_bytes),
+      # What the program holds at once per device: donated or aliased bytes count once.
+      "total_bytes": int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes),
       "generated_code_bytes": int(ma.generated_code_size_in_bytes),
       "flops": hlo_flops(hlo, cond_weight),
       "xla_cost_flops": float(cost.get("flops", 0.0)),
@@ -409,17 +414,9 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
 # --- what the engine should move: Megatron's formulas for a Plan ---------------------------
 
 def engine_cond_weights(plan) -> tuple[float, float]:
-  """Branch weights that make counts of the engine's HLO equal what it executes.
-
-  Level 1, the tick's cond: a stage takes the compute branch on `units` of `ticks` ticks (every
-  stage has exactly `units` valid ticks). Level 2, attention's per-KV-block cond: a chunk whose
-  last query sits at position p visits p // kv_block + 1 of the cache's blocks; the weight is
-  that share averaged over the chunks. Neither skip branch holds a collective or a matmul.
-  """
-  n_blocks = plan.cache_len // plan.kv_block
-  visited = [min(n_blocks, ((i + 1) * plan.chunk_tokens - 1) // plan.kv_block + 1)
-             for i in range(plan.n_chunks)]
-  return (plan.units / plan.ticks, sum(visited) / (plan.n_chunks * n_blocks))
+  """Branch weights that make counts of the engine's HLO equal what it executes: the cost
+  model's (costmodel.hlo_cond_weights). Neither skip branch holds a collective or a matmul."""
+  return costmodel.hlo_cond_weights(plan)
 
 
 def megatron_collective_bytes(plan, cfg, element_bytes: int) -> dict[str, float]:
@@ -439,6 +436,8 @@ def megatron_collective_bytes(plan, cfg, element_bytes: int) -> dict[str, float]
     out["all-reduce"] = 2.0 * plan.layers_per_stage * plan.units * unit
   if plan.stages > 1:
     out["collective-permute"] = float(plan.ticks * unit)
+  for kind, per_tick in costmodel.stream_collective_bytes(cfg, plan, element_bytes).items():
+    out[kind] += float(plan.ticks * per_tick)
   return out
 
 
@@ -563,9 +562,9 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
   devices = jax.devices()
   mesh = sharding.mesh_for(plan)
   out = [Variant(f"engine:{plan.strategy}", plan.devices,
-                 engine.jit_forward(plan, cfg, mesh),
+                 engine.jit_forward(plan, cfg, mesh, differentiable=False),
                  (sharding.place_params(params, mesh),
-                  jax.device_put(x_BxTxD, sharding.replicated(mesh))),
+                  jax.device_put(x_BxTxD, sharding.stream(mesh))),
                  engine_cond_weights(plan))]
   fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
   if isinstance(reference, Variant):
@@ -657,6 +656,6 @@ def forward_memory(setup, plan) -> dict[str, Any]:
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         model.param_shapes(cfg), shard)
   x = jax.ShapeDtypeStruct((run.batch, run.seq, cfg.d_model), jnp.dtype(cfg.dtype),
-                           sharding=NamedSharding(mesh, sharding.SPECS.replicated))
-  return compile_stats(engine.jit_forward(plan, cfg, mesh), params, x,
+                           sharding=sharding.stream(mesh))
+  return compile_stats(engine.jit_forward(plan, cfg, mesh, differentiable=False), params, x,
                        cond_weight=engine_cond_weights(plan))

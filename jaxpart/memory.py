@@ -199,6 +199,45 @@ def step_shape(plan) -> StepShape:
   return StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block, tp=plan.tp)
 
 
+# Unit-sized buffers live at the compiled step's peak, and bytes per MLP hidden element, as
+# XLA:CPU's buffer assignment lays out the engine (calibrated once from memory_analysis() of
+# the paper, paper-30b and small forwards on 4 to 64 devices, both placements). They cover the
+# received, gathered and sent units and the step's residual stream, partial sums and their
+# float32 forms (XLA:CPU runs bf16 matmul outputs and collectives in float32). A GPU keeps bf16
+# buffers bf16, so there this over-counts: the planner errs on the safe side.
+STEP_UNIT_BUFFERS = 6.75
+STEP_HIDDEN_BUFFERS = 2.5
+
+
+def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
+  """Per-device memory of the whole compiled forward: what `predicted_hbm_bytes` sums.
+
+  The input and output are split over every device (1/N each), and the output is built in a
+  loop buffer of about the same size that is copied out at the end. The KV cache is the one the
+  engine holds (one microbatch's rows, cache_len positions, the stage's layers, local heads).
+  """
+  b = cfg.dtype_bytes
+  share = run.batch * run.seq * cfg.d_model * b // plan.devices
+  unit = plan.rows * plan.chunk_tokens * cfg.d_model * b
+  hidden = plan.rows * plan.chunk_tokens * (cfg.d_ff // plan.tp) * b
+  parts = {
+      "weights": weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage),
+      "input_share": share,
+      "output_share": share,
+      # one spare unit of rows (where bubbles write) and the padded sequence
+      "output_loop_buffer": ((run.batch + plan.rows) * plan.padded_seq * cfg.d_model * b
+                             // plan.devices),
+      "kv_cache": kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage),
+      "step_and_pipeline_buffers": int(STEP_UNIT_BUFFERS * unit + STEP_HIDDEN_BUFFERS * hidden),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def predicted_hbm_bytes(cfg: ModelConfig, run: RunShape, plan) -> int:
+  return program_bytes(cfg, run, plan)["total"]
+
+
 def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, float]:
   """Placement figures for a Plan (duck-typed so this module imports nothing of JAX's).
 
@@ -209,26 +248,22 @@ def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, float]:
   step = step_shape(plan)
   ws = step_working_set(cfg, step)
   total = sum(ws.values())
-  weights = weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage)
-  kv_engine = kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage)
-  unit = plan.rows * plan.chunk_tokens * cfg.d_model * cfg.dtype_bytes
-  # The engine takes the input replicated and keeps one output slab of every unit per stage.
-  engine_input = run.batch * run.seq * cfg.d_model * cfg.dtype_bytes
-  engine_output = plan.units * unit
+  prog = program_bytes(cfg, run, plan)
   return {
-      "weights_per_device": weights,
+      "weights_per_device": prog["weights"],
       "weights_per_layer_shard": weight_shard_bytes(cfg, plan.tp, 1),
       "kv_cache_per_layer": kv_cache_bytes(cfg, run.batch, run.seq),
       "kv_cache_per_device": kv_cache_bytes(cfg, run.batch, run.seq, plan.tp, plan.layers_per_stage),
-      "kv_cache_engine_per_device": kv_engine,
-      "activation_unit": unit,
+      "kv_cache_engine_per_device": prog["kv_cache"],
+      "activation_unit": plan.rows * plan.chunk_tokens * cfg.d_model * cfg.dtype_bytes,
       "working_set_per_step": total,
       "working_set_peak_phase": step_peak_bytes(cfg, step),
       "streamed_per_step_weights": weight_shard_bytes(cfg, plan.tp, 1),
       "streamed_per_step_kv_prefix_max": kv_cache_bytes(cfg, plan.rows, plan.seq, plan.tp, 1),
-      "engine_input_per_device": engine_input,
-      "engine_output_per_device": engine_output,
-      "engine_resident_per_device": weights + kv_engine + engine_input + engine_output,
+      "engine_input_per_device": prog["input_share"],
+      "engine_output_per_device": prog["output_share"],
+      "program_bytes": {k: v for k, v in prog.items() if k != "total"},
+      "predicted_hbm_bytes": prog["total"],
       "cache_utilisation": total / plan.cache_budget_bytes if plan.cache_budget_bytes else 0.0,
   }
 

@@ -58,6 +58,36 @@ def working_set(cfg: ModelConfig, rows: int, tokens: int, tp: int, kv_block: int
   return sum(memory.step_working_set(cfg, memory.StepShape(rows, tokens, kv, tp)).values())
 
 
+# --- device memory ---------------------------------------------------------------------------
+
+# The baseline's default microbatches keep the forward within this share of device memory, so
+# the whole batch's KV cache still fits beside it when decoding.
+HBM_PLANNING_FRACTION = 0.5
+
+
+def check_fits(setup: Setup, plan: Plan) -> None:
+  """PlanError when the whole forward program (memory.program_bytes) exceeds the device."""
+  cfg, run, hw = setup.model, setup.run, setup.hardware
+  prog = memory.program_bytes(cfg, run, plan)
+  if prog["total"] <= hw.hbm_bytes:
+    return
+  big = max((k for k in prog if k != "total"), key=prog.get)
+  fixes = ["more devices (the input and output shares and the weights fall as 1/N)"]
+  if plan.rows > 1:
+    fixes.append("fewer rows per unit (--microbatches for the baseline, --chunk-rows for "
+                 "layer-wise)")
+  if plan.chunk_tokens > 1 and plan.strategy == "layerwise":
+    fixes.append("shorter chunks (--chunk-tokens)")
+  raise PlanError(f"{plan.strategy} {plan.stages} stages x tp {plan.tp}, {plan.split}: the "
+                  f"forward needs {prog['total'] / 1e9:.2f} GB per device (largest part: "
+                  f"{big.replace('_', ' ')}, {prog[big] / 1e9:.2f} GB), more than the "
+                  f"{hw.name}'s {hw.hbm_bytes / 1e9:g} GB; try {'; or '.join(fixes)}")
+
+
+def fits(setup: Setup, plan: Plan) -> bool:
+  return memory.predicted_hbm_bytes(setup.model, setup.run, plan) <= setup.hardware.hbm_bytes
+
+
 # --- the (stages, tp) grid -----------------------------------------------------------------
 
 def layerwise_grids(cfg: ModelConfig, devices: int) -> list[tuple[int, int, list[str]]]:
@@ -269,8 +299,17 @@ def plan_baseline(setup: Setup, devices: int, *, tp: int | None, pp: int | None,
     raise PlanError(f"baseline tp {tp} x pp {pp}: {e}; {valid}") from None
   if microbatches is None:
     # GPipe wants M >> pp to shrink the (pp-1)/(M+pp-1) bubble; 4 x pp is the usual choice.
-    microbatches = max(d for d in divisors(run.batch) if d <= 4 * pp)
-    m_why = f"GPipe over {microbatches} microbatches (largest divisor of batch <= 4 x pp)"
+    # A whole-sequence microbatch is also what fills memory: more, smaller microbatches until
+    # the forward takes at most half the device (the rest is for the whole batch's KV cache
+    # when decoding), if any divisor of the batch gets there.
+    gpipe = max(d for d in divisors(run.batch) if d <= 4 * pp)
+    half = HBM_PLANNING_FRACTION * setup.hardware.hbm_bytes
+    microbatches = next((d for d in divisors(run.batch) if d >= gpipe and memory.predicted_hbm_bytes(
+        cfg, run, _baseline_plan(setup, devices, tp, pp, stage_layers, d, kv_block)) <= half), gpipe)
+    m_why = f"GPipe over {microbatches} microbatches (largest divisor of batch <= 4 x pp"
+    m_why += ")" if microbatches == gpipe else (
+        f" is {gpipe}; {microbatches} keeps the forward within {HBM_PLANNING_FRACTION:.0%} of "
+        f"the device's {setup.hardware.hbm_bytes / 1e9:g} GB)")
   else:
     _positive_int("microbatches", microbatches)
     if run.batch % microbatches:
@@ -279,15 +318,23 @@ def plan_baseline(setup: Setup, devices: int, *, tp: int | None, pp: int | None,
     m_why = f"GPipe over {microbatches} microbatches"
   if kv_block is not None:
     _positive_int("kv_block", kv_block)
-  rows = run.batch // microbatches
-  kv = kv_block or default_kv_block(run.seq)
   budget = _budget(setup, cache_bytes)
-  ws = working_set(cfg, rows, run.seq, tp, kv)
+  plan = _baseline_plan(setup, devices, tp, pp, stage_layers, microbatches, kv_block, budget)
+  ws = plan.predicted_working_set_bytes
+  return replace(plan, reason=f"Megatron TP{tp} x PP{pp}, {m_why}; whole sequence per "
+                              f"microbatch, predicted working set {ws / budget:.1f}x the cache "
+                              f"budget")
+
+
+def _baseline_plan(setup: Setup, devices: int, tp: int, pp: int, stage_layers, microbatches: int,
+                   kv_block: int | None, budget: int = 0) -> Plan:
+  cfg, run = setup.model, setup.run
+  kv = kv_block or default_kv_block(run.seq)
   return Plan(strategy="baseline", devices=devices, stages=pp, tp=tp, stage_layers=stage_layers,
               batch=run.batch, seq=run.seq, microbatches=microbatches, chunk_tokens=run.seq,
-              kv_block=kv, predicted_working_set_bytes=ws, cache_budget_bytes=budget,
-              reason=f"Megatron TP{tp} x PP{pp}, {m_why}; whole sequence per microbatch, "
-                     f"predicted working set {ws / budget:.1f}x the cache budget")
+              kv_block=kv, predicted_working_set_bytes=working_set(
+                  cfg, run.batch // microbatches, run.seq, tp, kv),
+              cache_budget_bytes=budget)
 
 
 # --- auto -----------------------------------------------------------------------------------
@@ -351,7 +398,11 @@ def plan_auto(setup: Setup, devices: int, cache_bytes: float | None = None, top:
   Equal scores go to the larger unit (rows x tokens): each unit step re-reads the weights.
   """
   how, scorer = _default_scorer()
-  pool = candidates(setup, devices, cache_bytes, tp=tp, pp=pp)
+  every = candidates(setup, devices, cache_bytes, tp=tp, pp=pp)
+  pool = [p for p in every if fits(setup, p)]
+  if not pool:
+    least = min(every, key=lambda p: memory.predicted_hbm_bytes(setup.model, setup.run, p))
+    check_fits(setup, least)  # raises, naming the smallest candidate's figure and the fixes
   ranked = sorted(((float(scorer(setup, p)), p) for p in pool),
                   key=lambda sp: (sp[0], -sp[1].rows * sp[1].chunk_tokens))
   score, best = ranked[0]
@@ -392,17 +443,24 @@ def check_options(strategy: str, **options) -> None:
 def make_plan(setup: Setup, devices: int, strategy: str, *, tp: int | None = None,
               pp: int | None = None, microbatches: int | None = None,
               cache_bytes: float | None = None, chunk_tokens: int | None = None,
-              chunk_rows: int | None = None, kv_block: int | None = None) -> Plan:
-  """One entry for every command: the strategy name picks the algorithm."""
+              chunk_rows: int | None = None, kv_block: int | None = None,
+              fit_memory: bool = True) -> Plan:
+  """One entry for every command: the strategy name picks the algorithm. A plan whose forward
+  does not fit the device is refused (check_fits) unless fit_memory is False, which models use
+  to show what a placement would cost, fitting or not."""
   check_options(strategy, pp=pp, microbatches=microbatches, chunk_tokens=chunk_tokens,
                 chunk_rows=chunk_rows, kv_block=kv_block)
   if strategy == "baseline":
-    return plan_baseline(setup, devices, tp=tp, pp=pp, microbatches=microbatches,
+    plan = plan_baseline(setup, devices, tp=tp, pp=pp, microbatches=microbatches,
                          kv_block=kv_block, cache_bytes=cache_bytes)
-  if strategy == "layerwise":
-    return plan_layerwise(setup, devices, tp=tp, cache_bytes=cache_bytes,
+  elif strategy == "layerwise":
+    plan = plan_layerwise(setup, devices, tp=tp, cache_bytes=cache_bytes,
                           chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, kv_block=kv_block)
-  return plan_auto(setup, devices, cache_bytes, tp=tp, pp=pp)[0]
+  else:
+    plan = plan_auto(setup, devices, cache_bytes, tp=tp, pp=pp)[0]
+  if fit_memory:
+    check_fits(setup, plan)
+  return plan
 
 
 def describe(plans: Iterable[Plan]) -> list[str]:

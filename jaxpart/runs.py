@@ -54,8 +54,8 @@ def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=
   mesh = sharding.mesh_for(plan, devices)
   shardings = sharding.param_shardings(mesh)
   params = jax.tree.map(global_array, params_host, shardings)
-  x = global_array(x_host, sharding.replicated(mesh))
-  fwd = engine.jit_forward(plan, setup.model, mesh, dtype, **engine_kw)
+  x = global_array(x_host, sharding.stream(mesh))
+  fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
 
 

@@ -25,8 +25,11 @@ class Specs:
   LxDxF_col: P = P(S, None, T)      # w_in
   LxFxD_row: P = P(S, T, None)      # w_out
   LxD: P = P(S, None)               # LayerNorm scale and bias
-  replicated: P = P()               # inputs and outputs outside the engine
-  per_stage: P = P(S)               # engine outputs: one slab per stage, the last one is kept
+  replicated: P = P()               # small arrays every device needs whole
+  # The engine's input and output streams, B x T x W: width split over every device, block
+  # t*stages + s on device (stage s, tensor t), so a stage's tensor group holds a contiguous
+  # slice and no device holds more than 1/N of either stream.
+  stream: P = P(None, None, (T, S))
 
 
 SPECS = Specs()
@@ -65,15 +68,20 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, SPECS.replicated)
 
 
+def stream(mesh) -> NamedSharding:
+  """Where the engine's input and output live (Specs.stream)."""
+  return NamedSharding(mesh, SPECS.stream)
+
+
 def place_params(params, mesh):
   """Put a parameter tree on the mesh as the Plan says (a no-op for leaves already there)."""
   return jax.device_put(params, param_shardings(mesh))
 
 
 def activation_specs() -> dict:
-  """The engine's activations at its boundary: the B x T x D input enters replicated on every
-  device; the output leaves as one U x R x C x D slab per stage (the last stage's is kept)."""
-  return {"input_BxTxD": SPECS.replicated, "output_SUxRxCxD": SPECS.per_stage}
+  """The engine's activations at its boundary: input and output both B x T x D, split over
+  every device along D (see Specs.stream)."""
+  return {"input_BxTxD": SPECS.stream, "output_BxTxD": SPECS.stream}
 
 
 def activation_shardings(mesh) -> dict:

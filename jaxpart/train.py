@@ -81,13 +81,13 @@ def grad_memory(forward: Forward, params_abstract, x_abstract) -> dict[str, int]
 
 
 def abstract_inputs(cfg: ModelConfig, plan, mesh, dtype):
-  """ShapeDtypeStructs of (params placed as the Plan says, a replicated input) for lowering."""
+  """ShapeDtypeStructs of (params placed as the Plan says, the input as the engine takes it)."""
   shapes = model.param_shapes(cfg)
   shard = sharding.param_shardings(mesh)
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                         shapes, shard)
   x = jax.ShapeDtypeStruct((plan.batch, plan.seq, cfg.d_model), dtype,
-                           sharding=sharding.replicated(mesh))
+                           sharding=sharding.stream(mesh))
   return params, x
 
 
@@ -297,8 +297,8 @@ def train_on_mesh(plan, cfg: ModelConfig, mesh, params, batches, oc: OptimConfig
   s_sh = opt_state_shardings(opt, params, mesh)
   opt_state = jax.jit(opt.init, out_shardings=s_sh)(params)
   step = make_step(engine_forward(plan, cfg, mesh, **engine_kw), opt, (p_sh, s_sh))
-  rep = sharding.replicated(mesh)
-  batches = [(jax.device_put(x, rep), jax.device_put(t, rep)) for x, t in batches]
+  st = sharding.stream(mesh)
+  batches = [(jax.device_put(x, st), jax.device_put(t, st)) for x, t in batches]
   return train(step, params, opt_state, batches, oc.total_steps, f"train {plan.strategy}",
                progress)
 

@@ -27,6 +27,8 @@ RTOL = 0.05
 
 TINY_PLANS = {
     "baseline": lambda s: planner.make_plan(s, 16, "baseline", tp=8, pp=2),
+    # whole sequences of 100 in query tiles of 16 (the last one ragged) against blocks of 16
+    "baseline-tiled": lambda s: planner.make_plan(s, 16, "baseline", tp=8, pp=2, kv_block=16),
     # 2 microbatches x 7 chunks of 16 (ragged: the last holds 4), kv blocks of 16
     "layerwise": lambda s: planner.make_plan(s, 16, "layerwise", chunk_tokens=16, chunk_rows=1),
 }
@@ -57,11 +59,12 @@ def test_collective_bytes_match_compiled_hlo(compiled, name):
   for op in measure.collective_ops(hlo):
     if op.loop_depth:
       static[op.kind] += op.bytes * op.count
-  for kind in ("all-reduce", "collective-permute"):
+  kinds = ("all-reduce", "collective-permute", "all-gather")
+  for kind in kinds:
     assert modelled["executed"][kind] > 0
     assert modelled["executed"][kind] == pytest.approx(loop[kind], rel=RTOL), kind
     assert modelled["static"][kind] == pytest.approx(static[kind], rel=RTOL), kind
-  assert not any(v for k, v in loop.items() if k not in ("all-reduce", "collective-permute"))
+  assert not any(v for k, v in loop.items() if k not in kinds)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_PLANS))
@@ -90,7 +93,10 @@ def test_ring_allreduce_and_collective_link_bytes():
   # Megatron forward: two all-reduces of the unit per layer, on each of the units.
   assert cb["executed"]["all-reduce"] == 2 * plan.layers_per_stage * plan.units * unit
   assert cb["link"]["all-reduce"] == pytest.approx(cb["executed"]["all-reduce"] * 2 * 7 / 8)
-  assert cb["executed"]["collective-permute"] == plan.ticks * unit
+  # The pipeline send of a unit each tick, plus the streams: S-1 slices of 1/N of a unit into
+  # stage 0 and S-1 out of the last stage (S = 2 here), and a 1/tp slice all-gathered.
+  assert cb["executed"]["collective-permute"] == plan.ticks * (unit + 2 * 1 * unit // 16)
+  assert cb["executed"]["all-gather"] == plan.ticks * unit // 8
 
 
 @pytest.mark.parametrize("stages,units", [(1, 5), (2, 8), (4, 85), (4, 10880)])
@@ -153,14 +159,27 @@ def test_small_model_weights_stay_in_l2():
   assert p.hbm_read_bytes_per_device < plan.units * p.weights_per_device_bytes
 
 
-def test_kv_positions_follow_blocked_attention():
+def test_tile_visits_follow_blocked_attention():
   plan = planner.make_plan(PAPER, 16, "layerwise", chunk_tokens=100, chunk_rows=1, kv_block=64)
-  pos = [costmodel.kv_positions(plan, k) for k in range(plan.n_chunks)]
-  assert pos[0] == 128                     # queries 0..99 need blocks 0 and 1
-  assert pos[1] == 256                     # queries 100..199 need blocks 0..3
-  assert all(a <= b for a, b in zip(pos, pos[1:]))
-  assert pos[-1] <= plan.cache_len
-  assert all(p % plan.kv_block == 0 for p in pos)
+  # chunk 0: queries 0..63 need block 0, queries 64..99 blocks 0..1
+  assert costmodel.tile_visits(plan, 0) == [1, 2]
+  # chunk 1: queries 100..163 need blocks 0..2, queries 164..199 blocks 0..3
+  assert costmodel.tile_visits(plan, 1) == [3, 4]
+  # every (tile, block) pair in full: 3 and 7 pairs of 64 x 64, over the chunk's 100 queries
+  assert costmodel.kv_positions(plan, 0) == pytest.approx(3 * 64 * 64 / 100)
+  assert costmodel.kv_positions(plan, 1) == pytest.approx(7 * 64 * 64 / 100)
+  last = costmodel.tile_visits(plan, plan.n_chunks - 1)
+  assert last[-1] == plan.cache_len // plan.kv_block
+
+
+def test_whole_sequence_attention_is_causal_not_square():
+  """A 10,000-token microbatch in 128 x 128 tiles does the triangle plus the diagonal tiles."""
+  plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
+  visits = costmodel.tile_visits(plan, 0)
+  tiles = -(-plan.seq // 128)
+  assert plan.kv_block == 128 and visits == [i + 1 for i in range(tiles)]
+  pairs = tiles * (tiles + 1) // 2
+  assert pairs / tiles**2 == pytest.approx(0.506, abs=0.01)
 
 
 def test_flop_counts_are_ordered():

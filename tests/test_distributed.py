@@ -248,7 +248,8 @@ def _read_until(proc, needle, timeout):
 @pytest.mark.slow
 def test_a_dead_process_ends_the_other():
   """Process 1 is killed while both run the pipeline; process 0, blocked on its peer, ends
-  within the heartbeat timeout with JAX's message, not a hang."""
+  within the heartbeat timeout, not a hang: either JAX's heartbeat notices, or a collective
+  reading from the dead peer's socket fails first (gloo: connection reset)."""
   port = launch_local.free_port()
   procs = _spawn(["run", "--preset", "tiny", "--f32", "--devices", "16", "--chunk-tokens",
                   "32", "--repeats", "100000", "--heartbeat-timeout", str(HEARTBEAT_S),
@@ -258,7 +259,8 @@ def test_a_dead_process_ends_the_other():
     procs[1].kill()
     rc, err, elapsed = _finish(procs[0], HEARTBEAT_S + 60)
   assert rc != 0
-  assert "another task died" in err or "unhealthy" in err, err[-3000:]
+  assert ("another task died" in err or "unhealthy" in err
+          or "Connection reset by peer" in err), err[-3000:]
   assert elapsed < HEARTBEAT_S + 45, elapsed
 
 

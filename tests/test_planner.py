@@ -22,7 +22,7 @@ def _setup(preset, **over):
 @pytest.mark.parametrize("devices", sorted(LAYERWISE_GRID))
 def test_layerwise_device_counts(preset, devices):
   setup = _setup(preset)
-  plan = planner.make_plan(setup, devices, "layerwise")
+  plan = planner.plan_layerwise(setup, devices)  # the grid; memory is checked below
   stages, tp = LAYERWISE_GRID[devices]
   assert (plan.stages, plan.tp, plan.mesh_shape) == (stages, tp, (stages, tp))
   per = 4 // stages

@@ -113,8 +113,9 @@ def test_activation_shardings():
   require_devices(16)
   _, plan = _plan("layerwise")
   sh = sharding.activation_shardings(sharding.mesh_for(plan))
-  assert sh["input_BxTxD"].spec == P()
-  assert sh["output_SUxRxCxD"].spec == P("stage")
+  # Never replicated: the width is split over both mesh axes, tensor-major.
+  assert sh["input_BxTxD"].spec == P(None, None, ("tensor", "stage"))
+  assert sh["output_BxTxD"].spec == sh["input_BxTxD"].spec
 
 
 def test_mesh_needs_enough_devices():

@@ -187,7 +187,7 @@ def print_point(result: dict) -> None:
 def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
   """Compiled per-device temp bytes of the forward and of one chunk step at each seq."""
   from tqdm import tqdm  # noqa: PLC0415
-  from jaxpart import config, measure  # noqa: PLC0415
+  from jaxpart import config, measure, memory  # noqa: PLC0415
   out = []
   for seq in tqdm(seqs, desc="memory by seq", file=sys.stderr, leave=False):
     s = dataclasses.replace(setup, run=config.RunShape(batch=setup.run.batch, seq=seq))
@@ -197,6 +197,9 @@ def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
     out.append({"seq": seq, "chunk_tokens": plan.chunk_tokens, "rows": plan.rows,
                 "forward_temp_bytes": fwd["temp_bytes"],
                 "forward_output_bytes": fwd["output_bytes"],
+                "forward_argument_bytes": fwd["argument_bytes"],
+                "forward_total_bytes": fwd["total_bytes"],
+                "predicted_hbm_bytes": memory.predicted_hbm_bytes(s.model, s.run, plan),
                 "step_temp_bytes": step["temp_bytes"],
                 "step_kv_cache_bytes": step["alias_bytes"],
                 "predicted_working_set_bytes": plan.predicted_working_set_bytes,
@@ -207,14 +210,17 @@ def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
 def print_memory(rows: list[dict]) -> None:
   from jaxpart.commands._common import fmt_bytes, table  # noqa: PLC0415
   print()
-  print(table([[r["seq"], f"{r['rows']}x{r['chunk_tokens']}", fmt_bytes(r["forward_temp_bytes"]),
-                fmt_bytes(r["forward_output_bytes"]), fmt_bytes(r["step_temp_bytes"]),
-                fmt_bytes(r["step_kv_cache_bytes"]), fmt_bytes(r["predicted_working_set_bytes"]),
+  print(table([[r["seq"], f"{r['rows']}x{r['chunk_tokens']}", fmt_bytes(r["forward_argument_bytes"]),
+                fmt_bytes(r["forward_temp_bytes"]), fmt_bytes(r["forward_output_bytes"]),
+                fmt_bytes(r["forward_total_bytes"]), fmt_bytes(r["predicted_hbm_bytes"]),
+                f"{r['forward_total_bytes'] / r['predicted_hbm_bytes']:.3f}",
+                fmt_bytes(r["step_temp_bytes"]), fmt_bytes(r["predicted_working_set_bytes"]),
                 f"{r['step_temp_over_predicted']:.2f}"] for r in rows],
-               ["seq", "chunk", "fwd temp", "fwd output", "step temp", "step KV (donated)",
-                "predicted WS", "step/pred"]))
+               ["seq", "chunk", "fwd args", "fwd temp", "fwd output", "fwd total",
+                "predicted HBM", "total/pred", "step temp", "predicted WS", "step/pred"]))
   print("per device, from memory_analysis() of the compiled programs (compiled, not run). "
-        "fwd: the whole layer-wise forward; step: one engine.stage_step on local shard shapes.")
+        "fwd: the whole forward (total = arguments + output + temp - aliased); predicted HBM: "
+        "the planner's memory.program_bytes; step: one engine.stage_step on local shard shapes.")
 
 
 def _sweep(args, setup) -> int:

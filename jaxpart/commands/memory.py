@@ -79,6 +79,11 @@ def run(args) -> int:
       ["working set, larger phase alone", fmt(pd["working_set_peak_phase"])],
       ["cache utilisation (working set / budget)", f"{pd['cache_utilisation']:,.1%}"],
   ]
+  rows += [[f"program: {k.replace('_', ' ')}", fmt(v)] for k, v in pd["program_bytes"].items()]
+  hbm = setup.hardware.hbm_bytes
+  rows.append(["predicted HBM per device (whole forward)",
+               f"{fmt(pd['predicted_hbm_bytes'])} of {fmt(hbm)}: "
+               f"{'fits' if pd['predicted_hbm_bytes'] <= hbm else 'DOES NOT FIT'}"])
   print(_common.table(rows, ["figure", "bytes"]))
 
   ws = info["working_set_terms"]

@@ -118,15 +118,15 @@ def render(setup, plan, info) -> str:
       f"  KV prefix per layer           up to {f(pd['streamed_per_step_kv_prefix_max'])} per step "
       f"(the last chunk)",
       f"  over the whole run, per layer weights {f(sr['weights'])}, KV prefix {f(sr['kv_prefix'])}",
-      "per device, held in HBM:",
-      f"  weights                       {f(pd['weights_per_device'])}",
-      f"  KV cache (engine: one microbatch, {plan.cache_len} positions) "
-      f"{f(pd['kv_cache_engine_per_device'])}; whole batch would be {f(pd['kv_cache_per_device'])}",
-      f"  engine input (replicated) + output slab {f(pd['engine_input_per_device'])} + "
-      f"{f(pd['engine_output_per_device'])}",
-      f"  total engine-resident         {f(pd['engine_resident_per_device'])} of "
-      f"{f(setup.hardware.hbm_bytes)} HBM: "
-      f"{'fits' if pd['engine_resident_per_device'] <= setup.hardware.hbm_bytes else 'DOES NOT FIT'}",
+      "per device, the whole forward program in HBM (predicted_hbm_bytes):",
+  ]
+  lines += [f"  {k.replace('_', ' '):<29} {f(v)}" for k, v in pd["program_bytes"].items()]
+  hbm = setup.hardware.hbm_bytes
+  lines += [
+      f"  {'total':<29} {f(pd['predicted_hbm_bytes'])} of {f(hbm)} HBM: "
+      f"{'fits' if pd['predicted_hbm_bytes'] <= hbm else 'DOES NOT FIT'}",
+      f"  (KV cache: one microbatch, {plan.cache_len} positions; the whole batch's would be "
+      f"{f(pd['kv_cache_per_device'])})",
       "(1 MB = 10^6 bytes throughout)",
   ]
   return "\n".join(lines)
