@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpart import costmodel, engine, measure, model, sharding
+from jaxpart import bench, costmodel, engine, hlo, measure, model, sharding
 from jaxpart.config import Setup
 from jaxpart.plan import Plan
 
@@ -27,9 +27,7 @@ def require_devices(n: int) -> None:
 def abstract_args(setup: Setup, plan: Plan, mesh, dtype=None):
   """ShapeDtypeStructs of parameters (placed as the Plan says) and input: nothing allocated."""
   dt = jnp.dtype(dtype or setup.model.dtype)
-  shard = sharding.param_shardings(mesh)
-  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, dt, sharding=sh),
-                        model.param_shapes(setup.model), shard)
+  params = sharding.abstract_placed_params(setup.model, plan, mesh, dt)
   x = jax.ShapeDtypeStruct((setup.run.batch, setup.run.seq, setup.model.d_model), dt)
   return params, x
 
@@ -47,16 +45,16 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh), params, x)
   hlo = stats["hlo"]
   loop = measure.engine_loop_bytes(hlo, plan)
-  static_loop = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
-  for o in measure.collective_ops(hlo):
+  static_loop = {k: 0.0 for k in hlo.COLLECTIVE_KINDS}
+  for o in hlo.collective_ops(hlo):
     if o.loop_depth:
       static_loop[o.kind] += o.bytes * o.count
   out = measure.public(stats)
   out.update(
       collective_loop_executed=loop["loop"], collective_outside_loops=loop["outside_loops"],
       collective_loop_static=static_loop,
-      flops_executed=measure.hlo_flops(hlo, costmodel.hlo_cond_weights(plan)),
-      flops_static=measure.hlo_flops(hlo),
+      flops_executed=hlo.hlo_flops(hlo, costmodel.hlo_cond_weights(plan)),
+      flops_static=hlo.hlo_flops(hlo),
       collective_element_bytes=_collective_element_bytes(hlo))
   return out
 
@@ -64,9 +62,9 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
 def _collective_element_bytes(hlo: str) -> int:
   """Element size of the engine's in-loop collectives as compiled (4 where CPU XLA promoted
   bf16 to f32); 0 if the loop holds none."""
-  comps, _ = measure.parse_hlo(hlo)
+  comps, _ = hlo.parse_hlo(hlo)
   types = {ins.name: ins.type_str for instrs in comps.values() for ins in instrs}
-  for o in measure.collective_ops(hlo):
+  for o in hlo.collective_ops(hlo):
     if o.loop_depth:
       etype = types.get(o.name, "").lstrip("(").split("[", 1)[0]
       return {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}.get(etype, 0)
@@ -86,9 +84,9 @@ def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.f
     placed = sharding.place_params(params_host, mesh)
     xr = jax.device_put(x, sharding.replicated(mesh))
     compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype).lower(placed, xr).compile()
-    flops[name] = measure.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
+    flops[name] = hlo.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
     fns[name] = (lambda c=compiled, p=placed, xx=xr: c(p, xx))
     if progress:
       progress(1)
-  timing = measure.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
+  timing = bench.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
   return {k: {**v, "flops_per_device_executed": flops[k]} for k, v in timing.items()}

@@ -138,11 +138,6 @@ def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT) -> float
   return payload / (bw * params.link_fraction) + hw.link_latency
 
 
-def bubble_fraction(stages: int, units: int) -> float:
-  """(S-1)/(M+S-1): the share of a lock-step pipeline's ticks a stage has nothing to do."""
-  return (stages - 1) / (units + stages - 1)
-
-
 def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
   """Matmul FLOPs per device (every device of a stage does the same) for the whole run.
 
@@ -394,7 +389,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   return Prediction(
       strategy=plan.strategy, hardware=hw.name, devices=plan.devices, stages=S, tp=plan.tp,
       rows=plan.rows, chunk_tokens=plan.chunk_tokens, units=U, ticks=plan.ticks,
-      bubble_fraction=bubble_fraction(S, U), total_s=total_s, tokens_per_s=tps,
+      bubble_fraction=plan.bubble_fraction, total_s=total_s, tokens_per_s=tps,
       seed_time_per_token_ms=1e3 / tps, sequence_latency_s=seq_latency,
       step_s=float(unit_s.mean()) + pipe_s, compute_s=run_sum("compute_s"),
       hbm_s=run_sum("hbm_s"), l2_s=run_sum("l2_s"), tp_comm_s=run_sum("allreduce_s"),

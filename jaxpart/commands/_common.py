@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from jaxpart import config
+from jaxpart import config, planner
 
 
 def add_setup_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
@@ -53,7 +53,6 @@ def add_plan_args(p: argparse.ArgumentParser, default_devices: int | None = 16,
 
 
 def plan_from(args, setup: config.Setup, strategy: str | None = None, **fixed):
-  from jaxpart import planner  # noqa: PLC0415
   kw: dict[str, Any] = dict(
       tp=args.tp, pp=args.pp, microbatches=args.microbatches,
       cache_bytes=None if args.cache_mb is None else args.cache_mb * 1e6,
