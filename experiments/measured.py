@@ -43,32 +43,21 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   mesh = sharding.mesh_for(plan)
   params, x = abstract_args(setup, plan, mesh, dtype)
   stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh), params, x)
-  hlo = stats["hlo"]
-  loop = measure.engine_loop_bytes(hlo, plan)
+  hlo_text = stats["hlo"]
+  loop = measure.engine_loop_bytes(hlo_text, plan)
   static_loop = {k: 0.0 for k in hlo.COLLECTIVE_KINDS}
-  for o in hlo.collective_ops(hlo):
+  for o in hlo.collective_ops(hlo_text):
     if o.loop_depth:
       static_loop[o.kind] += o.bytes * o.count
   out = measure.public(stats)
   out.update(
       collective_loop_executed=loop["loop"], collective_outside_loops=loop["outside_loops"],
       collective_loop_static=static_loop,
-      flops_executed=hlo.hlo_flops(hlo, costmodel.hlo_cond_weights(plan)),
-      flops_static=hlo.hlo_flops(hlo),
-      collective_element_bytes=_collective_element_bytes(hlo))
+      flops_executed=hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan)),
+      flops_static=hlo.hlo_flops(hlo_text),
+      # as compiled: 4 where CPU XLA promoted bf16 to f32; 0 if the loop holds none
+      collective_element_bytes=int(loop["element_bytes"] or 0))
   return out
-
-
-def _collective_element_bytes(hlo: str) -> int:
-  """Element size of the engine's in-loop collectives as compiled (4 where CPU XLA promoted
-  bf16 to f32); 0 if the loop holds none."""
-  comps, _ = hlo.parse_hlo(hlo)
-  types = {ins.name: ins.type_str for instrs in comps.values() for ins in instrs}
-  for o in hlo.collective_ops(hlo):
-    if o.loop_depth:
-      etype = types.get(o.name, "").lstrip("(").split("[", 1)[0]
-      return {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}.get(etype, 0)
-  return 0
 
 
 def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.float32,

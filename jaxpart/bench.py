@@ -3,9 +3,7 @@ interleaved, with each program's compile statistics beside its time."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,16 +49,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
         progress(1)
   return {n: {"median_s": statistics.median(runs[n]), "runs": runs[n],
               "cpu_median_s": statistics.median(cpu[n]), "cpu_runs": cpu[n]} for n in names}
-
-
-def to_json_line(obj: Any) -> str:
-  def default(o):
-    if dataclasses.is_dataclass(o):
-      return dataclasses.asdict(o)
-    if hasattr(o, "item"):
-      return o.item()
-    raise TypeError(type(o).__name__)
-  return json.dumps(obj, default=default)
 
 
 # --- the engine against the reference and plain GSPMD --------------------------------------

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from jaxpart import config, planner
+from jaxpart.jsonable import jsonable
 
 
 def add_setup_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
@@ -70,21 +71,13 @@ def add_json_arg(p: argparse.ArgumentParser, to_file: bool = False) -> None:
 
 
 def emit_json(obj: Any, dest: str | bool = True) -> None:
-  text = json.dumps(obj, indent=2, default=_jsonable)
+  text = json.dumps(obj, indent=2, default=jsonable)
   if dest is True or dest == "-":
     print(text)
   else:
     with open(dest, "w") as f:
       f.write(text + "\n")
     print(f"wrote {dest}", file=sys.stderr)
-
-
-def _jsonable(o: Any):
-  if hasattr(o, "to_dict"):
-    return o.to_dict()
-  if hasattr(o, "item"):
-    return o.item()
-  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def fmt_bytes(n: float) -> str:

@@ -17,7 +17,7 @@ import sys
 import jax
 from tqdm import tqdm
 
-from jaxpart import bench, config, distributed, hlo, measure, model
+from jaxpart import bench, config, distributed, hlo, jsonable, measure, model
 from jaxpart.commands import _common
 from jaxpart.commands._common import fmt_bytes, table
 from jaxpart.config import ConfigError
@@ -242,7 +242,7 @@ def _sweep(args, setup) -> int:
                                                           if k != "runs_s"},
               "ratios": res["ratios"], "megatron": res["megatron"],
               "machine_note": res["machine_note"]}
-      sink.write(bench.to_json_line(line) + "\n")
+      sink.write(jsonable.dumps(line) + "\n")
       sink.flush()
       ok += 1
   finally:
