@@ -2,5 +2,6 @@
 
 Run them with `jaxpart experiments [--only NAME]` (or `python -m experiments`); the runner is
 experiments.runner. Modelled figures come from jaxpart.costmodel, measured ones from programs
-compiled (and for small presets run) on simulated CPU devices via jaxpart.measure.
+compiled (and for small presets run) on simulated CPU devices via jaxpart.measure, .hlo
+and .bench.
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxpart import config, costmodel, planner
+from jaxpart.jsonable import jsonable
 from jaxpart.plan import Plan
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -136,18 +137,8 @@ def write(result: Result, results_dir: Path) -> list[Path]:
   js = results_dir / f"{stem}.json"
   md.write_text(result.markdown())
   js.write_text(json.dumps({"name": result.name, "title": result.title, **result.data},
-                           indent=2, default=_jsonable) + "\n")
+                           indent=2, default=jsonable) + "\n")
   return [md, js]
-
-
-def _jsonable(o: Any):
-  if hasattr(o, "to_dict"):
-    return o.to_dict()
-  if hasattr(o, "item"):
-    return o.item()
-  if isinstance(o, Path):
-    return str(o)
-  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def read_result(results_dir: Path, name: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpart import costmodel, engine, measure, model, sharding
+from jaxpart import bench, costmodel, engine, hlo, measure, model, sharding
 from jaxpart.config import Setup
 from jaxpart.plan import Plan
 
@@ -27,9 +27,7 @@ def require_devices(n: int) -> None:
 def abstract_args(setup: Setup, plan: Plan, mesh, dtype=None):
   """ShapeDtypeStructs of parameters (placed as the Plan says) and input: nothing allocated."""
   dt = jnp.dtype(dtype or setup.model.dtype)
-  shard = sharding.param_shardings(mesh)
-  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, dt, sharding=sh),
-                        model.param_shapes(setup.model), shard)
+  params = sharding.abstract_placed_params(setup.model, plan, mesh, dt)
   x = jax.ShapeDtypeStruct((setup.run.batch, setup.run.seq, setup.model.d_model), dt)
   return params, x
 
@@ -45,32 +43,21 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   mesh = sharding.mesh_for(plan)
   params, x = abstract_args(setup, plan, mesh, dtype)
   stats = measure.compile_stats(engine.jit_forward(plan, setup.model, mesh, differentiable=False), params, x)
-  hlo = stats["hlo"]
-  loop = measure.engine_loop_bytes(hlo, plan)
-  static_loop = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
-  for o in measure.collective_ops(hlo):
+  hlo_text = stats["hlo"]
+  loop = measure.engine_loop_bytes(hlo_text, plan)
+  static_loop = {k: 0.0 for k in hlo.COLLECTIVE_KINDS}
+  for o in hlo.collective_ops(hlo_text):
     if o.loop_depth:
       static_loop[o.kind] += o.bytes * o.count
   out = measure.public(stats)
   out.update(
       collective_loop_executed=loop["loop"], collective_outside_loops=loop["outside_loops"],
       collective_loop_static=static_loop,
-      flops_executed=measure.hlo_flops(hlo, costmodel.hlo_cond_weights(plan)),
-      flops_static=measure.hlo_flops(hlo),
-      collective_element_bytes=_collective_element_bytes(hlo))
+      flops_executed=hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan)),
+      flops_static=hlo.hlo_flops(hlo_text),
+      # as compiled: 4 where CPU XLA promoted bf16 to f32; 0 if the loop holds none
+      collective_element_bytes=int(loop["element_bytes"] or 0))
   return out
-
-
-def _collective_element_bytes(hlo: str) -> int:
-  """Element size of the engine's in-loop collectives as compiled (4 where CPU XLA promoted
-  bf16 to f32); 0 if the loop holds none."""
-  comps, _ = measure.parse_hlo(hlo)
-  types = {ins.name: ins.type_str for instrs in comps.values() for ins in instrs}
-  for o in measure.collective_ops(hlo):
-    if o.loop_depth:
-      etype = types.get(o.name, "").lstrip("(").split("[", 1)[0]
-      return {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}.get(etype, 0)
-  return 0
 
 
 def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.float32,
@@ -85,10 +72,11 @@ def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.f
     mesh = sharding.mesh_for(plan)
     placed = sharding.place_params(params_host, mesh)
     xr = jax.device_put(x, sharding.stream(mesh))
-    compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype, differentiable=False).lower(placed, xr).compile()
-    flops[name] = measure.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
+    compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype,
+                                  differentiable=False).lower(placed, xr).compile()
+    flops[name] = hlo.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
     fns[name] = (lambda c=compiled, p=placed, xx=xr: c(p, xx))
     if progress:
       progress(1)
-  timing = measure.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
+  timing = bench.time_interleaved(fns, repeats=repeats, warmup=1, progress=progress)
   return {k: {**v, "flops_per_device_executed": flops[k]} for k, v in timing.items()}

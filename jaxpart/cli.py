@@ -13,6 +13,9 @@ import os
 import pkgutil
 import sys
 
+from jaxpart import commands, distributed
+from jaxpart.errors import UserError
+
 DEFAULT_CPU_DEVICES = 16
 
 
@@ -23,7 +26,6 @@ def _ensure_cpu_devices(argv: list[str]) -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
     return
-  from jaxpart import distributed  # noqa: PLC0415  (imports no JAX backend)
   devices = _int_arg(argv, "--devices")
   processes = distributed.process_count_hint(argv)
   local = _int_arg(argv, "--local-devices")
@@ -45,7 +47,6 @@ def _int_arg(argv: list[str], flag: str) -> int | None:
 
 
 def _command_modules():
-  from jaxpart import commands  # noqa: PLC0415
   for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
     if not info.name.startswith("_"):
       yield importlib.import_module(f"jaxpart.commands.{info.name}")
@@ -60,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
     mod.add_arguments(p)
     if getattr(mod, "DISTRIBUTED", False):
-      from jaxpart import distributed  # noqa: PLC0415
       distributed.add_arguments(p)
     p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False))
   return parser
@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _ensure_cpu_devices(argv)
   args = build_parser().parse_args(argv)
-  from jaxpart.errors import UserError  # noqa: PLC0415
   try:
     if args._distributed:
-      from jaxpart import distributed  # noqa: PLC0415
       distributed.initialize(args)
     return int(args._run(args) or 0)
   except UserError as e:

@@ -29,6 +29,10 @@ import numpy as np
 from jaxpart import memory
 from jaxpart.config import ConfigError, ModelConfig, Setup
 from jaxpart.plan import Plan
+from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
+    _floats, allreduce_payload_bytes, attention_flops, collective_bytes, hlo_cond_weights,
+    kv_positions, matmul_flops, plan_flops, q_block, ring_allreduce_link_bytes,
+    stream_collective_bytes, tile_visits, unit_bytes)
 
 
 @dataclass(frozen=True)
@@ -91,60 +95,21 @@ class ModelParams:
 DEFAULT = ModelParams()
 
 
-# --- counting: FLOPs and bytes of one layer step, per device ------------------------------
+# --- time of the counted work ------------------------------------------------------------
 
-def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
-  """Q, K, V, O and the two MLP projections of `tokens` row-tokens on one tensor shard."""
-  return 2 * tokens * (cfg.projection_params_per_layer // tp)
-
-
-def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: float, tp: int) -> float:
-  """QK^T and PV of rows x tokens queries against `positions` keys, the local heads."""
-  return 2 * 2 * rows * tokens * positions * (cfg.attn_dim // tp)
+def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT) -> float:
+  """One ppermute of `payload` bytes across the slowest stage boundary."""
+  bw = params.pipeline_link_bw or hw.link_bw
+  return payload / (bw * params.link_fraction) + hw.link_latency
 
 
-def q_block(plan: Plan) -> int:
-  """Queries per attention tile: attention.blocked_causal's default, kv_block (or the chunk)."""
-  return min(plan.kv_block, plan.chunk_tokens)
 
+def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT) -> float:
+  if tp <= 1:
+    return 0.0
+  return (ring_allreduce_link_bytes(payload, tp) / (hw.link_bw * params.link_fraction)
+          + hw.link_latency)
 
-def tile_visits(plan: Plan, chunk_index: int) -> list[int]:
-  """KV blocks each query tile of a chunk visits: those starting at or before the tile's last
-  real query (attention.blocked_causal's skip rule)."""
-  qb, c = q_block(plan), plan.chunk_tokens
-  q_start = chunk_index * c
-  last_real = q_start + c - 1
-  n_blocks = plan.cache_len // plan.kv_block
-  return [min(min(q_start + (i + 1) * qb - 1, last_real) // plan.kv_block + 1, n_blocks)
-          for i in range(-(-c // qb))]
-
-
-def kv_positions(plan: Plan, chunk_index: int) -> float:
-  """Keys per query a chunk's step computes against: every visited (tile, block) pair in full,
-  padded queries of a ragged last tile included, spread over the chunk's queries."""
-  return sum(tile_visits(plan, chunk_index)) * plan.kv_block * q_block(plan) / plan.chunk_tokens
-
-
-def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
-  """One psum's buffer: the unit's activations, rows x chunk x d_model in the model dtype."""
-  return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
-
-
-def unit_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
-  """What the ppermute carries each tick: one unit of activations."""
-  return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
-
-
-def stream_collective_bytes(cfg: ModelConfig, plan: Plan,
-                            element_bytes: int | None = None) -> dict[str, int]:
-  """Collective buffer bytes per device per tick for the sharded input and output streams.
-
-  The engine (engine._gather_unit, engine._scatter_unit) issues, on every tick and every
-  device, S - 1 one-pair ppermutes of a 1/N slice of a unit towards stage 0 and S - 1 from the
-  last stage, and one all-gather over the tensor group of a 1/tp slice."""
-  unit = unit_bytes(cfg, plan, element_bytes)
-  return {"collective-permute": 2 * (plan.stages - 1) * (unit // plan.devices),
-          "all-gather": unit // plan.tp if plan.tp > 1 else 0}
 
 
 def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
@@ -159,111 +124,6 @@ def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> f
           + hw.link_latency)
   return s
 
-
-def ring_allreduce_link_bytes(payload: float, tp: int) -> float:
-  """Bytes each device sends in a ring all-reduce: reduce-scatter then all-gather."""
-  return 2 * (tp - 1) / tp * payload if tp > 1 else 0.0
-
-
-def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT) -> float:
-  if tp <= 1:
-    return 0.0
-  return (ring_allreduce_link_bytes(payload, tp) / (hw.link_bw * params.link_fraction)
-          + hw.link_latency)
-
-
-def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT) -> float:
-  """One ppermute of `payload` bytes across the slowest stage boundary."""
-  bw = params.pipeline_link_bw or hw.link_bw
-  return payload / (bw * params.link_fraction) + hw.link_latency
-
-
-def bubble_fraction(stages: int, units: int) -> float:
-  """(S-1)/(M+S-1): the share of a lock-step pipeline's ticks a stage has nothing to do."""
-  return (stages - 1) / (units + stages - 1)
-
-
-def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
-  """Matmul FLOPs per device (every device of a stage does the same) for the whole run.
-
-  executed: what the engine runs: each of the U units once per layer of the stage, attention
-  over the visited KV blocks only; bubble ticks take the cond's skip branch and cost nothing.
-  static: every tick counted as a step and every KV block as visited: what a static count of
-  the compiled program (each dot times its loop trip counts, cond branches as taken) sees.
-  useful: the causal minimum on real (unpadded) tokens: matmuls on B*T tokens and attention over
-  (T+1)/2 keys on average; executed/useful is the engine's overhead from padding the last chunk
-  and from computing whole KV blocks.
-  Elementwise work (LayerNorm, softmax, GELU) is not counted: it is under 1% at paper width.
-  """
-  n = plan.rows * plan.chunk_tokens
-  lps = plan.layers_per_stage
-  mm_step = lps * matmul_flops(cfg, n, plan.tp)
-  att = [lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, kv_positions(plan, k), plan.tp)
-         for k in range(plan.n_chunks)]
-  tiles = len(tile_visits(plan, 0))
-  att_all_blocks = lps * attention_flops(cfg, plan.rows, tiles * q_block(plan), plan.cache_len,
-                                         plan.tp)
-  executed = plan.units * mm_step + plan.microbatches * sum(att)
-  static = plan.ticks * (mm_step + att_all_blocks)
-  tokens = plan.batch * plan.seq
-  useful = tokens * lps * (2 * cfg.projection_params_per_layer
-                           + 2 * (plan.seq + 1) * cfg.attn_dim) / plan.tp
-  return {"executed": float(executed), "static": float(static), "useful": float(useful),
-          "matmul": float(plan.units * mm_step),
-          "attention": float(plan.microbatches * sum(att))}
-
-
-def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
-  """Branch weights that turn a static count of the engine's HLO into the executed count.
-
-  Outer cond (the tick's run/skip): a stage runs on units of its ticks. Inner cond (attention's
-  per-KV-block skip, inside each query tile): the share of (tile, block) pairs visited; every
-  microbatch repeats the same chunks, so the mean over chunks is exact.
-  """
-  blocks = plan.cache_len // plan.kv_block
-  visits = [tile_visits(plan, k) for k in range(plan.n_chunks)]
-  return (plan.units / plan.ticks,
-          sum(map(sum, visits)) / (plan.n_chunks * len(visits[0]) * blocks))
-
-
-def collective_bytes(cfg: ModelConfig, plan: Plan,
-                     element_bytes: int | None = None) -> dict[str, dict[str, float]]:
-  """Collective buffer bytes per device for the whole run, per HLO collective kind.
-
-  `executed` and `static` count each collective op's buffer once, as HLO shapes do (an
-  all-reduce of X bytes counts X): `executed` the psums of valid steps only (they sit in the
-  cond's run branch), `static` the psums on every tick, which is what a static count of the
-  compiled program (op bytes x loop trip counts) sees. The ppermute runs on every tick, bubble
-  ticks included, in both. `link` is what a device sends: a ring all-reduce 2(t-1)/t X, a
-  ppermute X (every stage but the last). The gather of the output outside the engine's loop,
-  which XLA's partitioner lays out, is not modelled.
-
-  element_bytes overrides the model dtype's size: XLA on CPU promotes bf16 collectives to
-  float32, so a bf16 program compiled there moves 4-byte elements.
-  """
-  ar = allreduce_payload_bytes(cfg, plan, element_bytes) if plan.tp > 1 else 0
-  per_step = 2 * plan.layers_per_stage * ar
-  pp = unit_bytes(cfg, plan, element_bytes) if plan.stages > 1 else 0
-  st = stream_collective_bytes(cfg, plan, element_bytes)
-  permute = plan.ticks * (pp + st["collective-permute"])
-  gather = plan.ticks * st["all-gather"]
-  payload_exec = {"all-reduce": plan.units * per_step, "collective-permute": permute,
-                  "all-gather": gather}
-  payload_static = dict(payload_exec, **{"all-reduce": plan.ticks * per_step})
-  # A middle stage sends its unit on and its input slice to stage 0; the last stage sends
-  # S - 1 output slices; every device sends (tp - 1)/tp of the gathered unit in the ring.
-  piece = unit_bytes(cfg, plan, element_bytes) // plan.devices
-  link = {"all-reduce": plan.units * 2 * plan.layers_per_stage
-                        * ring_allreduce_link_bytes(ar, plan.tp),
-          "collective-permute": plan.ticks * max(pp + piece * (plan.stages > 1),
-                                                 (plan.stages - 1) * piece),
-          "all-gather": plan.ticks * (plan.tp - 1) * st["all-gather"]}
-  return {"executed": _floats(payload_exec), "static": _floats(payload_static),
-          "link": _floats(link)}
-
-
-def _floats(d):
-  return {k: float(v) for k, v in d.items()}
 
 
 # --- traffic: HBM and L2 of one layer step -------------------------------------------------
@@ -442,7 +302,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   return Prediction(
       strategy=plan.strategy, hardware=hw.name, devices=plan.devices, stages=S, tp=plan.tp,
       rows=plan.rows, chunk_tokens=plan.chunk_tokens, units=U, ticks=plan.ticks,
-      bubble_fraction=bubble_fraction(S, U), total_s=total_s, tokens_per_s=tps,
+      bubble_fraction=plan.bubble_fraction, total_s=total_s, tokens_per_s=tps,
       seed_time_per_token_ms=1e3 / tps, sequence_latency_s=seq_latency,
       step_s=float(unit_s.mean()) + pipe_s, compute_s=run_sum("compute_s"),
       hbm_s=run_sum("hbm_s"), l2_s=run_sum("l2_s"), tp_comm_s=run_sum("allreduce_s"),

@@ -27,7 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import jax
+
 from jaxpart.config import ConfigError
+from jaxpart.errors import first_line
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_PROCESSES = "JAX_NUM_PROCESSES"
@@ -200,7 +203,6 @@ def initialize(args, environ: Mapping[str, str] = os.environ) -> Launch | None:
   launch = resolve(args, environ)
   if launch is None:
     return None
-  import jax  # noqa: PLC0415
   if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in environ:
     # gloo is JAX's default today; said explicitly because without cross-process collectives a
     # CPU mesh that spans processes cannot run at all.
@@ -233,7 +235,7 @@ def initialize(args, environ: Mapping[str, str] = os.environ) -> Launch | None:
   except Exception as e:  # noqa: BLE001  (XlaRuntimeError and friends carry the reason)
     raise DistributedError(
         f"could not join {where} within --init-timeout {launch.init_timeout} s: "
-        f"{_first_line(e)} (check the address, that process 0 is running and that all "
+        f"{first_line(e)} (check the address, that process 0 is running and that all "
         f"--num-processes processes were started)") from None
   _keep_stdout_for_results()
   _bound_exit(launch.shutdown_timeout + EXIT_MARGIN_S)
@@ -296,12 +298,6 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
     time.sleep(0.25)
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
 def is_main() -> bool:
   """Process 0 prints tables and writes files; the others compute and stay quiet."""
-  import jax  # noqa: PLC0415
   return jax.process_index() == 0

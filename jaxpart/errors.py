@@ -7,3 +7,9 @@ keeps its traceback.
 
 class UserError(ValueError):
   """The message names the field or path, the bad value and what would be valid."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """`Type: first line of the message`, for errors from libraries whose messages run long."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:limit]

@@ -233,3 +233,30 @@ def contiguous_stage_layers(layers: int, stages: int) -> tuple[tuple[int, ...], 
 
 def divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --- what a tp degree must divide --------------------------------------------------------------
+# The rules every consumer of a Plan applies (the planner choosing tp, a checkpoint restoring
+# into one); they read only the model's head and MLP sizes.
+
+def tp_problems(cfg, tp: int) -> list[str]:
+  """Why tp cannot split this model's heads and MLP columns; empty when it can."""
+  problems = []
+  if cfg.n_heads % tp:
+    problems.append(f"n_heads = {cfg.n_heads} is not divisible by tp = {tp}")
+  if cfg.d_ff % tp:
+    problems.append(f"d_ff = {cfg.d_ff} is not divisible by tp = {tp}")
+  return problems
+
+
+def valid_tps(cfg) -> list[int]:
+  return [t for t in divisors(cfg.n_heads) if cfg.d_ff % t == 0]
+
+
+def check_tp(cfg, tp: int) -> None:
+  if not isinstance(tp, int) or isinstance(tp, bool) or tp <= 0:
+    raise PlanError(f"tp = {tp!r}: must be a positive integer")
+  problems = tp_problems(cfg, tp)
+  if problems:
+    raise PlanError(f"tp = {tp}: {'; '.join(problems)}. Valid tp degrees for this model: "
+                    f"{', '.join(map(str, valid_tps(cfg)))}")

@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 
 from jaxpart import memory
 from jaxpart.config import ModelConfig, Setup
-from jaxpart.plan import Plan, PlanError, contiguous_stage_layers, divisors
+from jaxpart.plan import (Plan, PlanError, check_tp, contiguous_stage_layers,  # noqa: F401
+                          divisors, tp_problems, valid_tps)
 
 MAX_KV_BLOCK = 128
 MIN_KV_BLOCK = 16
@@ -24,28 +25,6 @@ AUTO_EXTRA_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 def _positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise PlanError(f"{name} = {value!r}: must be a positive integer")
-
-
-def tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
-  """Why tp cannot split this model's heads and MLP columns; empty when it can."""
-  problems = []
-  if cfg.n_heads % tp:
-    problems.append(f"n_heads = {cfg.n_heads} is not divisible by tp = {tp}")
-  if cfg.d_ff % tp:
-    problems.append(f"d_ff = {cfg.d_ff} is not divisible by tp = {tp}")
-  return problems
-
-
-def valid_tps(cfg: ModelConfig) -> list[int]:
-  return [t for t in divisors(cfg.n_heads) if cfg.d_ff % t == 0]
-
-
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-  _positive_int("tp", tp)
-  problems = tp_problems(cfg, tp)
-  if problems:
-    raise PlanError(f"tp = {tp}: {'; '.join(problems)}. Valid tp degrees for this model: "
-                    f"{', '.join(map(str, valid_tps(cfg)))}")
 
 
 def default_kv_block(tokens: int) -> int:

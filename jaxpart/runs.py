@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpart import engine, model, sharding
 from jaxpart.config import Setup
@@ -63,7 +64,6 @@ def fetch(y) -> np.ndarray:
   """The whole of a (replicated or per-process addressable) result on the host."""
   if getattr(y, "is_fully_addressable", True):
     return np.asarray(y)
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   return np.asarray(multihost_utils.process_allgather(y, tiled=True))
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxpart import compat
+from jaxpart import compat, model
 from jaxpart.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
 
 
@@ -140,3 +141,22 @@ def gspmd_tp_specs() -> dict:
   ln = {"scale": P(), "bias": P()}
   return {"ln1": ln, "attn": {"wq": col, "wk": col, "wv": col, "wo": row}, "ln2": dict(ln),
           "mlp": {"w_in": col, "w_out": row}}
+
+
+def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None) -> dict:
+  """ShapeDtypeStructs of the model's parameters carrying the Plan's shardings (plan None: this
+  process's first device), nothing allocated: what jit lowers against and orbax restores into.
+
+  mesh defaults to mesh_for(plan); dtype overrides the model's (float32 checks). Every leaf is
+  checked to split evenly under the Plan (a PlanError naming it), as place_for_plan does.
+  """
+  shapes = model.param_shapes(cfg)
+  if plan is None:
+    one = SingleDeviceSharding(jax.local_devices()[0])
+    shards = jax.tree.map(lambda _: one, shapes)
+  else:
+    param_local_shapes(shapes, plan)
+    shards = param_shardings(mesh_for(plan) if mesh is None else mesh)
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype), sharding=sh),
+      shapes, shards)

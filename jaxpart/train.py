@@ -82,10 +82,7 @@ def grad_memory(forward: Forward, params_abstract, x_abstract) -> dict[str, int]
 
 def abstract_inputs(cfg: ModelConfig, plan, mesh, dtype):
   """ShapeDtypeStructs of (params placed as the Plan says, the input as the engine takes it)."""
-  shapes = model.param_shapes(cfg)
-  shard = sharding.param_shardings(mesh)
-  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-                        shapes, shard)
+  params = sharding.abstract_placed_params(cfg, plan, mesh, dtype)
   x = jax.ShapeDtypeStruct((plan.batch, plan.seq, cfg.d_model), dtype,
                            sharding=sharding.stream(mesh))
   return params, x

@@ -118,7 +118,7 @@ def step_plan(cfg, sz, chunk: int, kv, prefix: int) -> Plan:
 
 def local_params(cfg, plan, key):
   """Random weights in the local shard shapes (LayerNorm scale 1, bias 0), on the device."""
-  shapes = measure.local_param_shapes(cfg, plan)
+  shapes = measure.stage_step_args(cfg, plan)[0]   # one device's shards
   leaves, tree = jax.tree.flatten_with_path(shapes)
   keys = jax.random.split(key, len(leaves))
   out = []

@@ -2,10 +2,11 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, measure, planner
+from jaxpart import bench, cli, config, costmodel, planner
 
 
 def _bench(tmp_path, *extra):
@@ -38,7 +39,7 @@ def test_bench_layerwise_figures(tmp_path, capsys):
   assert gspmd["collective_bytes"]["all-reduce"] > 0
   s = config.load_setup("tiny")
   plan = planner.make_plan(s, 4, "layerwise", chunk_tokens=32)
-  want = measure.megatron_collective_bytes(plan, s.model, 2)["collective-permute"]
+  want = costmodel.collective_bytes(s.model, plan, 2)["executed"]["collective-permute"]
   assert eng["collective_bytes"]["collective-permute"] >= want > 0
   # compiled matmul FLOPs of 4 devices cover the model's useful FLOPs (padding and masked
   # attention blocks add, nothing is missing)
@@ -89,3 +90,17 @@ def test_bench_sweep_writes_one_line_per_point(tmp_path):
   for l in lines:
     assert l["tokens_per_s"] > 0 and "engine/reference" in l["ratios"]
     assert l["units"] == -(-100 // l["chunk_tokens"])
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+def test_time_interleaved_order_and_median():
+  calls = []
+  fns = {n: (lambda n=n: calls.append(n) or jnp.zeros(())) for n in "abc"}
+  out = bench.time_interleaved(fns, repeats=3, warmup=1)
+  assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+  for n in "abc":
+    assert len(out[n]["runs"]) == 3
+    assert out[n]["median_s"] == sorted(out[n]["runs"])[1]
+  with pytest.raises(ValueError, match="repeats = 0"):
+    bench.time_interleaved(fns, repeats=0, warmup=0)

@@ -22,7 +22,7 @@ import pytest
 from conftest import require_devices
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, engine, model, planner, sharding
-from jaxpart.checkpoint import CheckpointError
+from jaxpart.checkpoint import CheckpointError, orbax_io
 from jaxpart.plan import PlanError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,7 +371,7 @@ def test_failure_before_commit_leaves_no_destination(base, tmp_path, monkeypatch
   def crash(*a, **k):
     raise OSError("disk full (injected)")
 
-  monkeypatch.setattr(ck, "_write_manifest", crash)
+  monkeypatch.setattr(orbax_io, "_write_manifest", crash)
   with pytest.raises(OSError, match="injected"):
     ck.convert(base["path"], tmp_path / "dst", base["plans"]["lw16"])
   assert not (tmp_path / "dst").exists() and not list(tmp_path.iterdir())

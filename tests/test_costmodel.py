@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, costmodel, engine, measure, model, planner, sharding
+from jaxpart import cli, config, costmodel, engine, measure, planner, sharding
+from jaxpart.hlo import COLLECTIVE_KINDS, collective_ops, hlo_flops
+from jaxpart.plan import Plan, contiguous_stage_layers
 
 TINY32 = config.load_setup("tiny", overrides={"model.dtype": "float32"})
 PAPER = config.load_setup("paper")
@@ -41,8 +43,7 @@ def compiled():
   for name, make in TINY_PLANS.items():
     plan = make(TINY32)
     mesh = sharding.mesh_for(plan)
-    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          model.param_shapes(TINY32.model), sharding.param_shardings(mesh))
+    params = sharding.abstract_placed_params(TINY32.model, plan, mesh)
     x = jax.ShapeDtypeStruct((TINY32.run.batch, TINY32.run.seq, TINY32.model.d_model),
                              jnp.float32)
     stats = measure.compile_stats(engine.jit_forward(plan, TINY32.model, mesh), params, x)
@@ -55,8 +56,8 @@ def test_collective_bytes_match_compiled_hlo(compiled, name):
   plan, hlo = compiled[name]
   modelled = costmodel.collective_bytes(TINY32.model, plan)
   loop = measure.engine_loop_bytes(hlo, plan)["loop"]
-  static = {k: 0.0 for k in measure.COLLECTIVE_KINDS}
-  for op in measure.collective_ops(hlo):
+  static = {k: 0.0 for k in COLLECTIVE_KINDS}
+  for op in collective_ops(hlo):
     if op.loop_depth:
       static[op.kind] += op.bytes * op.count
   kinds = ("all-reduce", "collective-permute", "all-gather")
@@ -71,9 +72,9 @@ def test_collective_bytes_match_compiled_hlo(compiled, name):
 def test_flops_match_compiled_hlo(compiled, name):
   plan, hlo = compiled[name]
   fl = costmodel.plan_flops(TINY32.model, plan)
-  executed = measure.hlo_flops(hlo, costmodel.hlo_cond_weights(plan))
+  executed = hlo_flops(hlo, costmodel.hlo_cond_weights(plan))
   assert fl["executed"] == pytest.approx(executed, rel=RTOL)
-  assert fl["static"] == pytest.approx(measure.hlo_flops(hlo), rel=RTOL)
+  assert fl["static"] == pytest.approx(hlo_flops(hlo), rel=RTOL)
   # The counts differ where they should: bubble ticks and skipped KV blocks are real savings.
   assert fl["executed"] < 0.95 * fl["static"]
 
@@ -101,8 +102,12 @@ def test_ring_allreduce_and_collective_link_bytes():
 
 @pytest.mark.parametrize("stages,units", [(1, 5), (2, 8), (4, 85), (4, 10880)])
 def test_bubble_formula(stages, units):
-  assert costmodel.bubble_fraction(stages, units) == pytest.approx(
-      (stages - 1) / (units + stages - 1))
+  """The one bubble formula, on the Plan; the prediction reports it."""
+  plan = Plan(strategy="layerwise", devices=stages, stages=stages, tp=1,
+              stage_layers=contiguous_stage_layers(stages, stages), batch=1, seq=units,
+              microbatches=1, chunk_tokens=1, kv_block=1)
+  assert plan.units == units
+  assert plan.bubble_fraction == pytest.approx((stages - 1) / (units + stages - 1))
 
 
 def test_uniform_pipeline_time_is_ticks_times_step():

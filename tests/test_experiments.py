@@ -107,13 +107,14 @@ def test_verdict_refuses_without_inputs(tmp_path):
     runner.run(["verdict"], ctx)
 
 
-def test_unknown_experiment_is_an_error(capsys):
+def test_unknown_experiment_is_an_error(capfd):
+  """`jaxpart experiments` runs `python -m experiments` as a child: read its file descriptors."""
   with pytest.raises(runner.UnknownExperiment, match="valid names are sec2_memory"):
     runner.select(["nope"])
   assert cli.main(["experiments", "--only", "nope", "--no-progress"]) == 2
-  assert "unknown experiment" in capsys.readouterr().err
+  assert "unknown experiment" in capfd.readouterr().err
   assert cli.main(["experiments", "--list"]) == 0
-  assert capsys.readouterr().out.split() == list(runner.SECTIONS)
+  assert capfd.readouterr().out.split() == list(runner.SECTIONS)
 
 
 def test_compiled_engine_figures_match_the_model():

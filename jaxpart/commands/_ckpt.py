@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from jaxpart import config
+from jaxpart.checkpoint import CheckpointError
 from jaxpart.commands import _common
 
 STRATEGIES = ("baseline", "layerwise", "auto", "unsharded")
@@ -40,7 +41,6 @@ def setup_for_target(args, manifest) -> config.Setup:
   if setup_flags_given(args):
     return _common.setup_from(args)
   if manifest is None:
-    from jaxpart.checkpoint import CheckpointError  # noqa: PLC0415
     raise CheckpointError(f"{args.src}: an .npz without a jaxpart manifest; name the model "
                           f"(--preset/--config/--set) to import it")
   if manifest.run is None:

@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from jaxpart import config
+from jaxpart import config, planner
+from jaxpart.jsonable import jsonable
 
 
 def add_setup_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
@@ -53,7 +54,6 @@ def add_plan_args(p: argparse.ArgumentParser, default_devices: int | None = 16,
 
 
 def plan_from(args, setup: config.Setup, strategy: str | None = None, **fixed):
-  from jaxpart import planner  # noqa: PLC0415
   kw: dict[str, Any] = dict(
       tp=args.tp, pp=args.pp, microbatches=args.microbatches,
       cache_bytes=None if args.cache_mb is None else args.cache_mb * 1e6,
@@ -71,21 +71,13 @@ def add_json_arg(p: argparse.ArgumentParser, to_file: bool = False) -> None:
 
 
 def emit_json(obj: Any, dest: str | bool = True) -> None:
-  text = json.dumps(obj, indent=2, default=_jsonable)
+  text = json.dumps(obj, indent=2, default=jsonable)
   if dest is True or dest == "-":
     print(text)
   else:
     with open(dest, "w") as f:
       f.write(text + "\n")
     print(f"wrote {dest}", file=sys.stderr)
-
-
-def _jsonable(o: Any):
-  if hasattr(o, "to_dict"):
-    return o.to_dict()
-  if hasattr(o, "item"):
-    return o.item()
-  raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def fmt_bytes(n: float) -> str:

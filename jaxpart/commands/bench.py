@@ -9,11 +9,19 @@ not parallel speed-up.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
 
+import jax
+from tqdm import tqdm
+
+from jaxpart import bench, config, distributed, hlo, jsonable, measure, memory, model
 from jaxpart.commands import _common
+from jaxpart.commands._common import fmt_bytes, table
+from jaxpart.config import ConfigError
+from jaxpart.plan import PlanError
 
 NAME = "bench"
 HELP = ("benchmark a placement: tokens/s, compiled memory, FLOPs and collective bytes, against "
@@ -26,7 +34,6 @@ KIND_ABBREV = {"all-reduce": "all-reduce", "collective-permute": "permute",
 
 
 def _int_list(flag: str, text: str) -> list[int]:
-  from jaxpart.config import ConfigError  # noqa: PLC0415
   try:
     out = [int(t) for t in text.split(",") if t.strip()]
   except ValueError:
@@ -62,7 +69,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  from jaxpart.plan import PlanError  # noqa: PLC0415
   if args.repeats < 1 or args.warmup < 0:
     raise PlanError(f"--repeats = {args.repeats}, --warmup = {args.warmup}: need repeats >= 1 "
                     f"and warmup >= 0")
@@ -80,7 +86,6 @@ def run(args) -> int:
     result.pop("_variants")
   if seqs:
     result["memory_by_seq"] = memory_by_seq(setup, args, seqs)
-  from jaxpart import distributed  # noqa: PLC0415
   if not distributed.is_main():
     return 0
   if args.json:
@@ -95,37 +100,31 @@ def run(args) -> int:
 
 
 def _inputs(setup, seed: int):
-  import jax  # noqa: PLC0415
-  from jaxpart import model  # noqa: PLC0415
   kp, kx = jax.random.split(jax.random.key(seed))
   return (model.init_params(setup.model, kp),
           model.random_input(setup.model, setup.run.batch, setup.run.seq, kx))
 
 
 def bench_point(setup, plan, args, params_x=None, reference=None) -> dict:
-  """reference: a measure.Variant compiled by an earlier point, reused (sweeps)."""
-  from tqdm import tqdm  # noqa: PLC0415
-  from jaxpart import measure  # noqa: PLC0415
+  """reference: a bench.Variant compiled by an earlier point, reused (sweeps)."""
   params, x = params_x or _inputs(setup, args.seed)
-  variants = measure.build_variants(
+  variants = bench.build_variants(
       setup, plan, params, x, reference=reference or not args.no_reference,
       gspmd=not args.no_gspmd and plan.devices > 1)
   total = (sum(v.stats is None for v in variants)
            + len(variants) * (args.warmup + args.repeats))
   with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
             file=sys.stderr, leave=False) as bar:
-    rows = measure.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
+    rows = bench.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
   return {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
           "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
           "machine_note": _machine_note(), "repeats": args.repeats, "warmup": args.warmup,
-          "variants": rows, "ratios": measure.ratios(rows),
+          "variants": rows, "ratios": bench.ratios(rows),
           "megatron": measure.megatron_comparison(variants[0].stats["hlo"], plan, setup.model),
           "_variants": variants}
 
 
 def _machine_note() -> str:
-  import os  # noqa: PLC0415
-  import jax  # noqa: PLC0415
   d = jax.devices()
   if d[0].platform == "cpu":
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -135,8 +134,6 @@ def _machine_note() -> str:
 
 
 def print_point(result: dict) -> None:
-  from jaxpart.commands._common import fmt_bytes, table  # noqa: PLC0415
-  from jaxpart import measure  # noqa: PLC0415
   plan = result["plan"]
   print(f"{result['preset']}: {plan['strategy']} on {plan['devices']} devices "
         f"({plan['stages']} stages x tp {plan['tp']}, {plan['derived']['split']}); "
@@ -158,9 +155,9 @@ def print_point(result: dict) -> None:
     rows.append([r["name"], fmt_bytes(r["argument_bytes"]), fmt_bytes(r["output_bytes"]),
                  fmt_bytes(r["temp_bytes"]), f"{r['compiled_flops_per_device'] / 1e6:,.2f}",
                  f"{r['xla_cost_flops'] / 1e6:,.2f}"]
-                + [fmt_bytes(r["collective_bytes"][k]) for k in measure.COLLECTIVE_KINDS])
+                + [fmt_bytes(r["collective_bytes"][k]) for k in hlo.COLLECTIVE_KINDS])
   print(table(rows, ["per device", "argument", "output", "temp", "MFLOP (HLO)",
-                     "MFLOP (xla)"] + [KIND_ABBREV[k] for k in measure.COLLECTIVE_KINDS]))
+                     "MFLOP (xla)"] + [KIND_ABBREV[k] for k in hlo.COLLECTIVE_KINDS]))
   print("MFLOP (HLO): matmul FLOPs per device per call, loop trips applied; MFLOP (xla): "
         "cost_analysis(), which counts each loop body once. GFLOP/s: useful model FLOPs "
         f"({result['variants'][0]['model_flops'] / 1e9:,.3f} GFLOP per call) / median time. "
@@ -172,7 +169,7 @@ def print_point(result: dict) -> None:
   print(table([[KIND_ABBREV[k], fmt_bytes(m["measured_loop"][k]), fmt_bytes(m["formula"][k]),
                 "-" if m["ratio"][k] is None else f"{m['ratio'][k]:.3f}",
                 fmt_bytes(m["outside_loops"][k])]
-               for k in measure.COLLECTIVE_KINDS
+               for k in hlo.COLLECTIVE_KINDS
                if m["formula"][k] or m["measured_loop"][k] or m["outside_loops"][k]],
               ["engine collectives", "in tick loop", "Megatron formula", "measured/formula",
                "outside loops"]))
@@ -186,8 +183,6 @@ def print_point(result: dict) -> None:
 
 def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
   """Compiled per-device temp bytes of the forward and of one chunk step at each seq."""
-  from tqdm import tqdm  # noqa: PLC0415
-  from jaxpart import config, measure, memory  # noqa: PLC0415
   out = []
   for seq in tqdm(seqs, desc="memory by seq", file=sys.stderr, leave=False):
     s = dataclasses.replace(setup, run=config.RunShape(batch=setup.run.batch, seq=seq))
@@ -208,7 +203,6 @@ def memory_by_seq(setup, args, seqs: list[int]) -> list[dict]:
 
 
 def print_memory(rows: list[dict]) -> None:
-  from jaxpart.commands._common import fmt_bytes, table  # noqa: PLC0415
   print()
   print(table([[r["seq"], f"{r['rows']}x{r['chunk_tokens']}", fmt_bytes(r["forward_argument_bytes"]),
                 fmt_bytes(r["forward_temp_bytes"]), fmt_bytes(r["forward_output_bytes"]),
@@ -224,13 +218,9 @@ def print_memory(rows: list[dict]) -> None:
 
 
 def _sweep(args, setup) -> int:
-  from tqdm import tqdm  # noqa: PLC0415
-  from jaxpart import measure  # noqa: PLC0415
-  from jaxpart.plan import PlanError  # noqa: PLC0415
   counts = _int_list("--device-counts", args.device_counts)
   chunks = _int_list("--chunks", args.chunks) if args.strategy == "layerwise" else [None]
   params_x = _inputs(setup, args.seed)
-  from jaxpart import distributed  # noqa: PLC0415
   main = distributed.is_main()  # every process measures; only process 0 writes
   sink = (open(args.jsonl, "w") if args.jsonl else sys.stdout) if main else open(os.devnull, "w")
   points = [(n, c) for n in counts for c in chunks]
@@ -258,7 +248,7 @@ def _sweep(args, setup) -> int:
                                                           if k != "runs_s"},
               "ratios": res["ratios"], "megatron": res["megatron"],
               "machine_note": res["machine_note"]}
-      sink.write(measure.to_json_line(line) + "\n")
+      sink.write(jsonable.dumps(line) + "\n")
       sink.flush()
       ok += 1
   finally:
@@ -270,5 +260,4 @@ def _sweep(args, setup) -> int:
 
 
 def argparse_ns(args, **changes):
-  import argparse  # noqa: PLC0415
   return argparse.Namespace(**{**vars(args), **changes})

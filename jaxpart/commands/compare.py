@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpart import config, distributed, measure, model, runs
+from jaxpart import bench, config, distributed, model, planner, runs
 from jaxpart.commands import _common
 
 NAME = "compare"
@@ -30,7 +30,6 @@ def add_arguments(p):
 
 
 def _plans(args, setup):
-  from jaxpart import planner  # noqa: PLC0415
   pp = args.pp or (2 if args.devices % 2 == 0 and setup.model.layers % 2 == 0 else 1)
   tp = args.tp or args.devices // pp
   cache = None if args.cache_mb is None else args.cache_mb * 1e6
@@ -67,7 +66,7 @@ def run(args) -> int:
   p0, x0 = jax.device_put(params_h, dev0), jax.device_put(x_h, dev0)
   ref_fn = jax.jit(lambda p, x: model.reference_forward(p, x, setup.model))
   fns["reference"] = lambda: ref_fn(p0, x0)
-  timing = measure.time_interleaved(fns, repeats=args.repeats, warmup=1)
+  timing = bench.time_interleaved(fns, repeats=args.repeats, warmup=1)
 
   tokens = setup.run.tokens
   for name, t in timing.items():

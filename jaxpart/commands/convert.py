@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxpart import distributed
+from jaxpart import checkpoint, config, distributed
 from jaxpart.commands import _ckpt, _common
 
 NAME = "convert"
@@ -35,7 +35,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  from jaxpart import checkpoint, config  # noqa: PLC0415
   src, dst = Path(args.src), Path(args.dst)
   if not src.exists():
     raise checkpoint.CheckpointError(f"{src}: no such checkpoint (the path does not exist)")

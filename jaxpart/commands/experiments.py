@@ -1,11 +1,17 @@
-"""`jaxpart experiments`: regenerate the seed's tables and VERDICT.md in experiments/results."""
+"""`jaxpart experiments`: regenerate the seed's tables and VERDICT.md in experiments/results.
+
+The experiments live in the source tree next to the package (not in the wheel) and call only
+the library; this command runs `python -m experiments` from that checkout as a child process,
+so nothing here imports them or edits sys.path.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
-import time
 from pathlib import Path
 
+import jaxpart
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 
@@ -25,44 +31,20 @@ def add_arguments(p):
   _common.add_json_arg(p)
 
 
-def _import_experiments():
-  """The experiments live in the source tree next to the package, not in the wheel."""
-  try:
-    import experiments  # noqa: PLC0415, F401
-  except ImportError:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "experiments" / "__init__.py").exists():
-      raise ConfigError(f"experiments/ not found next to the jaxpart package ({root}): "
-                        f"run from a source checkout (pip install -e .)") from None
-    sys.path.insert(0, str(root))
-  from experiments import common, runner  # noqa: PLC0415
-  return common, runner
+def checkout_root() -> Path:
+  """The source checkout holding both jaxpart/ and experiments/."""
+  root = Path(jaxpart.__file__).resolve().parents[1]
+  if not (root / "experiments" / "__main__.py").exists():
+    raise ConfigError(f"experiments/ not found next to the jaxpart package ({root}): run from "
+                      f"a source checkout (pip install -e .)")
+  return root
 
 
 def run(args) -> int:
-  common, runner = _import_experiments()
-  if args.list:
-    for name in runner.SECTIONS:
-      print(name)
-    return 0
-  only = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-  try:
-    names = runner.select(only)
-  except runner.UnknownExperiment as e:
-    raise ConfigError(str(e)) from None
-  ctx = common.Context(results_dir=Path(args.results_dir) if args.results_dir
-                       else common.RESULTS_DIR,
-                       measure=not args.no_measure, progress=not args.no_progress)
-  t0 = time.perf_counter()
-  done = runner.run(names, ctx)
-  total = time.perf_counter() - t0
-  if args.json:
-    _common.emit_json({"results_dir": str(ctx.results_dir), "seconds": total,
-                       "experiments": done, "notes": ctx.notes})
-    return 0
-  print(_common.table([[d["name"], f"{d['seconds']:.1f} s", len(d["files"])] for d in done],
-                      ["experiment", "time", "files"]))
-  print(f"wrote {ctx.results_dir} in {total:.1f} s")
-  for note in ctx.notes:
-    print(f"note: {note}")
-  return 0
+  argv = [f"--only={name}" for name in args.only]
+  argv += ["--list"] * args.list + ["--no-measure"] * args.no_measure
+  argv += ["--no-progress"] * args.no_progress + ["--json"] * bool(args.json)
+  if args.results_dir:
+    argv.append(f"--results-dir={Path(args.results_dir).resolve()}")   # the child runs in root
+  return subprocess.run([sys.executable, "-m", "experiments", *argv],
+                        cwd=checkout_root()).returncode

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from jaxpart import distributed, engine, model, sharding, train
 from jaxpart.commands import _common
+from jaxpart.config import ConfigError
 
 NAME = "gradcheck"
 HELP = ("check the forward and jax.grad (params and input) of a placement against the "
@@ -37,8 +43,6 @@ def add_arguments(p):
 
 
 def _check_args(args) -> None:
-  from jaxpart import engine  # noqa: PLC0415
-  from jaxpart.config import ConfigError  # noqa: PLC0415
   if args.remat not in engine.REMAT_POLICIES:
     raise ConfigError(f"--remat = {args.remat!r}: valid remat policies are "
                       f"{', '.join(engine.REMAT_POLICIES)}")
@@ -51,9 +55,6 @@ def _check_args(args) -> None:
 
 def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> dict:
   """Run reference and placement; returns the leaf checks (forward, loss, input, params)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from jaxpart import model, sharding, train  # noqa: PLC0415
 
   cfg = setup.model
   mesh = sharding.mesh_for(plan)
@@ -92,15 +93,11 @@ def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> di
 
 
 def _shardings_match(grads, params) -> bool:
-  import jax  # noqa: PLC0415
   pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(params))
   return all(g.sharding.is_equivalent_to(p.sharding, p.ndim) for g, p in pairs)
 
 
 def memory(setup, plan, dtype: str) -> dict[str, dict[str, int]]:
-  import jax.numpy as jnp  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
-  from jaxpart import engine, sharding, train  # noqa: PLC0415
   mesh = sharding.mesh_for(plan)
   params, x = train.abstract_inputs(setup.model, plan, mesh, jnp.dtype(dtype))
   out = {}
@@ -118,7 +115,6 @@ def run(args) -> int:
   result = check(setup, plan, args.dtype, args.remat, args.seed, args.tol or F32_GRAD_TOL)
   if args.memory:
     result["memory"] = memory(setup, plan, args.dtype)
-  from jaxpart import distributed  # noqa: PLC0415
   if not distributed.is_main():
     return 0 if result["ok"] else 1
   if args.json:

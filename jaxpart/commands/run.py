@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config, distributed, measure, runs
+from jaxpart import bench, config, distributed, runs
 from jaxpart.commands import _common
 
 NAME = "run"
@@ -38,7 +38,7 @@ def run(args) -> int:
   params_h, x_h = runs.host_params(setup, args.seed), runs.host_input(setup, args.seed)
   placed = runs.place(setup, plan, params_h, x_h, dtype=dtype)
   y = runs.fetch(placed())
-  timing = measure.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
+  timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
   seconds = timing["engine"]["median_s"]
   tokens = setup.run.tokens
   out = {"preset": setup.preset, "plan": plan.to_dict(), "dtype": "float32" if args.f32 else

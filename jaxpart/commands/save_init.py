@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxpart import distributed
+import jax
+
+from jaxpart import checkpoint, config, distributed, model
 from jaxpart.commands import _ckpt, _common
 
 NAME = "save-init"
@@ -27,9 +29,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  import jax  # noqa: PLC0415
 
-  from jaxpart import checkpoint, config, model  # noqa: PLC0415
   setup = _common.setup_from(args)
   plan = _ckpt.target_plan(args, setup)
   cfg = setup.model

@@ -6,7 +6,7 @@ every array is read the way a run would read it, then recomputes every checksum.
 
 from __future__ import annotations
 
-from jaxpart import distributed
+from jaxpart import checkpoint, config, distributed
 from jaxpart.commands import _ckpt, _common
 
 NAME = "verify"
@@ -21,7 +21,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  from jaxpart import checkpoint, config  # noqa: PLC0415
   m = checkpoint.read_manifest(args.path)
   plan = checkpoint.source_plan_if_present(m)
   r = checkpoint.load(args.path, m.model, plan, opt_state=m.opt_state is not None,

@@ -1,0 +1,163 @@
+"""Benchmarks: the engine against the single-device reference and plain GSPMD, timed
+interleaved, with each program's compile statistics beside its time."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxpart import compat, costmodel, engine, measure, memory, model, runs, sharding
+from jaxpart.plan import TENSOR_AXIS, PlanError
+
+
+# --- timing --------------------------------------------------------------------------------
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     progress: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
+  """Median wall time of each zero-argument fn, run A, B, C, A, B, C, ... so that load changes
+  on a shared machine hit every candidate alike; each run waits for its results on the device
+  (block_until_ready). The order rotates every round so no fn always follows the same one.
+
+  Also the process's CPU time per run (all threads): on a CPU host shared with other jobs it
+  moves less with their load than wall time does, and for simulated devices it is the total
+  work. `progress(n)` is called after each run (e.g. a tqdm bar's update)."""
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"repeats = {repeats}, warmup = {warmup}: need repeats >= 1, warmup >= 0")
+  names = list(fns)
+  for _ in range(warmup):
+    for n in names:
+      jax.block_until_ready(fns[n]())
+      if progress:
+        progress(1)
+  runs: dict[str, list[float]] = {n: [] for n in names}
+  cpu: dict[str, list[float]] = {n: [] for n in names}
+  for r in range(repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      c0, t0 = time.process_time(), time.perf_counter()
+      jax.block_until_ready(fns[n]())
+      runs[n].append(time.perf_counter() - t0)
+      cpu[n].append(time.process_time() - c0)
+      if progress:
+        progress(1)
+  return {n: {"median_s": statistics.median(runs[n]), "runs": runs[n],
+              "cpu_median_s": statistics.median(cpu[n]), "cpu_runs": cpu[n]} for n in names}
+
+
+# --- the engine against the reference and plain GSPMD --------------------------------------
+
+@dataclass
+class Variant:
+  """One program to time: a jitted fn, its (placed) arguments and how to read its HLO."""
+
+  name: str
+  devices: int
+  fn: Callable
+  args: tuple
+  cond_weight: float | Sequence[float] = 1.0
+  stats: dict | None = None
+  out: Any = None
+
+
+def model_flops(cfg, batch: int, seq: int) -> float:
+  """Useful forward FLOPs of the whole batch: the same for every placement, so achieved
+  FLOP/s compare like for like (causal attention counted once, not the masked half)."""
+  return memory.forward_flops_per_token(cfg, seq) * batch * seq
+
+
+def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" = True,
+                   gspmd: bool = True) -> list[Variant]:
+  """The engine for `plan`, the single-device reference, and plain jax.jit with GSPMD tensor
+  parallel annotations over the same devices (what a user writes without jaxpart).
+
+  reference may be a Variant built earlier (a sweep compiles the reference once)."""
+  cfg = setup.model
+  devices = jax.devices()
+  mesh = sharding.mesh_for(plan)
+  out = [Variant(f"engine:{plan.strategy}", plan.devices,
+                 engine.jit_forward(plan, cfg, mesh, differentiable=False),
+                 (sharding.place_params(params, mesh),
+                  jax.device_put(x_BxTxD, sharding.stream(mesh))),
+                 costmodel.hlo_cond_weights(plan))]
+  fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
+  if isinstance(reference, Variant):
+    out.append(reference)
+  elif reference:
+    out.append(Variant("reference", 1, fwd, jax.device_put((params, x_BxTxD), jax.local_devices()[0])))
+  if gspmd:
+    n = plan.devices
+    for what, size in (("n_heads x head_dim", cfg.attn_dim), ("d_ff", cfg.d_ff)):
+      if size % n:
+        raise PlanError(f"GSPMD baseline: {what} = {size} is not divisible by devices = {n}; "
+                        f"pass --no-gspmd or a device count dividing {size}")
+    mesh1 = compat.make_mesh(devices[:n], (n,), (TENSOR_AXIS,))
+    shard = jax.tree.map(lambda s: NamedSharding(mesh1, s), sharding.gspmd_tp_specs(),
+                         is_leaf=lambda s: isinstance(s, PartitionSpec))
+    out.append(Variant("gspmd-tp", n, fwd,
+                       (jax.device_put(params, shard),
+                        jax.device_put(x_BxTxD, NamedSharding(mesh1, sharding.SPECS.replicated)))))
+  return out
+
+
+def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int,
+                   progress=None) -> list[dict[str, Any]]:
+  """Compile each variant once, then time them interleaved; figures per variant.
+
+  time_per_token_s is the seed's "TPOT": 1 / (tokens/s of the aggregate), not a decode
+  latency. latency_s is one call's wall time: every sequence of the batch is returned when
+  the call returns, so it is also each sequence's latency.
+  """
+  cfg, run = setup.model, setup.run
+  for v in variants:
+    if v.stats is None:
+      v.stats = measure.compile_stats(v.fn, *v.args, cond_weight=v.cond_weight)
+      if progress:
+        progress(1)
+  fns = {v.name: (lambda v=v: v.stats["compiled"](*v.args)) for v in variants}
+  times = time_interleaved(fns, repeats, warmup, progress)
+  ref_out = None
+  for v in variants:
+    v.out = np.asarray(runs.fetch(fns[v.name]()), np.float32)
+    if v.name == "reference":
+      ref_out = v.out
+  tokens = run.batch * run.seq
+  useful = model_flops(cfg, run.batch, run.seq)
+  rows = []
+  for v in variants:
+    t = times[v.name]["median_s"]
+    err = None if ref_out is None else float(np.max(np.abs(v.out - ref_out)))
+    rows.append({
+        "name": v.name, "devices": v.devices, "median_s": t, "runs_s": times[v.name]["runs"],
+        "cpu_median_s": times[v.name]["cpu_median_s"], "cpu_runs_s": times[v.name]["cpu_runs"],
+        "tokens_per_s": tokens / t, "time_per_token_s": t / tokens, "latency_s": t,
+        "argument_bytes": v.stats["argument_bytes"], "output_bytes": v.stats["output_bytes"],
+        "temp_bytes": v.stats["temp_bytes"], "compiled_flops_per_device": v.stats["flops"],
+        "xla_cost_flops": v.stats["xla_cost_flops"], "model_flops": useful,
+        "achieved_flops_per_s": useful / t,
+        "compiled_flops_per_s": v.stats["flops"] * v.devices / t,
+        "collective_bytes": v.stats["collective_bytes"], "compile_s": v.stats["compile_s"],
+        "max_abs_err_vs_reference": err,
+    })
+  return rows
+
+
+def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Ratios of the engine's median time to the others' (below 1: the engine is faster): wall
+  time, and process CPU time (all threads) as "(cpu)"."""
+  eng = next((r["name"] for r in rows if r["name"].startswith("engine:")), None)
+  pairs = [("engine/reference", eng, "reference"), ("engine/gspmd", eng, "gspmd-tp"),
+           ("gspmd/reference", "gspmd-tp", "reference")]
+  out = {}
+  for key in ("median_s", "cpu_median_s"):
+    by = {r["name"]: r[key] for r in rows}
+    for label, a, b in pairs:
+      if a in by and b in by and by[b] > 0:
+        out[label + (" (cpu)" if key == "cpu_median_s" else "")] = by[a] / by[b]
+  return out
