@@ -7,6 +7,7 @@ typo in a TOML file or a flag fails loudly instead of planning a different model
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -15,6 +16,11 @@ from jaxpart.errors import UserError
 
 DTYPES = ("bfloat16", "float32", "float64")
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
+# JAX indexes positions and shapes with int32 unless jax_enable_x64 is on: a dimension (or a
+# device count) beyond this cannot be indexed, so it is refused before any work starts.
+MAX_INDEX = 2**31 - 1
+# The Plan lists every layer's stage; far beyond any published transformer, and still quick.
+MAX_LAYERS = 2**16
 
 
 class ConfigError(UserError):
@@ -24,9 +30,10 @@ class ConfigError(UserError):
 def _positive(obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        or not math.isfinite(value) or value <= 0):
       raise ConfigError(
-          f"{type(obj).__name__}.{name} = {value!r}: must be a positive number")
+          f"{type(obj).__name__}.{name} = {value!r}: must be a positive finite number")
 
 
 def _positive_int(obj: Any, *names: str) -> None:
@@ -35,6 +42,10 @@ def _positive_int(obj: Any, *names: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ConfigError(
           f"{type(obj).__name__}.{name} = {value!r}: must be a positive integer")
+    if value > MAX_INDEX:
+      raise ConfigError(
+          f"{type(obj).__name__}.{name} = {value:,}: beyond what JAX indexes; at most "
+          f"{MAX_INDEX:,} (2^31 - 1, int32 indices without jax_enable_x64)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,9 @@ class ModelConfig:
   def __post_init__(self):
     _positive_int(self, "layers", "d_model", "n_heads", "head_dim", "d_ff")
     _positive(self, "ln_eps")
+    if self.layers > MAX_LAYERS:
+      raise ConfigError(f"ModelConfig.layers = {self.layers:,}: at most {MAX_LAYERS:,} (the Plan "
+                        f"lists every layer's stage)")
     if self.dtype not in DTYPES:
       raise ConfigError(f"ModelConfig.dtype = {self.dtype!r}: valid dtypes are {', '.join(DTYPES)}")
     if self.n_heads * self.head_dim > self.d_model:

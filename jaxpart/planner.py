@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from jaxpart import memory
-from jaxpart.config import ModelConfig, Setup
+from jaxpart.config import MAX_INDEX, ModelConfig, Setup
 from jaxpart.plan import Plan, PlanError, contiguous_stage_layers, divisors
 
 MAX_KV_BLOCK = 128
@@ -24,6 +24,8 @@ AUTO_EXTRA_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 def _positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise PlanError(f"{name} = {value!r}: must be a positive integer")
+  if value > MAX_INDEX:
+    raise PlanError(f"{name} = {value:,}: beyond what JAX indexes; at most {MAX_INDEX:,}")
 
 
 def tp_problems(cfg: ModelConfig, tp: int) -> list[str]:
