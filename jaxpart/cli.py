@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   _ensure_cpu_devices(argv)
   args = build_parser().parse_args(argv)
+  from jaxpart import argcheck  # noqa: PLC0415
   from jaxpart.errors import UserError  # noqa: PLC0415
   try:
+    argcheck.check(args.command, args, argv)
     if args._distributed:
       from jaxpart import distributed  # noqa: PLC0415
       distributed.initialize(args)

@@ -232,18 +232,7 @@ def load_setup(preset: str | None = "small", hardware: str | None = None,
   """
   doc: dict[str, Any] = {}
   if config_file is not None:
-    try:
-      with open(config_file, "rb") as f:
-        doc = tomllib.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"--config = {config_file!r}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-      raise ConfigError(f"--config = {config_file!r}: not valid TOML ({e})") from None
-    allowed_top = {"preset", "hardware", "model", "run"}
-    for key in doc:
-      if key not in allowed_top:
-        raise ConfigError(f"{config_file}: unknown key {key!r}; valid top-level keys are "
-                          f"{', '.join(sorted(allowed_top))}")
+    doc = _read_toml(config_file)
   preset = doc.get("preset", preset) if preset is None else preset
   preset = preset or "small"
   _check_name("preset", preset, MODEL_PRESETS)
@@ -277,6 +266,41 @@ def load_setup(preset: str | None = "small", hardware: str | None = None,
   custom = any(changes for _, changes in sections.values())
   return Setup(model=built["model"], run=built["run"], hardware=built["hardware"],
                preset=preset if not custom else f"{preset}+custom")
+
+
+_TOP_KEYS = {"preset": "a preset name (string)",
+             "hardware": "a hardware name (string) or a [hardware] table",
+             "model": "a [model] table", "run": "a [run] table"}
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+  """The TOML document, its top level checked for known keys of the right kind; every OS or
+  decoding failure is one line naming the file and the cause."""
+  try:
+    with open(path, "rb") as f:
+      doc = tomllib.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"--config = {path!r}: no such file") from None
+  except IsADirectoryError:
+    raise ConfigError(f"--config = {path!r}: is a directory, not a TOML file") from None
+  except PermissionError:
+    raise ConfigError(f"--config = {path!r}: permission denied (not readable)") from None
+  except OSError as e:
+    raise ConfigError(f"--config = {path!r}: cannot read ({e.strerror or e})") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"--config = {path!r}: not UTF-8 text (byte {e.start}): a TOML file is "
+                      f"UTF-8") from None
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"--config = {path!r}: not valid TOML ({e})") from None
+  for key, value in doc.items():
+    if key not in _TOP_KEYS:
+      raise ConfigError(f"{path}: unknown key {key!r}; valid top-level keys are "
+                        f"{', '.join(sorted(_TOP_KEYS))}")
+    ok = (isinstance(value, str) if key == "preset" else
+          isinstance(value, (str, dict)) if key == "hardware" else isinstance(value, dict))
+    if not ok:
+      raise ConfigError(f"{path}: {key} = {value!r}: expected {_TOP_KEYS[key]}")
+  return doc
 
 
 def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
