@@ -115,6 +115,8 @@ def run(args) -> int:
   _check_args(args)
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
+  from jaxpart import sizeguard  # noqa: PLC0415
+  sizeguard.check_fits(setup, [plan], "gradcheck", 4 if args.dtype == "float32" else None)
   result = check(setup, plan, args.dtype, args.remat, args.seed, args.tol or F32_GRAD_TOL)
   if args.memory:
     result["memory"] = memory(setup, plan, args.dtype)

@@ -32,6 +32,8 @@ def run(args) -> int:
   from jaxpart import checkpoint, config, model  # noqa: PLC0415
   setup = _common.setup_from(args)
   plan = _ckpt.target_plan(args, setup)
+  from jaxpart import sizeguard  # noqa: PLC0415
+  sizeguard.check_fits(setup, [plan] if plan is not None else [], "save-init")
   cfg = setup.model
   checkpoint.check_plan(cfg, plan)
   checkpoint.check_destination(Path(args.dst), args.overwrite)
