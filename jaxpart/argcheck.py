@@ -61,6 +61,8 @@ def check(command: str, args, argv: Sequence[str]) -> None:
 
 
 def _flag(name: str) -> str:
+  if name in ("src", "dst", "path"):    # positional arguments, as the usage line names them
+    return name.upper()
   return "--" + name.replace("_", "-")
 
 
