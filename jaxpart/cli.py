@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 
-from jaxpart import commands, distributed
+from jaxpart import argcheck, commands, distributed
 from jaxpart.errors import UserError
 
 DEFAULT_CPU_DEVICES = 16
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
   _ensure_cpu_devices(argv)
   args = build_parser().parse_args(argv)
   try:
+    argcheck.check(args.command, args, argv)
     if args._distributed:
       distributed.initialize(args)
     return int(args._run(args) or 0)

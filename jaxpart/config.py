@@ -7,6 +7,7 @@ typo in a TOML file or a flag fails loudly instead of planning a different model
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -15,6 +16,11 @@ from jaxpart.errors import UserError
 
 DTYPES = ("bfloat16", "float32", "float64")
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
+# JAX indexes positions and shapes with int32 unless jax_enable_x64 is on: a dimension (or a
+# device count) beyond this cannot be indexed, so it is refused before any work starts.
+MAX_INDEX = 2**31 - 1
+# The Plan lists every layer's stage; far beyond any published transformer, and still quick.
+MAX_LAYERS = 2**16
 
 
 class ConfigError(UserError):
@@ -24,9 +30,10 @@ class ConfigError(UserError):
 def _positive(obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        or not math.isfinite(value) or value <= 0):
       raise ConfigError(
-          f"{type(obj).__name__}.{name} = {value!r}: must be a positive number")
+          f"{type(obj).__name__}.{name} = {value!r}: must be a positive finite number")
 
 
 def _positive_int(obj: Any, *names: str) -> None:
@@ -35,6 +42,10 @@ def _positive_int(obj: Any, *names: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ConfigError(
           f"{type(obj).__name__}.{name} = {value!r}: must be a positive integer")
+    if value > MAX_INDEX:
+      raise ConfigError(
+          f"{type(obj).__name__}.{name} = {value:,}: beyond what JAX indexes; at most "
+          f"{MAX_INDEX:,} (2^31 - 1, int32 indices without jax_enable_x64)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,9 @@ class ModelConfig:
   def __post_init__(self):
     _positive_int(self, "layers", "d_model", "n_heads", "head_dim", "d_ff")
     _positive(self, "ln_eps")
+    if self.layers > MAX_LAYERS:
+      raise ConfigError(f"ModelConfig.layers = {self.layers:,}: at most {MAX_LAYERS:,} (the Plan "
+                        f"lists every layer's stage)")
     if self.dtype not in DTYPES:
       raise ConfigError(f"ModelConfig.dtype = {self.dtype!r}: valid dtypes are {', '.join(DTYPES)}")
     if self.n_heads * self.head_dim > self.d_model:
@@ -218,18 +232,7 @@ def load_setup(preset: str | None = "small", hardware: str | None = None,
   """
   doc: dict[str, Any] = {}
   if config_file is not None:
-    try:
-      with open(config_file, "rb") as f:
-        doc = tomllib.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"--config = {config_file!r}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-      raise ConfigError(f"--config = {config_file!r}: not valid TOML ({e})") from None
-    allowed_top = {"preset", "hardware", "model", "run"}
-    for key in doc:
-      if key not in allowed_top:
-        raise ConfigError(f"{config_file}: unknown key {key!r}; valid top-level keys are "
-                          f"{', '.join(sorted(allowed_top))}")
+    doc = _read_toml(config_file)
   preset = doc.get("preset", preset) if preset is None else preset
   preset = preset or "small"
   _check_name("preset", preset, MODEL_PRESETS)
@@ -263,6 +266,41 @@ def load_setup(preset: str | None = "small", hardware: str | None = None,
   custom = any(changes for _, changes in sections.values())
   return Setup(model=built["model"], run=built["run"], hardware=built["hardware"],
                preset=preset if not custom else f"{preset}+custom")
+
+
+_TOP_KEYS = {"preset": "a preset name (string)",
+             "hardware": "a hardware name (string) or a [hardware] table",
+             "model": "a [model] table", "run": "a [run] table"}
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+  """The TOML document, its top level checked for known keys of the right kind; every OS or
+  decoding failure is one line naming the file and the cause."""
+  try:
+    with open(path, "rb") as f:
+      doc = tomllib.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"--config = {path!r}: no such file") from None
+  except IsADirectoryError:
+    raise ConfigError(f"--config = {path!r}: is a directory, not a TOML file") from None
+  except PermissionError:
+    raise ConfigError(f"--config = {path!r}: permission denied (not readable)") from None
+  except OSError as e:
+    raise ConfigError(f"--config = {path!r}: cannot read ({e.strerror or e})") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"--config = {path!r}: not UTF-8 text (byte {e.start}): a TOML file is "
+                      f"UTF-8") from None
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"--config = {path!r}: not valid TOML ({e})") from None
+  for key, value in doc.items():
+    if key not in _TOP_KEYS:
+      raise ConfigError(f"{path}: unknown key {key!r}; valid top-level keys are "
+                        f"{', '.join(sorted(_TOP_KEYS))}")
+    ok = (isinstance(value, str) if key == "preset" else
+          isinstance(value, (str, dict)) if key == "hardware" else isinstance(value, dict))
+    if not ok:
+      raise ConfigError(f"{path}: {key} = {value!r}: expected {_TOP_KEYS[key]}")
+  return doc
 
 
 def _coerce(section: str, name: str, value: Any, kind: type) -> Any:

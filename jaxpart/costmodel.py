@@ -28,11 +28,21 @@ import numpy as np
 
 from jaxpart import memory
 from jaxpart.config import ConfigError, ModelConfig, Setup
-from jaxpart.plan import Plan
+from jaxpart.plan import Plan, PlanError
 from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, hlo_cond_weights,
     kv_positions, matmul_flops, plan_flops, q_block, ring_allreduce_link_bytes,
-    stream_collective_bytes, tile_visits, unit_bytes)
+    stream_collective_bytes, tile_visits, unit_bytes, n_tiles)
+
+# predict models one layer step per token chunk (about 30 us each) and every tick of the
+# pipeline as an array element: beyond these it would run for minutes, so it refuses and says
+# how to make the units bigger.
+MAX_MODELLED_CHUNKS = 2**16
+MAX_MODELLED_UNITS = 2**20
+
+
+def _too_big(plan: Plan) -> bool:
+  return plan.n_chunks > MAX_MODELLED_CHUNKS or plan.units > MAX_MODELLED_UNITS
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,16 @@ def layer_step(setup: Setup, plan: Plan, positions: int,
 def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Prediction:
   """Modelled cost of running `plan`'s forward on setup.hardware."""
   cfg, hw = setup.model, setup.hardware
+  if plan.n_chunks > MAX_MODELLED_CHUNKS:
+    raise PlanError(f"chunks per sequence = {plan.n_chunks:,} (seq {plan.seq:,} / chunk "
+                    f"{plan.chunk_tokens:,} tokens): the cost model takes at most "
+                    f"{MAX_MODELLED_CHUNKS:,}; use --chunk-tokens of at least "
+                    f"{-(-plan.seq // MAX_MODELLED_CHUNKS):,}")
+  if plan.units > MAX_MODELLED_UNITS:
+    raise PlanError(f"units = {plan.units:,} ({plan.microbatches:,} row groups x "
+                    f"{plan.n_chunks:,} chunks): the cost model takes at most "
+                    f"{MAX_MODELLED_UNITS:,}; use more rows per unit (--chunk-rows) or longer "
+                    f"chunks (--chunk-tokens)")
   lps, S, U, nc, m = (plan.layers_per_stage, plan.stages, plan.units, plan.n_chunks,
                       plan.microbatches)
   # One layer step per chunk index (the attention prefix differs); every microbatch repeats them.
@@ -326,5 +346,8 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
 
 
 def score(setup: Setup, plan: Plan) -> float:
-  """The planner's ranking: predicted seconds for the whole run (lower is better)."""
+  """The planner's ranking: predicted seconds for the whole run (lower is better); a plan with
+  more chunks than the cost model takes ranks last."""
+  if _too_big(plan):
+    return math.inf
   return predict(setup, plan).total_s

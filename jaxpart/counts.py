@@ -7,6 +7,8 @@ against them, never re-deriving them.
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxpart.config import ModelConfig
 from jaxpart.plan import Plan
 
@@ -26,21 +28,27 @@ def q_block(plan: Plan) -> int:
   return min(plan.kv_block, plan.chunk_tokens)
 
 
-def tile_visits(plan: Plan, chunk_index: int) -> list[int]:
+def n_tiles(plan: Plan) -> int:
+  """Query tiles per chunk."""
+  return -(-plan.chunk_tokens // q_block(plan))
+
+
+def tile_visits(plan: Plan, chunk_index: int) -> np.ndarray:
   """KV blocks each query tile of a chunk visits: those starting at or before the tile's last
-  real query (attention.blocked_causal's skip rule)."""
+  real query (attention.blocked_causal's skip rule). An array: a whole 10^9-token sequence has
+  millions of tiles."""
   qb, c = q_block(plan), plan.chunk_tokens
   q_start = chunk_index * c
-  last_real = q_start + c - 1
-  n_blocks = plan.cache_len // plan.kv_block
-  return [min(min(q_start + (i + 1) * qb - 1, last_real) // plan.kv_block + 1, n_blocks)
-          for i in range(-(-c // qb))]
+  last_q = np.minimum(q_start + (np.arange(n_tiles(plan), dtype=np.int64) + 1) * qb - 1,
+                      q_start + c - 1)
+  return np.minimum(last_q // plan.kv_block + 1, plan.cache_len // plan.kv_block)
 
 
 def kv_positions(plan: Plan, chunk_index: int) -> float:
   """Keys per query a chunk's step computes against: every visited (tile, block) pair in full,
   padded queries of a ragged last tile included, spread over the chunk's queries."""
-  return sum(tile_visits(plan, chunk_index)) * plan.kv_block * q_block(plan) / plan.chunk_tokens
+  return (float(tile_visits(plan, chunk_index).sum()) * plan.kv_block * q_block(plan)
+          / plan.chunk_tokens)
 
 
 def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
@@ -87,7 +95,7 @@ def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
   mm_step = lps * matmul_flops(cfg, n, plan.tp)
   att = [lps * attention_flops(cfg, plan.rows, plan.chunk_tokens, kv_positions(plan, k), plan.tp)
          for k in range(plan.n_chunks)]
-  tiles = len(tile_visits(plan, 0))
+  tiles = n_tiles(plan)
   att_all_blocks = lps * attention_flops(cfg, plan.rows, tiles * q_block(plan), plan.cache_len,
                                          plan.tp)
   executed = plan.units * mm_step + plan.microbatches * sum(att)
@@ -108,9 +116,8 @@ def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
   microbatch repeats the same chunks, so the mean over chunks is exact.
   """
   blocks = plan.cache_len // plan.kv_block
-  visits = [tile_visits(plan, k) for k in range(plan.n_chunks)]
-  return (plan.units / plan.ticks,
-          sum(map(sum, visits)) / (plan.n_chunks * len(visits[0]) * blocks))
+  visited = sum(float(tile_visits(plan, k).sum()) for k in range(plan.n_chunks))
+  return plan.units / plan.ticks, visited / (plan.n_chunks * n_tiles(plan) * blocks)
 
 
 def collective_bytes(cfg: ModelConfig, plan: Plan,

@@ -21,6 +21,7 @@ import atexit
 import faulthandler
 import inspect
 import os
+import signal
 import socket
 import sys
 import time
@@ -296,6 +297,40 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
             f"{timeout:g} s ({e.strerror or e}); process 0 starts the coordinator there: check "
             f"that it runs, the address and port, and firewalls") from None
     time.sleep(0.25)
+
+
+_UNHEALTHY = "The following tasks are unhealthy (stopped sending heartbeats):"
+
+
+def explain_end(returncode: int | None, stderr_lines: Sequence[str]) -> str:
+  """One line on how a process of the run ended, from its exit status and the end of its
+  stderr: JAX's coordination service aborts the survivors of a dead peer with a C++ stack
+  whose useful part is one line deep in it."""
+  if returncode is None:
+    how = "still running"
+  elif returncode < 0:
+    try:
+      how = f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+      how = f"killed by signal {-returncode}"
+  else:
+    how = f"exited with status {returncode}"
+  text = [line.rstrip("\n") for line in stderr_lines]
+  cause = None
+  for i, line in enumerate(text):
+    if _UNHEALTHY in line:
+      dead = text[i + 1].strip() if i + 1 < len(text) else "?"
+      cause = f"JAX reports process {dead} stopped sending heartbeats (it died or hung)"
+    elif cause is None and "another task died" in line:
+      cause = "JAX's coordination service reports that another process died"
+    elif cause is None and ("Connection reset by peer" in line or "failed to connect to all "
+                                                                  "addresses" in line):
+      cause = "lost the coordinator (process 0 died or is unreachable)"
+    elif "error: " in line and line.lstrip().startswith(("jaxpart", "error:")):
+      cause = line.strip()
+    elif line.startswith("RuntimeError") or line.startswith("Traceback"):
+      cause = cause or line.strip()
+  return how + (f": {cause}" if cause else "")
 
 
 def is_main() -> bool:

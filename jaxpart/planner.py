@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from jaxpart import memory
-from jaxpart.config import ModelConfig, Setup
+from jaxpart.config import MAX_INDEX, ModelConfig, Setup
 from jaxpart.plan import (Plan, PlanError, check_tp, contiguous_stage_layers,  # noqa: F401
                           divisors, tp_problems, valid_tps)
 
@@ -25,6 +25,8 @@ AUTO_EXTRA_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 def _positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise PlanError(f"{name} = {value!r}: must be a positive integer")
+  if value > MAX_INDEX:
+    raise PlanError(f"{name} = {value:,}: beyond what JAX indexes; at most {MAX_INDEX:,}")
 
 
 def default_kv_block(tokens: int) -> int:

@@ -15,6 +15,7 @@ first failure's status (124 on timeout).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import signal
@@ -59,10 +60,15 @@ def commands(jaxpart_args: list[str], n: int, port: int, local_devices: int | No
            "--num-processes", str(n), "--process-id", str(i), *extra] for i in range(n)]
 
 
-def _pump(stream, sink, prefix: str) -> None:
+TAIL_LINES = 200      # of each process's stderr, kept to say how it ended
+
+
+def _pump(stream, sink, prefix: str, tail: collections.deque | None = None) -> None:
   for line in iter(stream.readline, ""):
     sink.write(prefix + line)
     sink.flush()
+    if tail is not None:
+      tail.append(line)
   stream.close()
 
 
@@ -85,6 +91,7 @@ def launch(jaxpart_args: list[str], n: int, *, local_devices: int | None = None,
   port = port or free_port()
   env = child_env(dict(os.environ), platform)
   procs, pumps = [], []
+  tails = [collections.deque(maxlen=TAIL_LINES) for _ in range(n)]
   t0 = time.monotonic()
   for i, cmd in enumerate(commands(jaxpart_args, n, port, local_devices, program)):
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -92,7 +99,8 @@ def launch(jaxpart_args: list[str], n: int, *, local_devices: int | None = None,
     procs.append(p)
     for stream, sink, prefix in ((p.stdout, out if i == 0 else err, "" if i == 0 else f"[p{i}] "),
                                  (p.stderr, err, f"[p{i}] ")):
-      th = threading.Thread(target=_pump, args=(stream, sink, prefix), daemon=True)
+      tail = tails[i] if stream is p.stderr else None
+      th = threading.Thread(target=_pump, args=(stream, sink, prefix, tail), daemon=True)
       th.start()
       pumps.append(th)
   killed: set[int] = set()
@@ -144,7 +152,22 @@ def launch(jaxpart_args: list[str], n: int, *, local_devices: int | None = None,
                       for r in reports)
   print(f"launch_local: {n} processes, exit statuses {summary}; {elapsed:.1f} s", file=err,
         flush=True)
+  if any(r["returncode"] != 0 for r in reports):
+    for r in reports:   # which process exited how, and why where its stderr says
+      ended = _explain(r["returncode"], list(tails[r["process"]]), r["killed_by_launcher"])
+      print(f"launch_local: p{r['process']} {ended}", file=err, flush=True)
   return status, reports
+
+
+def _explain(returncode, lines, killed: bool) -> str:
+  """How one process ended, in one line (jaxpart.distributed.explain_end when importable)."""
+  if killed:
+    return f"killed by the launcher after another failed (status {returncode})"
+  try:
+    from jaxpart.distributed import explain_end  # noqa: PLC0415
+  except ImportError:
+    return f"exited with status {returncode}"
+  return explain_end(returncode, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ import sys
 import jax
 from tqdm import tqdm
 
-from jaxpart import bench, config, distributed, hlo, jsonable, measure, memory, model
+from jaxpart import (bench, config, distributed, hlo, jsonable, measure, memory, model, sizeguard,
+                     validate)
 from jaxpart.commands import _common
 from jaxpart.commands._common import fmt_bytes, table
 from jaxpart.config import ConfigError
@@ -79,11 +80,12 @@ def run(args) -> int:
   if args.sweep:
     return _sweep(args, setup)
   plan = _common.plan_from(args, setup)
+  sizeguard.check_fits(setup, [plan], "bench")
   if args.memory_only:
     result = {"preset": setup.preset, "plan": plan.to_dict()}
   else:
     result = bench_point(setup, plan, args)
-    result.pop("_variants")
+    _check_outputs(result.pop("_variants"))
   if seqs:
     result["memory_by_seq"] = memory_by_seq(setup, args, seqs)
   if not distributed.is_main():
@@ -97,6 +99,13 @@ def run(args) -> int:
   if seqs:
     print_memory(result["memory_by_seq"])
   return 0
+
+
+def _check_outputs(variants) -> None:
+  """A program whose output holds NaN or Inf fails the command, naming the program."""
+  for v in variants:
+    if getattr(v, "out", None) is not None:
+      validate.check_finite(f"output of bench program {v.name!r}", v.out)
 
 
 def _inputs(setup, seed: int):
@@ -239,6 +248,7 @@ def _sweep(args, setup) -> int:
         print(f"skip devices={n} chunk={c}: {e}", file=sys.stderr)
         continue
       res = bench_point(setup, plan, argparse_ns(args, no_gspmd=True), params_x, reference)
+      _check_outputs(res["_variants"])
       reference = reference or next((v for v in res["_variants"] if v.name == "reference"),
                                     None)
       eng = res["variants"][0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpart import bench, config, distributed, model, planner, runs
+from jaxpart import bench, config, distributed, model, planner, runs, sizeguard, validate
 from jaxpart.commands import _common
 
 NAME = "compare"
@@ -45,9 +45,12 @@ def run(args) -> int:
     raise config.ConfigError(f"--repeats = {args.repeats}: must be at least 1")
   setup = _common.setup_from(args)
   plans = _plans(args, setup)
+  sizeguard.check_fits(setup, plans.values(), "compare", 4)
   params_h, x_h = runs.host_params(setup, args.seed), runs.host_input(setup, args.seed)
   ref_bf = runs.reference(setup, params_h, x_h)
   ref_32 = runs.reference(setup, params_h, x_h, jnp.float32)
+  validate.check_finite(f"output of the single-device reference ({setup.model.dtype})", ref_bf)
+  validate.check_finite("output of the single-device reference (float32)", ref_32)
   tol_bf = runs.bf16_tolerance(setup, params_h, x_h)
 
   rows, ok = {}, True
@@ -55,8 +58,11 @@ def run(args) -> int:
   for name, plan in plans.items():
     placed = runs.place(setup, plan, params_h, x_h)
     placed32 = runs.place(setup, plan, params_h, x_h, dtype=jnp.float32)
-    e_bf = runs.errors(runs.fetch(placed()), ref_bf)
-    e_32 = runs.errors(runs.fetch(placed32()), ref_32)
+    y_bf, y_32 = runs.fetch(placed()), runs.fetch(placed32())
+    validate.check_finite(f"output of the {name} placement ({setup.model.dtype})", y_bf)
+    validate.check_finite(f"output of the {name} placement (float32)", y_32)
+    e_bf = runs.errors(y_bf, ref_bf)
+    e_32 = runs.errors(y_32, ref_32)
     good = e_bf["finite"] and e_bf["max_abs_err"] <= tol_bf and e_32["max_rel_err"] <= 1e-5
     ok &= good
     rows[name] = {"plan": plan.to_dict(), "bf16": e_bf, "float32": e_32, "ok": good}

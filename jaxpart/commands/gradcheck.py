@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from jaxpart import distributed, engine, model, sharding, train
+from jaxpart import distributed, engine, model, sharding, sizeguard, train
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 
@@ -112,6 +112,7 @@ def run(args) -> int:
   _check_args(args)
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
+  sizeguard.check_fits(setup, [plan], "gradcheck", 4 if args.dtype == "float32" else None)
   result = check(setup, plan, args.dtype, args.remat, args.seed, args.tol or F32_GRAD_TOL)
   if args.memory:
     result["memory"] = memory(setup, plan, args.dtype)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import bench, config, distributed, runs
+from jaxpart import bench, config, distributed, runs, sizeguard, validate
 from jaxpart.commands import _common
 
 NAME = "run"
@@ -35,9 +35,11 @@ def run(args) -> int:
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
   dtype = jnp.float32 if args.f32 else None
+  sizeguard.check_fits(setup, [plan], "run", 4 if args.f32 else None)
   params_h, x_h = runs.host_params(setup, args.seed), runs.host_input(setup, args.seed)
   placed = runs.place(setup, plan, params_h, x_h, dtype=dtype)
   y = runs.fetch(placed())
+  validate.check_finite(f"output of the {plan.strategy} placement", y)
   timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
   seconds = timing["engine"]["median_s"]
   tokens = setup.run.tokens

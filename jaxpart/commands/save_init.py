@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from jaxpart import checkpoint, config, distributed, model
+from jaxpart import checkpoint, config, distributed, model, sizeguard
 from jaxpart.commands import _ckpt, _common
 
 NAME = "save-init"
@@ -32,6 +32,7 @@ def run(args) -> int:
 
   setup = _common.setup_from(args)
   plan = _ckpt.target_plan(args, setup)
+  sizeguard.check_fits(setup, [plan] if plan is not None else [], "save-init")
   cfg = setup.model
   checkpoint.check_plan(cfg, plan)
   checkpoint.check_destination(Path(args.dst), args.overwrite)

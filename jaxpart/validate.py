@@ -1,0 +1,63 @@
+"""Non-finite numbers found where a result or a weight should be: said in one line naming which
+array, instead of a NaN that exits 0 or a checkpoint that verifies as fine.
+
+check_finite guards command outputs (run, compare, bench); check_finite_tree is for weights on
+import and in verify (checkpoint code calls it, with --allow-nonfinite to let them through).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpart.errors import UserError
+
+
+class NonFiniteError(UserError):
+  """An output or a weight holds NaN or Inf; the message names it and counts them."""
+
+
+def nonfinite_counts(array: Any) -> tuple[int, int, int]:
+  """(NaN count, Inf count, size) of an array; integer arrays have none."""
+  a = np.asarray(array)
+  if not np.issubdtype(a.dtype, np.inexact):
+    if a.dtype.kind == "V" or str(a.dtype) == "bfloat16":
+      a = a.astype(np.float32)
+    else:
+      return 0, 0, int(a.size)
+  return int(np.isnan(a).sum()), int(np.isinf(a).sum()), int(a.size)
+
+
+def _describe(nan: int, inf: int, size: int) -> str:
+  return f"{nan + inf:,} of {size:,} values are not finite (NaN {nan:,}, Inf {inf:,})"
+
+
+def check_finite(what: str, array: Any) -> None:
+  """NonFiniteError naming `what` unless every value of `array` is finite."""
+  nan, inf, size = nonfinite_counts(array)
+  if nan or inf:
+    raise NonFiniteError(f"{what}: {_describe(nan, inf, size)}")
+
+
+def nonfinite_leaves(tree: Any) -> dict[str, str]:
+  """{leaf path: what is wrong} for every leaf of a pytree (or flat dict) with NaN or Inf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = {}
+  for path, leaf in flat:
+    nan, inf, size = nonfinite_counts(leaf)
+    if nan or inf:
+      out[jax.tree_util.keystr(path)] = _describe(nan, inf, size)
+  return out
+
+
+def check_finite_tree(what: str, tree: Any, allow_nonfinite: bool = False) -> dict[str, str]:
+  """The non-finite leaves; NonFiniteError naming the first (and how many) unless allowed."""
+  bad = nonfinite_leaves(tree)
+  if bad and not allow_nonfinite:
+    first, why = next(iter(bad.items()))
+    more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+    raise NonFiniteError(f"{what}: weight {first}: {why}{more}; pass --allow-nonfinite to "
+                         f"accept it")
+  return bad
