@@ -24,6 +24,8 @@ from jaxpart.errors import UserError
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM"}
 INDEX = "model.safetensors.index.json"
+_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+             "vocab_size")
 _MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")
 
 
@@ -75,6 +77,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
   if dtype not in DTYPES:
     raise _refuse("dtype", dtype, f"valid: {', '.join(DTYPES)}")
+  missing = [k for k in _REQUIRED if not isinstance(hf.get(k), int)]
+  if missing:
+    raise HFError(f"config.json: {', '.join(missing)} missing or not an integer "
+                  f"({', '.join(f'{k} = {hf.get(k)!r}' for k in missing)})")
   heads, d = hf["num_attention_heads"], hf["hidden_size"]
   return ModelConfig(
       layers=hf["num_hidden_layers"], d_model=d, n_heads=heads,
@@ -168,10 +174,11 @@ def iter_hf(model_dir: str, cfg: ModelConfig | None = None
         e = by_name[name]
         arr = f.get_tensor(name)
         arr = arr.T if e.transpose else arr
-        want = _leaf(shapes, e.path).shape[1 if e.layer is not None else 0:]
-        if arr.shape != tuple(want):
-          raise HFError(f"{path}: tensor {name!r} has shape {arr.shape[::-1] if e.transpose else arr.shape}, "
-                        f"the config needs {tuple(want)[::-1] if e.transpose else tuple(want)}")
+        want = tuple(_leaf(shapes, e.path).shape[1 if e.layer is not None else 0:])
+        if arr.shape != want:
+          flip = (lambda s: s[::-1]) if e.transpose else (lambda s: s)  # noqa: E731
+          raise HFError(f"{path}: tensor {name!r} has shape {flip(arr.shape)}, the config "
+                        f"needs {flip(want)}")
         yield e, arr
 
 

@@ -143,7 +143,7 @@ def llama_param_specs(cfg, tp: int) -> dict:
   (llama.kv_heads_split). The embedding table is split by vocab rows, the untied LM head by
   vocab columns; the final norm is replicated.
   """
-  from jaxpart import llama  # noqa: PLC0415 (sharding stays importable without the family)
+  from jaxpart import llama  # noqa: PLC0415 (this function is the only edit to this file)
   kv_col = SPECS.LxDxA_col if llama.kv_heads_split(cfg, tp) else P(S, None, None)
   kv_bias = P(S, T) if llama.kv_heads_split(cfg, tp) else P(S, None)
   attn = {"wq": SPECS.LxDxA_col, "wk": kv_col, "wv": kv_col, "wo": SPECS.LxAxD_row}

@@ -181,7 +181,7 @@ def _tiny_hf(**changes):
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(model_type="gpt2"), "model_type = 'gpt2'"),
+    (dict(model_type="gpt2"), "config.json model_type = 'gpt2'"),
     (dict(model_type="mixtral"), "model_type = 'mixtral'"),
     (dict(model_type="mistral", sliding_window=4096), "sliding_window = 4096"),
     (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window = True"),
@@ -195,11 +195,12 @@ def _tiny_hf(**changes):
     (dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
     (dict(torch_dtype="float16"), "dtype = 'float16'"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(hidden_size=None), "config.json: hidden_size missing"),
 ])
 def test_unsupported_configs_are_refused_by_field(changes, field):
   with pytest.raises(hf.HFError) as e:
     hf.config_from_hf(_tiny_hf(**changes))
-  assert f"config.json {field}" in str(e.value)
+  assert field in str(e.value) and "config.json" in str(e.value)
 
 
 def test_qwen2_sliding_window_size_alone_is_fine():
@@ -223,7 +224,7 @@ def test_bad_directories_are_named(tmp_path):
     hf.read_hf(str(tmp_path / "m"))
   with open(tmp_path / "m" / "config.json", "w") as f:
     json.dump(hf.config_to_hf(dataclasses.replace(cfg, layers=1, d_ff=64)), f)
-  with pytest.raises(hf.HFError, match=r"mlp\.\w+_proj\.weight' has shape \S+ \S+, the config needs"):
+  with pytest.raises(hf.HFError, match=r"mlp\.\w+_proj\.weight' has shape .*, the config"):
     hf.read_hf(str(tmp_path / "m"))
   with pytest.raises(hf.HFError, match="q/k/v biases are written as qwen2"):
     hf.config_to_hf(cfg, "qwen2")
