@@ -21,6 +21,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
 MAX_INDEX = 2**31 - 1
 # The Plan lists every layer's stage; far beyond any published transformer, and still quick.
 MAX_LAYERS = 2**16
+ARCHS = ("dense", "llama")
 
 
 class ConfigError(UserError):
@@ -49,8 +50,37 @@ def _positive_int(obj: Any, *names: str) -> None:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1's rotary frequency scaling (Hugging Face `rope_type: "llama3"`): wavelengths
+  longer than original_max_position_embeddings / low_freq_factor are divided by factor,
+  shorter than .../ high_freq_factor are kept, and those between are interpolated."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+  rope_type: str = "llama3"
+
+  def __post_init__(self):
+    if self.rope_type != "llama3":
+      raise ConfigError(f"RopeScaling.rope_type = {self.rope_type!r}: only 'llama3' is supported")
+    _positive(self, "factor", "low_freq_factor", "high_freq_factor")
+    _positive_int(self, "original_max_position_embeddings")
+    if self.high_freq_factor <= self.low_freq_factor:
+      raise ConfigError(
+          f"RopeScaling.high_freq_factor = {self.high_freq_factor!r}: must exceed "
+          f"low_freq_factor = {self.low_freq_factor!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-  """A dense pre-LN transformer stack without embeddings: input and output are B x T x D."""
+  """A decoder stack. arch "dense" is the seed's pre-LN block without embeddings (input and
+  output are B x T x D); arch "llama" is the Llama family (RMSNorm, RoPE, GQA, SwiGLU, token
+  embedding, final norm and LM head; input token ids, output logits).
+
+  The fields after ln_eps only mean something for "llama" and keep defaults for "dense".
+  ln_eps is the RMSNorm epsilon for "llama".
+  """
 
   layers: int
   d_model: int
@@ -59,8 +89,23 @@ class ModelConfig:
   d_ff: int
   dtype: str = "bfloat16"
   ln_eps: float = 1e-5
+  arch: str = "dense"
+  n_kv_heads: int = 0             # 0: as many K/V heads as query heads (no GQA)
+  vocab: int = 0                  # 0 for dense (no embedding)
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  max_positions: int = 0          # 0: no stated limit
 
   def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):  # from TOML or a manifest's to_dict
+      try:
+        object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+      except TypeError as e:
+        raise ConfigError(f"ModelConfig.rope_scaling = {self.rope_scaling!r}: {e}; valid keys "
+                          f"are {', '.join(f.name for f in fields(RopeScaling))}") from None
+    self._check_family()
     _positive_int(self, "layers", "d_model", "n_heads", "head_dim", "d_ff")
     _positive(self, "ln_eps")
     if self.layers > MAX_LAYERS:
@@ -74,9 +119,56 @@ class ModelConfig:
           f"{self.n_heads * self.head_dim} exceeds d_model = {self.d_model}: attention width must "
           f"be at most d_model (this family uses n_heads x head_dim = d_model / 4)")
 
+  def _check_family(self) -> None:
+    """The family fields: named, with what is valid, before any other check reads them."""
+    if self.arch not in ARCHS:
+      raise ConfigError(f"ModelConfig.arch = {self.arch!r}: valid archs are {', '.join(ARCHS)}")
+    for name in ("tie_embeddings", "qkv_bias"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: must be true or false")
+    for name in ("n_kv_heads", "vocab", "max_positions"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"ModelConfig.{name} = {value!r}: must be a non-negative integer")
+    _positive(self, "rope_theta")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ConfigError(f"ModelConfig.rope_scaling = {self.rope_scaling!r}: must be None or a "
+                        f"RopeScaling (factor, low_freq_factor, high_freq_factor, "
+                        f"original_max_position_embeddings)")
+    if self.arch == "dense":
+      defaults = {f.name: f.default for f in fields(self)}
+      for name in ("vocab", "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias",
+                   "max_positions"):
+        if getattr(self, name) != defaults[name]:
+          raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: only arch 'llama' "
+                            f"uses it; arch 'dense' needs the default {defaults[name]!r}")
+      if self.n_kv_heads not in (0, self.n_heads):
+        raise ConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads}: arch 'dense' has no "
+                          f"grouped-query attention; valid: 0 or n_heads = {self.n_heads}")
+      return
+    if self.vocab <= 0:
+      raise ConfigError(f"ModelConfig.vocab = {self.vocab}: arch 'llama' needs a positive "
+                        f"vocabulary size")
+    if isinstance(self.n_heads, int) and self.n_heads > 0 and self.n_heads % self.kv_heads:
+      raise ConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads}: must divide n_heads = "
+                        f"{self.n_heads} (each K/V head serves n_heads / n_kv_heads query heads)")
+    if isinstance(self.head_dim, int) and self.head_dim % 2:
+      raise ConfigError(f"ModelConfig.head_dim = {self.head_dim}: rotary embedding needs an even "
+                        f"head_dim")
+
   @property
   def attn_dim(self) -> int:
     return self.n_heads * self.head_dim
+
+  @property
+  def kv_heads(self) -> int:
+    """K/V heads: n_kv_heads, or n_heads when it is 0 (and always for dense)."""
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def kv_dim(self) -> int:
+    """Width of K (and of V): kv_heads x head_dim; attn_dim for dense."""
+    return self.kv_heads * self.head_dim
 
   @property
   def dtype_bytes(self) -> int:
@@ -84,16 +176,45 @@ class ModelConfig:
 
   @property
   def projection_params_per_layer(self) -> int:
-    """Q, K, V (D x HDh each), O (HDh x D), MLP in and out (D x F, F x D); no biases."""
+    """Dense: Q, K, V (D x HDh each), O (HDh x D), MLP in and out (D x F, F x D); no biases.
+    Llama: Q and O (D x HqE), K and V (D x HkvE), gate, up and down (D x F each)."""
+    if self.arch == "llama":
+      return (2 * self.d_model * self.attn_dim + 2 * self.d_model * self.kv_dim
+              + 3 * self.d_model * self.d_ff)
     return 4 * self.d_model * self.attn_dim + 2 * self.d_model * self.d_ff
 
   @property
   def layernorm_params_per_layer(self) -> int:
+    if self.arch == "llama":
+      return 2 * self.d_model  # two RMSNorms, scale only
     return 2 * 2 * self.d_model  # two LayerNorms, scale and bias each
 
   @property
+  def bias_params_per_layer(self) -> int:
+    """Q, K and V biases (Qwen2); no other linear layer has one."""
+    return self.attn_dim + 2 * self.kv_dim if self.qkv_bias else 0
+
+  @property
   def params_per_layer(self) -> int:
-    return self.projection_params_per_layer + self.layernorm_params_per_layer
+    return (self.projection_params_per_layer + self.layernorm_params_per_layer
+            + self.bias_params_per_layer)
+
+  @property
+  def embedding_params(self) -> int:
+    """The token embedding table (V x D); 0 for dense."""
+    return self.vocab * self.d_model
+
+  @property
+  def head_params(self) -> int:
+    """Final RMSNorm and the LM head (D x V unless tied to the embedding); 0 for dense."""
+    if self.arch != "llama":
+      return 0
+    return self.d_model + (0 if self.tie_embeddings else self.d_model * self.vocab)
+
+  @property
+  def edge_params(self) -> int:
+    """Parameters outside the layer stack: embedding, final norm, LM head."""
+    return self.embedding_params + self.head_params
 
   @property
   def projection_params(self) -> int:
@@ -105,7 +226,7 @@ class ModelConfig:
 
   @property
   def total_params(self) -> int:
-    return self.layers * self.params_per_layer
+    return self.layers * self.params_per_layer + self.edge_params
 
 
 @dataclass(frozen=True)
@@ -150,6 +271,9 @@ class Hardware:
 
 # --- presets -------------------------------------------------------------------------------
 
+_LLAMA31_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # The seed's model exactly (seed section 1.2). 805,306,368 projection weights per layer.
     "paper": ModelConfig(layers=4, d_model=16384, n_heads=32, head_dim=128, d_ff=16384),
@@ -161,6 +285,32 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # 2 CPU cores. 8 heads so that tp 8 (the seed's baseline) divides them.
     "small": ModelConfig(layers=4, d_model=512, n_heads=8, head_dim=16, d_ff=512),
     "tiny": ModelConfig(layers=4, d_model=128, n_heads=8, head_dim=4, d_ff=128),
+    # The Llama family, real shapes from each model's config.json (no weights needed to plan).
+    # llama3-*: the Llama-3.1 configs (rope theta 500000 with llama3 frequency scaling, 131072
+    # positions); Llama-3.0 has the same shapes and parameter counts but no scaling and 8192
+    # positions. 8,030,261,248 and 70,553,706,496 parameters.
+    "llama3-8b": ModelConfig(
+        layers=32, d_model=4096, n_heads=32, head_dim=128, d_ff=14336, arch="llama",
+        n_kv_heads=8, vocab=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        max_positions=131072),
+    "llama3-70b": ModelConfig(
+        layers=80, d_model=8192, n_heads=64, head_dim=128, d_ff=28672, arch="llama",
+        n_kv_heads=8, vocab=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        max_positions=131072),
+    # Mistral-7B-v0.3 (sliding window off, vocab 32768): 7,248,023,552 parameters.
+    "mistral-7b": ModelConfig(
+        layers=32, d_model=4096, n_heads=32, head_dim=128, d_ff=14336, arch="llama",
+        n_kv_heads=8, vocab=32768, rope_theta=1000000.0, max_positions=32768),
+    # Qwen2.5-7B: q/k/v biases, 28 heads over 4 K/V heads, untied: 7,615,616,512 parameters.
+    "qwen2.5-7b": ModelConfig(
+        layers=28, d_model=3584, n_heads=28, head_dim=128, d_ff=18944, ln_eps=1e-6,
+        arch="llama", n_kv_heads=4, vocab=152064, rope_theta=1000000.0, qkv_bias=True,
+        max_positions=32768),
+    # Tests: GQA 8 query heads over 2 K/V heads (tp 2 splits them, tp 4 replicates them),
+    # vocab 256 divisible by 16, untied head.
+    "llama-tiny": ModelConfig(
+        layers=4, d_model=64, n_heads=8, head_dim=8, d_ff=128, arch="llama", n_kv_heads=2,
+        vocab=256, rope_theta=10000.0, max_positions=2048),
 }
 
 RUN_PRESETS: dict[str, RunShape] = {
@@ -168,6 +318,13 @@ RUN_PRESETS: dict[str, RunShape] = {
     "paper-30b": RunShape(batch=128, seq=10000),
     "small": RunShape(batch=4, seq=1000),      # 1000 is not a multiple of 64: ragged chunks
     "tiny": RunShape(batch=2, seq=100),        # 100 is not a multiple of 64 either
+    # Llama family: 8 sequences of 4096 tokens (a prefill batch; B x T x V float32 logits are
+    # 16.8 GB at vocab 128256, split over the tensor axis).
+    "llama3-8b": RunShape(batch=8, seq=4096),
+    "llama3-70b": RunShape(batch=8, seq=4096),
+    "mistral-7b": RunShape(batch=8, seq=4096),
+    "qwen2.5-7b": RunShape(batch=8, seq=4096),
+    "llama-tiny": RunShape(batch=2, seq=50),   # not a multiple of 64: ragged chunks
 }
 
 HARDWARE_PRESETS: dict[str, Hardware] = {

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxpart import compat, model
+from jaxpart import compat, llama, model
 from jaxpart.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
 
 
@@ -160,3 +160,30 @@ def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None) -> dic
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype), sharding=sh),
       shapes, shards)
+
+
+def llama_param_specs(cfg, tp: int) -> dict:
+  """PartitionSpecs in the shape of llama.init_params' tree for tensor degree tp.
+
+  Layer leaves split their layer axis over `stage` and Megatron-split over `tensor` as the dense
+  ones (wq/wk/wv/w_gate/w_up and the q/k/v biases by output column, wo/w_down by input row);
+  wk/wv/bk/bv are replicated over `tensor` when tp does not divide the K/V heads
+  (llama.kv_heads_split). The embedding table is split by vocab rows, the untied LM head by
+  vocab columns; the final norm is replicated.
+  """
+  kv_col = SPECS.LxDxA_col if llama.kv_heads_split(cfg, tp) else P(S, None, None)
+  kv_bias = P(S, T) if llama.kv_heads_split(cfg, tp) else P(S, None)
+  attn = {"wq": SPECS.LxDxA_col, "wk": kv_col, "wv": kv_col, "wo": SPECS.LxAxD_row}
+  if cfg.qkv_bias:
+    attn |= {"bq": P(S, T), "bk": kv_bias, "bv": kv_bias}
+  specs = {
+      "ln1": {"scale": SPECS.LxD},
+      "attn": attn,
+      "ln2": {"scale": SPECS.LxD},
+      "mlp": {"w_gate": SPECS.LxDxF_col, "w_up": SPECS.LxDxF_col, "w_down": SPECS.LxFxD_row},
+      "embed": {"table": P(T, None)},
+      "final_norm": {"scale": P()},
+  }
+  if not cfg.tie_embeddings:
+    specs["lm_head"] = {"w": P(None, T)}
+  return specs
