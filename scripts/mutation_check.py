@@ -80,7 +80,8 @@ STABLE = [
              "cost model charges one Megatron all-reduce per layer, not two"),
     Mutation("f32_bound_back_to_1e-5", "jaxpart/runs.py", "F32_REL_TOL = 2e-6",
              "F32_REL_TOL = 1e-5",
-             ("tests/test_run_precision.py::test_float32_bound_sees_a_layernorm_eps_error",),
+             ("tests/test_run_precision.py::"
+              "test_float32_model_checked_with_a_bound_that_sees_an_eps_error",),
              "a float32 bound loose enough to pass LayerNorm eps 1e-6 for 1e-5"),
 ]
 

@@ -54,7 +54,7 @@ def test_both_placements_on_16_devices(fresh_key, strategy, kw):
   _check_f32(setup, plan, fresh_key)
 
 
-@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("devices", [1, 2, 8])   # 4 devices: test_ragged_chunks
 def test_layerwise_on_fewer_devices(fresh_key, devices):
   require_devices(devices)
   setup = _setup()

@@ -109,6 +109,7 @@ def test_bf16_grads_within_derived_tolerance(fresh_key):
   _assert_within(train.compare(got, ref32, tol))
 
 
+@pytest.mark.slow
 def test_remat_keeps_grads_and_cuts_temp_bytes(fresh_key):
   """remat="stage" recomputes the stage step in the backward: same gradients, less saved; "dots"
   keeps the matmul outputs, so it saves less than "none" and more than "stage"."""

@@ -32,17 +32,6 @@ def _dumped(path):
   return d, cfg, params
 
 
-def test_float32_model_dtype_is_checked_with_the_float32_bound(capsys):
-  """Without --f32 the bf16 yardstick (bf16 reference vs float32) is 0 for a float32 model:
-  the check must use the relative float32 bound instead."""
-  require_devices(16)
-  rc, out = _run(capsys, "--set", "model.dtype=float32", "--seed", "3")
-  c = out["check"]
-  assert out["dtype"] == "float32"
-  assert rc == 0 and c["ok"] and c["tolerance"] == runs.F32_REL_TOL, c
-  assert c["max_rel_err"] > 0, "the engine and the reference coincide: nothing was compared"
-
-
 def test_float64_runs_in_float64_and_dumps_float64(capsys, tmp_path):
   require_devices(16)
   dump = tmp_path / "f64.npz"
@@ -59,15 +48,21 @@ def test_float64_runs_in_float64_and_dumps_float64(capsys, tmp_path):
   assert oracle.rel_err(d["output"], want) < runs.F64_REL_TOL
 
 
-def test_float32_bound_sees_a_layernorm_eps_error(capsys, tmp_path):
-  """A forward run with LayerNorm eps 1e-6 agrees with the oracle at eps 1e-6 within the float32
+def test_float32_model_checked_with_a_bound_that_sees_an_eps_error(capsys, tmp_path):
+  """model.dtype float32 without --f32: the bf16 yardstick (bf16 reference vs float32) is 0 for
+  a float32 model, so the check must use the relative float32 bound instead.
+
+  The run uses LayerNorm eps 1e-6: it agrees with the oracle at eps 1e-6 within the float32
   bound and is outside it against the oracle at the default 1e-5: the bound (2e-6) is tight
   enough to see that error, which the former 1e-5 was not. The dump's norms are random."""
   require_devices(16)
   dump = tmp_path / "eps.npz"
-  rc, out = _run(capsys, "--f32", "--set", "model.ln_eps=1e-6", "--seed", "6",
-                 "--dump", str(dump))
-  assert rc == 0 and out["check"]["ok"] and out["check"]["tolerance"] == runs.F32_REL_TOL
+  rc, out = _run(capsys, "--set", "model.dtype=float32", "--set", "model.ln_eps=1e-6",
+                 "--seed", "6", "--dump", str(dump))
+  c = out["check"]
+  assert out["dtype"] == "float32"
+  assert rc == 0 and c["ok"] and c["tolerance"] == runs.F32_REL_TOL, c
+  assert c["max_rel_err"] > 0, "the engine and the reference coincide: nothing was compared"
   d, cfg, params = _dumped(dump)
   assert np.std(params["ln2"]["bias"]) > 0.3 and np.std(params["ln1"]["scale"]) > 0.3
   right = oracle.forward(params, d["input"], cfg["head_dim"], 1e-6)

@@ -39,6 +39,7 @@ def _rel_l2(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_adamw_on_mesh_matches_one_device(fresh_key):
   """20 AdamW steps through the layer-wise engine (NaN in bubbles) vs the same 20 steps of the
   unsharded reference on one device, in float64 throughout.
