@@ -156,3 +156,18 @@ def param_count(params: Params) -> int:
 
 def random_input(cfg: ModelConfig, batch: int, seq: int, key: jax.Array, dtype=None):
   return jax.random.normal(key, (batch, seq, cfg.d_model), jnp.float32).astype(dtype or cfg.dtype)
+
+
+def randomize_norms(params: Params, key: jax.Array) -> Params:
+  """LayerNorm scales 1 + 0.5 N(0,1) and biases 0.5 N(0,1), each leaf in its own dtype.
+
+  Flax initialises scale 1 and bias 0, under which a dropped bias, a missing scale or ln1's
+  parameters used for ln2 change nothing; every numerical check runs with these instead.
+  """
+  out = dict(params)
+  for i, name in enumerate(("ln1", "ln2")):
+    ks, kb = jax.random.split(jax.random.fold_in(key, i))
+    s, b = params[name]["scale"], params[name]["bias"]
+    out[name] = {"scale": (1.0 + 0.5 * jax.random.normal(ks, s.shape, jnp.float32)).astype(s.dtype),
+                 "bias": (0.5 * jax.random.normal(kb, b.shape, jnp.float32)).astype(b.dtype)}
+  return out

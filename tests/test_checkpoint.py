@@ -440,3 +440,36 @@ def test_convert_script_is_the_command(base, tmp_path):
 def test_command_layouts_match_the_library():
   from jaxpart.commands import _ckpt  # noqa: PLC0415
   assert _ckpt.LAYOUTS == ck.LAYOUTS
+
+
+def test_every_leaf_corruption_is_caught(base, tmp_path):
+  """One leaf at a time: one bit of its data flipped in an exported .npz, and its checksum
+  changed in a directory checkpoint's manifest. Each must be refused naming that leaf: a
+  verifier that skips any leaf (the first, the last) fails here."""
+  cfg = base["setup"].model
+  npz = tmp_path / "w.npz"
+  ck.convert(base["path"], npz)
+  with np.load(npz) as f:
+    arrays = {k: f[k] for k in f.files}
+  leaves = list(base["manifest"].params)
+  assert len(leaves) == 10
+  for leaf in leaves:
+    (key,) = [k for k in arrays if k == leaf or k.endswith("/" + leaf)]
+    bad = dict(arrays)
+    bits = _bits(bad[key]).copy()
+    bits.reshape(-1)[bits.size // 2] ^= 1
+    bad[key] = bits.view(arrays[key].dtype)
+    path = tmp_path / f"bad_{leaf.replace('/', '_')}.npz"
+    np.savez(path, **bad)
+    with pytest.raises(CheckpointError, match=f"checksum mismatch.*{leaf}"):
+      ck.restore(path, cfg)
+
+  edited = _copy(base["path"], tmp_path / "edited")
+  manifest = json.loads((edited / ck.MANIFEST).read_text())
+  for leaf in leaves:
+    doc = json.loads(json.dumps(manifest))
+    entry = doc["params"][leaf]
+    entry["checksum"] = entry["checksum"][:-1] + ("0" if entry["checksum"][-1] != "0" else "1")
+    (edited / ck.MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=f"checksum mismatch.*{leaf}"):
+      ck.restore(edited, cfg)

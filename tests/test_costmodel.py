@@ -243,3 +243,42 @@ def test_predict_command_table_and_errors(capsys):
 def test_bad_model_params_name_the_field(kw, match):
   with pytest.raises(config.ConfigError, match=match):
     costmodel.ModelParams(**kw)
+
+
+def test_step_time_equals_a_hand_computed_figure():
+  """Paper model, batch 1 x 64 tokens, baseline TP8 x PP2 on H100: one unit, 2 ticks, 2 layers a
+  stage. Every figure below is worked out by hand from the H100 datasheet constants and the
+  ModelParams defaults (gemm 0.75, HBM 0.90, link 0.80 of peak), not by calling the model.
+
+  Per device, one layer on the 64-token unit (bf16, tp 8: A = 4096/8 = 512 attention columns):
+  - weight read: 805,306,368 / 8 projection weights x 2 B + 4 LayerNorm vectors x 16384 x 2 B
+    (replicated) = 201,326,592 + 131,072 = 201,457,664 B, streamed from HBM every step (two
+    layers' weights cannot sit in a 50 MB L2);
+  - activations in and out 2 x 64 x 16384 x 2 B = 4,194,304 B; K/V read 2 x 64 x 512 x 2 B =
+    131,072 B and written the same; the 24.9 MB working set fits L2, so nothing spills;
+    HBM bytes 201,457,664 + 4,194,304 + 2 x 131,072 = 205,914,112 B; at 0.9 x 3.35e12 B/s
+    that is 6.8297e-5 s, above compute (12,893,290,496 FLOP at 0.75 x 989e12 = 1.74e-5 s);
+  - two all-reduces of 64 x 16384 x 2 B = 2,097,152 B: a ring sends 2 x 7/8 of it =
+    3,670,016 B at 0.8 x 450e9 B/s plus 5 us latency = 1.51945e-5 s each;
+  - the pipeline send of the unit, 2,097,152 B at 0.8 x 450e9 plus 5 us = 1.08254e-5 s.
+  Step = 2 layers x (HBM + 2 all-reduces) + send; the run is 2 such ticks (one unit, 2 stages).
+  """
+  setup = config.load_setup("paper", overrides={"run.batch": "1", "run.seq": "64"})
+  plan = planner.make_plan(setup, 16, "baseline", tp=8, pp=2)
+  assert (plan.units, plan.ticks, plan.layers_per_stage, plan.chunk_tokens) == (1, 2, 2, 64)
+  hbm_s = (201_457_664 + 4_194_304 + 2 * 131_072) / (0.9 * 3.35e12)
+  compute_s = (2 * 64 * 805_306_368 / 8 + 4 * 64 * 64 * 512) / (0.75 * 989e12)
+  allreduce_s = 3_670_016 / (0.8 * 450e9) + 5e-6
+  send_s = 2_097_152 / (0.8 * 450e9) + 5e-6
+  assert compute_s < hbm_s
+  layer_s = hbm_s + 2 * allreduce_s
+  assert layer_s == pytest.approx(9.86855e-5, rel=1e-5)   # the hand figure, to 6 digits
+  step_s = 2 * layer_s + send_s
+
+  p = costmodel.predict(setup, plan)
+  assert p.bound == "hbm" and not p.weights_resident_in_l2
+  assert p.step_s == pytest.approx(step_s, rel=1e-9)
+  assert p.total_s == pytest.approx(2 * step_s, rel=1e-9)
+  assert p.tp_comm_s == pytest.approx(2 * 2 * allreduce_s, rel=1e-9)
+  assert p.pipe_comm_s == pytest.approx(2 * send_s, rel=1e-9)
+  assert p.hbm_read_bytes_per_device == 2 * (201_457_664 + 2_097_152 + 131_072)

@@ -17,8 +17,10 @@ BF16_MAX_REL = 2.0**-5
 
 
 def _inputs(key, cfg=TINY, batch=2, seq=100):
-  kp, kx = jax.random.split(key)
-  return model.init_params(cfg, kp), model.random_input(cfg, batch, seq, kx)
+  """Random weights, random LayerNorm scales and biases, random input."""
+  kp, kx, kn = jax.random.split(key, 3)
+  params = model.randomize_norms(model.init_params(cfg, kp), kn)
+  return params, model.random_input(cfg, batch, seq, kx)
 
 
 def test_shapes_and_dtypes(fresh_key):
@@ -61,13 +63,18 @@ def test_bf16_close_to_float32(fresh_key):
   assert not np.array_equal(y16, y32)  # bf16 really ran in bf16
 
 
-def test_float64_mode(fresh_key):
-  with jax.enable_x64(True):
-    params, x = _inputs(fresh_key)
-    y64 = model.reference_forward(params, x, TINY, jnp.float64)
-    y32 = model.reference_forward(params, x, TINY, jnp.float32)
-    assert y64.dtype == jnp.float64
-    assert float(jnp.max(jnp.abs(y64 - y32))) < 1e-4
+def test_randomize_norms_touches_only_the_norms(fresh_key):
+  params = model.init_params(TINY, fresh_key)
+  rand = model.randomize_norms(params, jax.random.fold_in(fresh_key, 1))
+  for group in ("attn", "mlp"):
+    for name in params[group]:
+      assert rand[group][name] is params[group][name]
+  for ln in ("ln1", "ln2"):
+    s, b = (np.asarray(rand[ln][n], np.float64) for n in ("scale", "bias"))
+    assert rand[ln]["scale"].dtype == params[ln]["scale"].dtype
+    assert abs(s.mean() - 1) < 0.2 and 0.35 < s.std() < 0.65
+    assert abs(b.mean()) < 0.2 and 0.35 < b.std() < 0.65
+  assert not np.array_equal(np.asarray(rand["ln1"]["bias"]), np.asarray(rand["ln2"]["bias"]))
 
 
 def test_causality_exact(fresh_key):

@@ -15,45 +15,56 @@ SEQ = 40
 OC = train.OptimConfig()   # peak 3e-3, warmup 4, cosine to 3e-4 at step 20, weight decay 0.01
 
 
+TRAIN_F64_TOL = 1e-9
+
+
+def _train_both(key):
+  """The same 20 AdamW steps, float64, on the 4 x 4 mesh and on one device (call under x64)."""
+  setup = config.load_setup("tiny", overrides={"run.seq": SEQ, "model.dtype": "float64"})
+  cfg = setup.model
+  plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=12)   # 12, 12, 12, 4
+  mesh = sharding.mesh_for(plan)
+  kp, kx, kt, kn = jax.random.split(key, 4)
+  params0 = model.randomize_norms(model.init_params(cfg, kp), kn)
+  assert params0["attn"]["wq"].dtype == np.float64
+  x = model.random_input(cfg, plan.batch, plan.seq, kx)
+  batches = [(x, train.teacher_target(cfg, x, kt))]
+  placed = train.train_on_mesh(plan, cfg, mesh, params0, batches, OC, progress=False,
+                               bubble_fill=float("nan"), out_fill=float("nan"))
+  single = train.train_reference(cfg, params0, batches, OC, progress=False)
+  return placed, single, params0, mesh
+
+
 def _rel_l2(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_adamw_on_mesh_matches_one_device(fresh_key):
   """20 AdamW steps through the layer-wise engine (NaN in bubbles) vs the same 20 steps of the
-  unsharded reference on one device.
+  unsharded reference on one device, in float64 throughout.
 
-  Tolerances, and why they are not a plain elementwise 1e-4: both runs compute the same float32
-  math, and the gradients agree to ~1e-6 (test_grad). Adam divides each gradient element by
-  its own running RMS, so for an element whose gradient has been within float32 noise of zero
-  since step 0 (measured: 3.5e-8 against a leaf maximum of 7.9e-2), the noise decides its step:
-  1 or 2 elements in 65,536 then differ by ~2e-5 while all others differ by <= 3e-6. So:
-  - the loss trajectories agree to 1e-5 relative at every step;
-  - per leaf, the parameters are apart by < 1e-4 of the distance they travelled (L2; measured
-    <= 1e-5);
-  - per leaf, no element is off by more than 1e-3 of the leaf's largest value (measured
-    <= 8e-5), far below one step's worth of movement (lr, 3e-3).
+  Why float64: Adam divides each gradient element by its own running RMS. In float32 an element
+  whose true gradient is near zero (measured: 3.5e-8 against a leaf maximum of 7.9e-2) is all
+  rounding noise, different on the mesh (psum of partial sums, chunked softmax) than on one
+  device, and Adam turns that noise into a full-size step of either sign: the comparison then
+  depended on the seed (JAXPART_TEST_SEED=5 put attn.wq 2.24e-4 apart against a 1e-4 bound).
+  In float64 the noise is ~1e-17, 1e9 times below Adam's eps (1e-8), so every element's step is
+  well defined and the two runs can be held to float64 rounding (measured below 1e-12; bounds
+  1e-9, see TRAIN_F64_TOL).
   """
   require_devices(16)
-  setup = config.load_setup("tiny", overrides={"run.seq": SEQ, "model.dtype": "float32"})
-  cfg = setup.model
-  plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=12)   # 12, 12, 12, 4
-  mesh = sharding.mesh_for(plan)
-  kp, kx, kt = jax.random.split(fresh_key, 3)
-  params0 = model.init_params(cfg, kp)
-  x = model.random_input(cfg, plan.batch, plan.seq, kx)
-  batches = [(x, train.teacher_target(cfg, x, kt))]
-
-  placed = train.train_on_mesh(plan, cfg, mesh, params0, batches, OC, progress=False,
-                               bubble_fill=float("nan"), out_fill=float("nan"))
-  single = train.train_reference(cfg, params0, batches, OC, progress=False)
+  with jax.enable_x64(True):
+    placed, single, params0, mesh = _train_both(fresh_key)
 
   losses = np.array(placed.losses)
   assert len(losses) == 20 and np.isfinite(losses).all()
   assert losses[1] == losses[0]                  # step 0 runs at lr 0 (warmup starts at 0)
-  assert np.all(np.diff(losses[1:]) < 0), f"loss not decreasing: {losses}"
+  # Training works: the loss halves, and falls at every step once the learning rate decays.
+  # Not at every step of warmup: at peak lr a step may overshoot (seed 7: 6.17 -> 6.27 at step 3),
+  # a property of the optimisation, the same on the mesh and on one device.
   assert losses[-1] < 0.5 * losses[0]
-  np.testing.assert_allclose(losses, single.losses, rtol=1e-5)
+  assert np.all(np.diff(losses[OC.total_steps // 2:]) < 0), f"loss not decreasing: {losses}"
 
   # sharded as the Plan says: params, and Adam's mu and nu with them; the step count replicated
   want = train.named_leaves(sharding.param_shardings(mesh))
@@ -68,11 +79,17 @@ def test_adamw_on_mesh_matches_one_device(fresh_key):
 
   got, ref, start = (train.named_leaves(jax.tree.map(np.asarray, t))
                      for t in (placed.params, single.params, params0))
+  worst = {"loss": float(np.max(np.abs(losses / np.array(single.losses) - 1)))}
   for name in ref:
     travelled = ref[name] - start[name]
     assert np.abs(travelled).max() > 1e-3, f"{name} did not move"
-    assert _rel_l2(got[name] - start[name], travelled) < 1e-4, name
-    assert np.abs(got[name] - ref[name]).max() <= 1e-3 * np.abs(ref[name]).max(), name
+    assert got[name].dtype == np.float64
+    worst[name] = max(_rel_l2(got[name] - start[name], travelled),
+                      np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max())
+  print("float64 AdamW, mesh vs one device, worst relative figure: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+  bad = {k: v for k, v in worst.items() if not v < TRAIN_F64_TOL}
+  assert not bad, f"over {TRAIN_F64_TOL:g}: {bad}"
 
 
 def test_schedule_warms_up_then_decays():

@@ -34,17 +34,27 @@ def run(args) -> int:
     raise config.ConfigError(f"--repeats = {args.repeats}: must be at least 1")
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
+  if setup.model.dtype == "float64" and not args.f32:
+    with jax.enable_x64(True):   # without it, "float64" arrays are silently float32
+      return _run(args, setup, plan)
+  return _run(args, setup, plan)
+
+
+def _run(args, setup, plan) -> int:
   dtype = jnp.float32 if args.f32 else None
   sizeguard.check_fits(setup, [plan], "run", 4 if args.f32 else None)
   params_h, x_h = runs.host_params(setup, args.seed), runs.host_input(setup, args.seed)
   placed = runs.place(setup, plan, params_h, x_h, dtype=dtype)
   y = runs.fetch(placed())
   validate.check_finite(f"output of the {plan.strategy} placement", y)
+  ran = str(y.dtype)
+  if ran != ("float32" if args.f32 else setup.model.dtype):
+    raise config.ConfigError(f"model.dtype = {setup.model.dtype}: the forward ran in {ran}")
   timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
   seconds = timing["engine"]["median_s"]
   tokens = setup.run.tokens
-  out = {"preset": setup.preset, "plan": plan.to_dict(), "dtype": "float32" if args.f32 else
-         setup.model.dtype, "devices_present": len(jax.devices()),
+  out = {"preset": setup.preset, "plan": plan.to_dict(), "dtype": ran,
+         "devices_present": len(jax.devices()),
          "processes": jax.process_count(),
          "platform": jax.devices()[0].platform, "median_s": seconds,
          "tokens_per_s": tokens / seconds, "time_per_token_ms_seed_def": 1e3 * seconds / tokens,
@@ -53,9 +63,12 @@ def run(args) -> int:
   if args.check:
     ref = runs.reference(setup, params_h, x_h, dtype)
     out["check"] = runs.errors(y, ref)
-    out["check"]["tolerance"] = tol = (1e-5 if args.f32 else
+    # float32 and float64 against a reference in the same dtype: a relative bound. bf16: the
+    # bf16 reference's own distance from float32 (which is 0 for any other dtype: no bound).
+    relative = {"float32": runs.F32_REL_TOL, "float64": runs.F64_REL_TOL}
+    out["check"]["tolerance"] = tol = (relative[ran] if ran in relative else
                                        runs.bf16_tolerance(setup, params_h, x_h))
-    key = "max_rel_err" if args.f32 else "max_abs_err"
+    key = "max_rel_err" if ran in relative else "max_abs_err"
     ok = out["check"]["finite"] and out["check"][key] <= tol
     out["check"]["ok"] = ok
   if not distributed.is_main():
@@ -83,7 +96,7 @@ def _print(out):
         f"time per token (seed's definition, 1/TPS) {out['time_per_token_ms_seed_def']:.4f} ms")
   if "check" in out:
     c = out["check"]
-    kind = "max rel" if out["dtype"] == "float32" else "max abs"
+    kind = "max rel" if out["dtype"] in ("float32", "float64") else "max abs"
     print(f"  vs single-device reference ({out['dtype']}): max abs err {c['max_abs_err']:.3e}, "
           f"max rel err {c['max_rel_err']:.3e}, bit-exact {c['bit_exact']}; "
           f"{kind} tolerance {c['tolerance']:.3e}: {'OK' if c['ok'] else 'MISMATCH'}")
@@ -93,12 +106,14 @@ def _print(out):
 
 def _dump(path, setup, plan, params_h, x_h, y):
   """Everything needed to re-run the forward elsewhere. bf16 arrays are stored as float32
-  (an exact widening) because numpy has no bf16 of its own; `dtype` says what they were."""
+  (an exact widening) because numpy has no bf16 of its own, float64 as float64; `dtype` says
+  what the output was."""
+  store = np.float64 if np.asarray(y).dtype == np.float64 else np.float32
   flat, _ = jax.tree_util.tree_flatten_with_path(params_h)
-  arrays = {"param/" + "/".join(k.key for k in path_): np.asarray(v, np.float32)
+  arrays = {"param/" + "/".join(k.key for k in path_): np.asarray(v, store)
             for path_, v in flat}
-  arrays["input"] = np.asarray(x_h, np.float32)
-  arrays["output"] = np.asarray(y, np.float32)
+  arrays["input"] = np.asarray(x_h, store)
+  arrays["output"] = np.asarray(y, store)
   arrays["plan_json"] = np.array(plan.to_json())
   arrays["model_json"] = np.array(json.dumps(config.to_dict(setup.model)))
   arrays["dtype"] = np.array(str(np.asarray(y).dtype))
