@@ -15,9 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxpart import attention, compat, sharding
+from jaxpart import attention, compat, families, sharding
 from jaxpart.config import ModelConfig
-from jaxpart.model import block_apply, cast_params
+from jaxpart.model import cast_params
 from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
 
 
@@ -25,10 +25,14 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
                tp_axis: str | None):
   """Apply this stage's layers to one unit; writes the unit's K/V into the caches.
 
-  p_stage leaves have a leading local-layer axis; caches are Lps x R x cache_len x H x E. The
-  caches stay whole in the scan's carry and are updated and read in place at (layer, ...):
-  slicing one layer's cache out and stacking it back would copy it every step.
+  p_stage leaves have a leading local-layer axis; caches are Lps x R x cache_len x G x E (G
+  the local K/V heads). The caches stay whole in the scan's carry and are updated and read in
+  place at (layer, ...): slicing one layer's cache out and stacking it back would copy it every
+  step. Positions are absolute (q_start + i), so RoPE and the cache agree for every chunk.
   """
+  block = families.of(cfg).block
+  pos_C = q_start + jnp.arange(x_RxCxD.shape[1])
+
   def one_layer(carry, layer):
     x, kc, vc = carry
     p, l = layer
@@ -41,7 +45,7 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
       o = attention.blocked_causal(q, kc, vc, q_start, plan.kv_block, layer=l)
       return o, (kc, vc)
 
-    y, (kc, vc) = block_apply(p, x, cfg.head_dim, cfg.ln_eps, attend, (kc, vc), tp_axis)
+    y, (kc, vc) = block(p, x, pos_C, cfg, attend, (kc, vc), tp_axis)
     return (y, kc, vc), None
 
   layers = jnp.arange(plan.layers_per_stage)
@@ -117,47 +121,64 @@ def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan, dtype):
   return slab
 
 
-def _scatter_unit(y_RxCxW, plan: Plan):
-  """The inverse at the last stage: device (S-1, t) keeps width block t*S + S-1 of its tensor
-  slice and sends block t*S + k to stage k. Returns the block this device stores."""
-  S, tp = plan.stages, plan.tp
-  w = y_RxCxW.shape[-1]
-  stage = jax.lax.axis_index(STAGE_AXIS)
-  if tp > 1:
-    t = jax.lax.axis_index(TENSOR_AXIS)
-    y_RxCxW = jax.lax.dynamic_slice_in_dim(y_RxCxW, t * (w // tp), w // tp, axis=-1)
+def _scatter_unit(y_RxCxWt, plan: Plan):
+  """The inverse at the last stage: device (S-1, t) holds its tensor slice of the output (the
+  family's head gives it), keeps width block t*S + S-1 of it and sends block t*S + k to stage
+  k. Returns the block this device stores."""
+  S = plan.stages
   if S == 1:
-    return y_RxCxW
-  blocks = jnp.split(y_RxCxW, S, axis=-1)
+    return y_RxCxWt
+  blocks = jnp.split(y_RxCxWt, S, axis=-1)
   with jax.named_scope("output_scatter"):
     recv = [jax.lax.ppermute(blocks[k], STAGE_AXIS, [(S - 1, k)]) for k in range(S - 1)]
-  return jnp.stack(recv + [blocks[S - 1]])[stage]
+  return jnp.stack(recv + [blocks[S - 1]])[jax.lax.axis_index(STAGE_AXIS)]
 
 
-def _pipeline_body(p_stage, x_BxTxWn, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
+def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
                    bubble_fill: float, out_fill: float, differentiable: bool):
-  """Per-device program inside shard_map: x is this device's share of the input stream, the
-  result its share of the output stream (both B x T x W/N)."""
+  """Per-device program inside shard_map. inp is this device's share of the input stream
+  (B x T x D/N hidden vectors), or the token ids (B x T, replicated); the result is its share
+  of the output stream (B x T x W/N: hidden vectors or logits)."""
+  fam = families.of(cfg)
   S, U = plan.stages, plan.units
   tp_axis = TENSOR_AXIS if plan.tp > 1 else None
   stage = jax.lax.axis_index(STAGE_AXIS)
-  dt = x_BxTxWn.dtype
+  is_last = stage == S - 1
+  p_stage, p_edges = fam.split(params)
+  dt = jax.tree.leaves(p_stage)[0].dtype              # activations: the weights' dtype
+  out_dt = fam.out_dtype(cfg) if fam.tokens_in else dt
   store = (lambda a: a) if differentiable else _as_bits
-  x_BxTxWn = store(x_BxTxWn)
+  in_dt = inp.dtype
+  inp = inp if fam.tokens_in else store(inp)
   unit_shape = (plan.rows, plan.chunk_tokens, cfg.d_model)
-  heads_local = cfg.n_heads // plan.tp
-  cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len, heads_local, cfg.head_dim)
+  cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len,
+                 families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
+  out_local = (plan.rows, plan.chunk_tokens, fam.out_width(cfg) // plan.tp)
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
   def run(operands):
-    inp, kc, vc, q_start = operands
+    x, kc, vc, q_start = operands
     with jax.named_scope("stage_step"):
-      return step(p_stage, inp, kc, vc, q_start)
+      return step(p_stage, x, kc, vc, q_start)
 
   def skip(operands):
-    inp, kc, vc, _ = operands
-    return jnp.zeros_like(inp), kc, vc
+    x, kc, vc, _ = operands
+    return jnp.zeros_like(x), kc, vc
+
+  def first_unit(t):
+    """Unit t as stage 0 takes it (every device joins; on bubble ticks past the last unit it
+    re-reads the last one, which the stage's cond never uses)."""
+    origin = _unit_origin(jnp.minimum(t, U - 1), plan)
+    if fam.tokens_in:
+      ids_RxC = _read_piece(inp, *origin, plan.rows, plan.chunk_tokens)
+      with jax.named_scope("embed"):
+        return fam.embed(p_edges, ids_RxC, cfg, tp_axis)
+    return _gather_unit(inp, *origin, plan, in_dt).astype(dt)
+
+  def head(y):
+    with jax.named_scope("head"):
+      return fam.head(p_edges, y, cfg, tp_axis).astype(out_dt)
 
   perm = [(s, s + 1) for s in range(S - 1)]
 
@@ -166,26 +187,25 @@ def _pipeline_body(p_stage, x_BxTxWn, *, cfg: ModelConfig, plan: Plan, remat: bo
     u = t - stage
     valid = (u >= 0) & (u < U)
     q_start = (jnp.clip(u, 0, U - 1) % plan.n_chunks) * plan.chunk_tokens
-    # Stage 0 takes unit t from the stream (every device joins the gather; on bubble ticks
-    # past the last unit it re-reads the last one, which the cond below never uses).
-    unit = _gather_unit(x_BxTxWn, *_unit_origin(jnp.minimum(t, U - 1), plan), plan, dt)
-    inp = jnp.where(stage == 0, unit, recv)
-    inp = jnp.where(valid, inp, jnp.asarray(bubble_fill, dt))
-    y, kc, vc = jax.lax.cond(valid, run, skip, (inp, kc, vc, q_start))
-    # The last stage finished unit t - (S-1): every device stores its block of it.
+    x = jnp.where(stage == 0, first_unit(t), recv)
+    x = jnp.where(valid, x, jnp.asarray(bubble_fill, dt))
+    y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start))
+    # The last stage finished unit t - (S-1): its head gives each tensor shard its slice of
+    # the output, and every device stores its block of that.
+    y_out = jax.lax.cond(is_last & valid, head, lambda _: jnp.zeros(out_local, out_dt), y)
     u_out = t - (S - 1)
-    piece = _scatter_unit(y, plan)
-    out = _write_piece(out, store(piece), *_unit_origin(jnp.clip(u_out, 0, U - 1), plan),
-                       (u_out >= 0) & (u_out < U))
+    out = _write_piece(out, store(_scatter_unit(y_out, plan)),
+                       *_unit_origin(jnp.clip(u_out, 0, U - 1), plan), (u_out >= 0) & (u_out < U))
     with jax.named_scope("pipeline_send"):
       recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
     return (recv, kc, vc, out), None
 
+  fill = store(jnp.asarray(out_fill, out_dt))
   init = (jnp.zeros(unit_shape, dt), jnp.zeros(cache_shape, dt), jnp.zeros(cache_shape, dt),
-          jnp.full((plan.batch + plan.rows, plan.padded_seq, x_BxTxWn.shape[2]),
-                   store(jnp.asarray(out_fill, dt)), x_BxTxWn.dtype))
+          jnp.full((plan.batch + plan.rows, plan.padded_seq, out_local[2] // S), fill,
+                   fill.dtype))
   (_, _, _, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  return _from_bits(out[:plan.batch, :plan.seq], dt)
+  return _from_bits(out[:plan.batch, :plan.seq], out_dt)
 
 
 def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
@@ -198,36 +218,43 @@ def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
 
 def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,
                  bubble_fill: float = 0.0, out_fill: float = 0.0, differentiable: bool = True):
-  """(params, x_BxTxD) -> y_BxTxD, executing `plan` on `mesh`. Not jitted: wrap as you need.
+  """(params, inp) -> out, executing `plan` on `mesh` for the config's model family. Not
+  jitted: wrap as you need.
 
-  Input and output are sharded over every device along d_model (sharding.SPECS.stream): no
-  device ever holds more than 1/N of either. remat is one of REMAT_POLICIES (see remat_step);
-  it only changes what a backward saves.
+  dense: inp and out are B x T x D hidden vectors, both sharded over every device along D
+  (sharding.SPECS.stream): no device ever holds more than 1/N of either. Llama: inp is B x T
+  token ids (int32, replicated: 4 bytes a token) and out the float32 logits B x T x V, split
+  over every device along V. remat is one of REMAT_POLICIES (see remat_step); it only changes
+  what a backward saves.
 
-  differentiable=False keeps the input and output shares as unsigned integers of the same
-  bytes while they are sliced and updated (bit for bit the same values). XLA on CPU widens
-  bf16 data movement to float32 and hoists that conversion onto the whole share, one or two
-  extra copies of it per device; integers are left alone. Integers carry no gradient, so that
-  forward refuses jax.grad; leave it True to differentiate.
+  differentiable=False keeps the stream shares as unsigned integers of the same bytes while
+  they are sliced and updated (bit for bit the same values). XLA on CPU widens bf16 data
+  movement to float32 and hoists that conversion onto the whole share, one or two extra copies
+  of it per device; integers are left alone. Integers carry no gradient, so that forward
+  refuses jax.grad; leave it True to differentiate.
 
   bubble_fill is what a stage sees as input on ticks it has no unit; out_fill what the output
   buffer holds before units are written. Tests set both to NaN to prove neither leaks.
   """
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
-  check_stream_width(cfg.d_model, plan)
+  fam = families.of(cfg)
+  if not fam.tokens_in:
+    check_stream_width(cfg.d_model, plan)
+  check_stream_width(fam.out_width(cfg), plan, "vocab" if fam.tokens_in else "d_model")
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
                            bubble_fill=bubble_fill, out_fill=out_fill,
                            differentiable=differentiable)
-  mapped = compat.shard_map(body, mesh, in_specs=(sharding.param_specs(), sharding.SPECS.stream),
+  mapped = compat.shard_map(body, mesh,
+                            in_specs=(sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg)),
                             out_specs=sharding.SPECS.stream)
   if not differentiable:
     mapped = _without_gradient(mapped)
 
-  def forward(params, x_BxTxD):
-    if x_BxTxD.shape[:2] != (plan.batch, plan.seq):
-      raise ValueError(f"input is batch x seq = {x_BxTxD.shape[:2]}, the plan was made for "
+  def forward(params, inp):
+    if inp.shape[:2] != (plan.batch, plan.seq):
+      raise ValueError(f"input is batch x seq = {inp.shape[:2]}, the plan was made for "
                        f"{(plan.batch, plan.seq)}")
-    return mapped(params, x_BxTxD)
+    return mapped(params, inp)
 
   return forward
 
@@ -247,8 +274,9 @@ def _without_gradient(f):
 
 
 def jit_forward(plan: Plan, cfg: ModelConfig, mesh, dtype=None, **kw):
-  """jit of make_forward, optionally casting params and input to `dtype` (float32 checks)."""
+  """jit of make_forward, optionally casting params and (hidden-vector) input to `dtype`."""
   fwd = make_forward(plan, cfg, mesh, **kw)
   if dtype is None:
     return jax.jit(fwd)
-  return jax.jit(lambda p, x: fwd(cast_params(p, dtype), x.astype(dtype)))
+  cast_in = (lambda x: x) if families.of(cfg).tokens_in else (lambda x: x.astype(dtype))
+  return jax.jit(lambda p, x: fwd(cast_params(p, dtype), cast_in(x)))

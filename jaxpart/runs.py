@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxpart import engine, model, sharding
+from jaxpart import engine, families, model, sharding
 from jaxpart.config import Setup
 from jaxpart.plan import Plan
 
@@ -45,13 +45,19 @@ def host_params(setup: Setup, seed: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init(cfg, key):
-  """Compiled once per config: eager Flax init costs ~0.5 s a call, this ~10 ms."""
-  return model.randomize_norms(model.init_params(cfg, key), jax.random.fold_in(key, 2))
+  """Compiled once per config: eager Flax init costs ~0.5 s a call, this ~10 ms. The Llama
+  family's init already draws its norm scales at random."""
+  params = families.of(cfg).init_params(cfg, key)
+  return params if cfg.arch != "dense" else model.randomize_norms(params,
+                                                                  jax.random.fold_in(key, 2))
 
 
 def host_input(setup: Setup, seed: int, dtype=None) -> np.ndarray:
+  """What stage 0 takes: hidden vectors (dense, in `dtype` or the model's) or token ids."""
   key = jax.random.fold_in(jax.random.key(seed), 1)
-  return np.asarray(model.random_input(setup.model, setup.run.batch, setup.run.seq, key, dtype))
+  cfg = setup.model
+  x = families.of(cfg).random_input(cfg, setup.run.batch, setup.run.seq, key)
+  return np.asarray(x if families.of(cfg).tokens_in else x.astype(dtype or cfg.dtype))
 
 
 @dataclass
@@ -71,9 +77,9 @@ class Placed:
 def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=None,
           **engine_kw) -> Placed:
   mesh = sharding.mesh_for(plan, devices)
-  shardings = sharding.param_shardings(mesh)
+  shardings = sharding.param_shardings(mesh, setup.model)
   params = jax.tree.map(global_array, params_host, shardings)
-  x = global_array(x_host, sharding.stream(mesh))
+  x = global_array(x_host, sharding.input_sharding(mesh, setup.model))
   fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
 
@@ -90,8 +96,18 @@ def reference(setup: Setup, params_host, x_host, dtype=None) -> np.ndarray:
   dev = jax.local_devices()[0]
   p = jax.device_put(params_host, dev)
   x = jax.device_put(x_host, dev)
-  f = jax.jit(lambda p, x: model.reference_forward(p, x, setup.model, dtype))
+  f = jax.jit(lambda p, x: reference_forward(p, x, setup.model, dtype))
   return np.asarray(f(p, x))
+
+
+def reference_forward(params, inp, cfg, dtype=None):
+  """The family's single-device forward at a chosen precision: dtype None keeps the config's,
+  else casts the parameters (and hidden-vector input; token ids stay ids)."""
+  fam = families.of(cfg)
+  if dtype is not None:
+    params = model.cast_params(params, dtype)
+    inp = inp if fam.tokens_in else inp.astype(dtype)
+  return fam.reference(params, inp, cfg)
 
 
 def errors(y, y_ref) -> dict[str, float]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxpart import compat, llama, model
+from jaxpart import compat, families, llama
 from jaxpart.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
 
 
@@ -36,8 +36,10 @@ class Specs:
 SPECS = Specs()
 
 
-def param_specs() -> dict:
-  """PartitionSpecs in the shape of model.init_params' tree."""
+def param_specs(cfg=None, tp: int = 1) -> dict:
+  """PartitionSpecs in the shape of the family's parameter tree (dense when cfg is None)."""
+  if cfg is not None and cfg.arch == "llama":
+    return llama_param_specs(cfg, tp)
   ln = {"scale": SPECS.LxD, "bias": SPECS.LxD}
   return {
       "ln1": ln,
@@ -60,9 +62,19 @@ def mesh_for(plan: Plan, devices=None) -> jax.sharding.Mesh:
   return compat.make_mesh(devices[:plan.devices], plan.mesh_shape, plan.axis_names)
 
 
-def param_shardings(mesh) -> dict:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(),
+def param_shardings(mesh, cfg=None) -> dict:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[T]),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def input_spec(cfg=None) -> P:
+  """The engine's input: hidden vectors as a stream split over every device (dense), or token
+  ids, 4 bytes a token, replicated (Llama: stage 0 embeds them vocab-parallel)."""
+  return SPECS.replicated if cfg is not None and cfg.arch == "llama" else SPECS.stream
+
+
+def input_sharding(mesh, cfg=None) -> NamedSharding:
+  return NamedSharding(mesh, input_spec(cfg))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -74,9 +86,9 @@ def stream(mesh) -> NamedSharding:
   return NamedSharding(mesh, SPECS.stream)
 
 
-def place_params(params, mesh):
+def place_params(params, mesh, cfg=None):
   """Put a parameter tree on the mesh as the Plan says (a no-op for leaves already there)."""
-  return jax.device_put(params, param_shardings(mesh))
+  return jax.device_put(params, param_shardings(mesh, cfg))
 
 
 def activation_specs() -> dict:
@@ -109,29 +121,31 @@ def local_shape(shape: tuple[int, ...], spec: P, plan: Plan) -> tuple[int, ...]:
   return tuple(out)
 
 
-def param_local_shapes(params, plan: Plan) -> dict:
+def param_local_shapes(params, plan: Plan, cfg=None) -> dict:
   """Per-device shape of every parameter leaf under the Plan (params or ShapeDtypeStructs).
 
-  The leading layer axis must hold plan.layers layers, so stage s gets stage_layers[s].
+  The leading layer axis of a per-layer leaf must hold plan.layers layers, so stage s gets
+  stage_layers[s]; edge leaves (embedding, final norm, head) have none.
   """
   def one(path, leaf, spec):
     name = jax.tree_util.keystr(path)
-    if leaf.shape[0] != plan.layers:
+    per_layer = len(spec) > 0 and spec[0] == S
+    if per_layer and leaf.shape[0] != plan.layers:
       raise PlanError(f"parameter {name} has {leaf.shape[0]} layers on axis 0, the plan places "
                       f"{plan.layers}")
     try:
       return local_shape(leaf.shape, spec, plan)
     except PlanError as e:
       raise PlanError(f"parameter {name}: {e}") from None
-  return jax.tree_util.tree_map_with_path(one, params, param_specs())
+  return jax.tree_util.tree_map_with_path(one, params, param_specs(cfg, plan.tp))
 
 
-def place_for_plan(params, plan: Plan, mesh):
+def place_for_plan(params, plan: Plan, mesh, cfg=None):
   """place_params after checking every leaf splits evenly as the Plan says."""
   if tuple(mesh.shape.values()) != plan.mesh_shape or tuple(mesh.axis_names) != plan.axis_names:
     raise PlanError(f"mesh {dict(mesh.shape)} is not the plan's {dict(zip(plan.axis_names, plan.mesh_shape))}")
-  param_local_shapes(params, plan)
-  return place_params(params, mesh)
+  param_local_shapes(params, plan, cfg)
+  return place_params(params, mesh, cfg)
 
 
 def gspmd_tp_specs() -> dict:
@@ -150,13 +164,13 @@ def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None) -> dic
   mesh defaults to mesh_for(plan); dtype overrides the model's (float32 checks). Every leaf is
   checked to split evenly under the Plan (a PlanError naming it), as place_for_plan does.
   """
-  shapes = model.param_shapes(cfg)
+  shapes = families.of(cfg).param_shapes(cfg)
   if plan is None:
     one = SingleDeviceSharding(jax.local_devices()[0])
     shards = jax.tree.map(lambda _: one, shapes)
   else:
-    param_local_shapes(shapes, plan)
-    shards = param_shardings(mesh_for(plan) if mesh is None else mesh)
+    param_local_shapes(shapes, plan, cfg)
+    shards = param_shardings(mesh_for(plan) if mesh is None else mesh, cfg)
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype), sharding=sh),
       shapes, shards)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxpart import engine, model, runs, sharding
+from jaxpart import engine, families, model, runs, sharding
 from jaxpart.config import ConfigError, ModelConfig
 
 Forward = Callable[[Any, jax.Array], jax.Array]
@@ -35,7 +35,8 @@ def mse(y_BxTxD, target_BxTxD):
 
 
 def reference_forward(cfg: ModelConfig) -> Forward:
-  return functools.partial(model.forward, cfg=cfg)
+  """The family's single-device forward (params, inp) -> out."""
+  return functools.partial(families.of(cfg).reference, cfg=cfg)
 
 
 def engine_forward(plan, cfg: ModelConfig, mesh, **engine_kw) -> Forward:
@@ -51,22 +52,29 @@ def loss_fn(forward: Forward):
   return loss
 
 
-def value_and_grads(forward: Forward):
-  """jit of (params, x, target) -> ((loss, y), (d loss/d params, d loss/d x)).
+def value_and_grads(forward: Forward, wrt_input: bool = True):
+  """jit of (params, x, target) -> ((loss, y), (d loss/d params, d loss/d x)); with
+  wrt_input False (token ids: no gradient) -> ((loss, y), (d loss/d params,)).
 
   No out_shardings: the gradients of shard_map's inputs come out with its in_specs, i.e. the
   params' shardings, by themselves (tests/test_grad.py checks that they do).
   """
-  return jax.jit(jax.value_and_grad(loss_fn(forward), argnums=(0, 1), has_aux=True))
+  argnums = (0, 1) if wrt_input else (0,)
+  return jax.jit(jax.value_and_grad(loss_fn(forward), argnums=argnums, has_aux=True))
 
 
-_jit_reference = jax.jit(model.forward, static_argnames="cfg")   # one compile per cfg and shape
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher(cfg: ModelConfig, key, inp, dtype_probe):
+  fam = families.of(cfg)
+  teacher = model.cast_params(fam.init_params(cfg, key), dtype_probe.dtype)
+  return fam.reference(teacher, inp, cfg)
 
 
-def teacher_target(cfg: ModelConfig, x_BxTxD, key: jax.Array):
-  """A learnable regression target: a fresh stack's output on x (computed unsharded)."""
-  teacher = model.cast_params(model.init_params(cfg, key), x_BxTxD.dtype)
-  return _jit_reference(teacher, x_BxTxD, cfg=cfg)
+def teacher_target(cfg: ModelConfig, inp, key: jax.Array, dtype=None):
+  """A learnable regression target: a fresh model's output on inp (computed unsharded), in
+  inp's dtype (or `dtype` for token ids)."""
+  probe = jnp.zeros((), dtype or (jnp.float32 if families.of(cfg).tokens_in else inp.dtype))
+  return _teacher(cfg, key, inp, probe)
 
 
 def grad_memory(forward: Forward, params_abstract, x_abstract) -> dict[str, int]:

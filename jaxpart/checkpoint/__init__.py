@@ -22,6 +22,7 @@ The names below are the public interface; import them from jaxpart.checkpoint.
 from jaxpart.checkpoint.atomic import check_destination
 from jaxpart.checkpoint.conversion import convert, load, source_plan_if_present
 from jaxpart.checkpoint.digest import checksum, checksums
+from jaxpart.checkpoint.hf_io import export_hf, import_hf, is_hf_dir
 from jaxpart.checkpoint.manifest import (CHECKSUM_ALGO, FORMAT, LAYOUTS, MANIFEST,
                                          NPZ_MANIFEST_KEY, ORBAX_DIR, ORBAX_LAYOUTS, SENTINEL,
                                          UNSHARDED, VERSION, CheckpointError, Manifest, Restored,
@@ -36,7 +37,7 @@ __all__ = [
     "CHECKSUM_ALGO", "FORMAT", "LAYOUTS", "MANIFEST", "NPZ_MANIFEST_KEY", "ORBAX_DIR",
     "ORBAX_LAYOUTS", "SENTINEL", "UNSHARDED", "VERSION", "CheckpointError", "Manifest",
     "Restored", "check_destination", "check_model", "check_plan", "checksum", "checksums",
-    "convert", "export_npz", "flatten", "infer_layout", "join_leaf", "load", "load_npz",
+    "convert", "export_hf", "export_npz", "flatten", "import_hf", "is_hf_dir", "infer_layout", "join_leaf", "load", "load_npz",
     "npz_manifest", "param_shardings", "param_targets", "place", "placement_name",
     "read_manifest", "restore", "save", "source_plan_if_present", "split_leaf", "stored_keys",
     "unflatten",

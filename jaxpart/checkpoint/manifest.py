@@ -26,7 +26,8 @@ import numpy as np
 from jaxpart import config
 from jaxpart.config import ConfigError, ModelConfig
 from jaxpart.errors import UserError, first_line
-from jaxpart.model import param_shapes
+from jaxpart.families import param_shapes
+from jaxpart.llama import EDGE_KEYS
 from jaxpart.plan import Plan, PlanError
 
 FORMAT = "jaxpart-checkpoint"
@@ -98,10 +99,15 @@ def check_layout(layout: str, allowed: Iterable[str] = LAYOUTS) -> None:
     raise CheckpointError(f"layout = {layout!r}: valid layouts here are {', '.join(allowed)}")
 
 
+def _edge(path: str) -> bool:
+  """Embedding, final norm and LM head: no layer axis, stored whole in every layout."""
+  return path.split("/", 1)[0] in EDGE_KEYS
+
+
 def split_leaf(path: str, arr, layout: str, stages: int = 1) -> list[tuple[str, Any]]:
   """A stacked [L, ...] leaf as `layout` stores it: (key, array) pairs."""
   check_layout(layout)
-  if layout == "stacked":
+  if layout == "stacked" or _edge(path):
     return [(path, arr)]
   if layout == "per_layer":
     return [(f"layers/{i}/{path}", arr[i]) for i in range(arr.shape[0])]
@@ -112,7 +118,7 @@ def split_leaf(path: str, arr, layout: str, stages: int = 1) -> list[tuple[str, 
 
 
 def stored_keys(path: str, layout: str, layers: int) -> list[str]:
-  if layout == "per_layer":
+  if layout == "per_layer" and not _edge(path):
     return [f"layers/{i}/{path}" for i in range(layers)]
   return [path]
 
@@ -121,7 +127,7 @@ def join_leaf(path: str, get: Callable[[str], np.ndarray], layout: str, layers: 
               stages: int = 1) -> np.ndarray:
   """Inverse of split_leaf: the stacked [L, ...] leaf from `layout`'s stored arrays."""
   check_layout(layout)
-  if layout == "stacked":
+  if layout == "stacked" or _edge(path):
     return get(path)
   if layout == "per_layer":
     parts = [get(k) for k in stored_keys(path, layout, layers)]

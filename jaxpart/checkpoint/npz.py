@@ -29,7 +29,7 @@ from jaxpart.checkpoint.manifest import (NPZ_MANIFEST_KEY, CheckpointError, Mani
 from jaxpart.checkpoint.placement import check_plan, param_shardings
 from jaxpart.config import ModelConfig
 from jaxpart.errors import first_line
-from jaxpart.model import param_shapes
+from jaxpart.families import param_shapes
 from jaxpart.plan import Plan
 
 def _encode(a: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -116,7 +116,7 @@ def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
                           f"(--preset/--config/--set) to import it")
   check_plan(cfg, plan)
   want = spec_table(cfg)
-  shardings = flatten(param_shardings(plan))
+  shardings = flatten(param_shardings(plan, cfg))
   out, sums = {}, {}
   try:
     with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:

@@ -67,7 +67,7 @@ def save(path, params, cfg: ModelConfig, plan: Plan | None = None, *, opt_state=
   if plan is None and jax.process_count() > 1:
     raise CheckpointError("an unsharded checkpoint is written by one process; save with a Plan")
   check_plan(cfg, plan)
-  params = place(params, plan)
+  params = place(params, plan, cfg)
   flat = flatten(params)
   check_tree(flat, cfg)
   check_destination(path, overwrite)

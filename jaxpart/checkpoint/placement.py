@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 from jaxpart import sharding
 from jaxpart.checkpoint.manifest import CheckpointError, flatten, unflatten
 from jaxpart.config import ModelConfig
-from jaxpart.model import param_shapes
+from jaxpart.families import param_shapes
 from jaxpart.plan import Plan, PlanError, check_tp
 
 def check_plan(cfg: ModelConfig, plan: Plan | None) -> None:
@@ -24,13 +24,13 @@ def check_plan(cfg: ModelConfig, plan: Plan | None) -> None:
   sharding.mesh_for(plan)
 
 
-def param_shardings(plan: Plan | None) -> dict:
+def param_shardings(plan: Plan | None, cfg: ModelConfig | None = None) -> dict:
   """The Plan's shardings in the params tree's shape; unsharded: this process's first device."""
   if plan is None:
     one = SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda _: one, sharding.param_specs(),
+    return jax.tree.map(lambda _: one, sharding.param_specs(cfg),
                         is_leaf=lambda x: isinstance(x, P))
-  return sharding.param_shardings(sharding.mesh_for(plan))
+  return sharding.param_shardings(sharding.mesh_for(plan), cfg)
 
 
 def param_targets(cfg: ModelConfig, plan: Plan | None) -> dict:
@@ -38,15 +38,15 @@ def param_targets(cfg: ModelConfig, plan: Plan | None) -> dict:
   return sharding.abstract_placed_params(cfg, plan)
 
 
-def place(params, plan: Plan | None):
-  return jax.device_put(params, param_shardings(plan))
+def place(params, plan: Plan | None, cfg: ModelConfig | None = None):
+  return jax.device_put(params, param_shardings(plan, cfg))
 
 
 def opt_targets(cfg: ModelConfig, entries: dict[str, dict], stored_tree,
                  plan: Plan | None) -> Any:
   """Targets for stored optimizer state: a leaf whose path ends in a parameter path and has
   that parameter's shape (Adam's mu and nu) takes the parameter's sharding; others replicate."""
-  shard_by_path = flatten(param_shardings(plan))
+  shard_by_path = flatten(param_shardings(plan, cfg))
   shape_by_path = {p: tuple(s.shape) for p, s in flatten(param_shapes(cfg)).items()}
   rep = (SingleDeviceSharding(jax.local_devices()[0]) if plan is None
          else sharding.replicated(sharding.mesh_for(plan)))

@@ -70,7 +70,7 @@ def run(args) -> int:
 
   dev0 = jax.local_devices()[0]
   p0, x0 = jax.device_put(params_h, dev0), jax.device_put(x_h, dev0)
-  ref_fn = jax.jit(lambda p, x: model.reference_forward(p, x, setup.model))
+  ref_fn = jax.jit(lambda p, x: runs.reference_forward(p, x, setup.model))
   fns["reference"] = lambda: ref_fn(p0, x0)
   timing = bench.time_interleaved(fns, repeats=args.repeats, warmup=1)
 
@@ -111,7 +111,7 @@ def _print(setup, out):
     err = (f"{r['bf16']['max_abs_err']:.2e} / {r['float32']['max_rel_err']:.1e}"
            if "plan" in r else "-")
     gain = "-" if name == "baseline" else f"{100 * (r['tokens_per_s'] / base_tps - 1):+.0f}%"
-    table.append([f"Dense {setup.model.layers}-layer", method, devices,
+    table.append([f"{setup.model.arch.capitalize()} {setup.model.layers}-layer", method, devices,
                   f"{r['tokens_per_s']:,.0f}", f"{r['time_per_token_ms_seed_def']:.4f}",
                   f"{r['latency_per_sequence_ms']:,.1f}", err, gain])
   print(f"preset {setup.preset}: d_model {setup.model.d_model}, batch {setup.run.batch} x seq "

@@ -1,8 +1,10 @@
 """`jaxpart convert SRC DST`: a checkpoint into another placement, or to and from .npz.
 
-SRC is a checkpoint directory or an .npz (jaxpart's, or another framework's named by parameter
-path: then name the model with --preset/--config/--set). DST is a directory, written placed as
---to-strategy says, or an .npz (unsharded; --npz-layout picks stacked, per_layer or per_stage).
+SRC is a checkpoint directory, an .npz (jaxpart's, or another framework's named by parameter
+path: then name the model with --preset/--config/--set), or a Hugging Face model directory
+(config.json and safetensors: the Llama family). DST is a directory, written placed as
+--to-strategy says, or an .npz (unsharded; --npz-layout picks stacked, per_layer or per_stage),
+or with --to-format hf a Hugging Face directory.
 The source's checksums are verified on read and must come out unchanged: the conversion is
 bit-exact or it fails. Nothing is written until every check has passed, and DST appears only
 complete (written to a hidden sibling, then renamed).
@@ -10,9 +12,10 @@ complete (written to a hidden sibling, then renamed).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from jaxpart import checkpoint, config, distributed
+from jaxpart import checkpoint, config, distributed, hf
 from jaxpart.commands import _ckpt, _common
 
 NAME = "convert"
@@ -28,6 +31,9 @@ def add_arguments(p):
                  help="how an .npz destination stores layers: stacked [L,...] under attn/wq, "
                       "per_layer under layers/<i>/attn/wq, per_stage [S, L/S, ...] as the "
                       "source Plan's stages hold them")
+  p.add_argument("--to-format", choices=("jaxpart", "hf"), default="jaxpart",
+                 help="hf: write DST as a Hugging Face model directory (config.json and "
+                      "safetensors) from a jaxpart checkpoint of the Llama family")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   _ckpt.add_progress_arg(p)
   _common.add_setup_args(p)
@@ -38,6 +44,8 @@ def run(args) -> int:
   src, dst = Path(args.src), Path(args.dst)
   if not src.exists():
     raise checkpoint.CheckpointError(f"{src}: no such checkpoint (the path does not exist)")
+  if args.to_format == "hf" or checkpoint.is_hf_dir(src):
+    return _huggingface(args, src, dst)
   manifest = None
   if src.is_dir() or checkpoint.npz_manifest(src) is not None:
     manifest = checkpoint.read_manifest(src)
@@ -75,3 +83,41 @@ def run(args) -> int:
     print("  note: the source's optimizer state is not exported (an .npz holds parameters only)")
   print(_common.table(_ckpt.leaf_rows(out), ["leaf", "shape", "dtype", "checksum"]))
   return 0 if ok else 1
+
+
+def _huggingface(args, src: Path, dst: Path) -> int:
+  """HF directory -> checkpoint placed as the target Plan, or checkpoint -> HF directory."""
+  if args.npz_layout != "stacked" or dst.suffix == ".npz":
+    raise config.ConfigError("--npz-layout and .npz destinations do not apply to Hugging Face "
+                             "conversions")
+  if args.to_format == "hf":
+    if checkpoint.is_hf_dir(src):
+      raise config.ConfigError(f"{src} is already a Hugging Face directory")
+    if args.strategy is not None or _ckpt.setup_flags_given(args):
+      raise config.ConfigError("--to-format hf writes the checkpoint's own model unsharded: "
+                               "--to-strategy, --devices and model flags do not apply")
+    report = checkpoint.export_hf(src, dst, overwrite=args.overwrite,
+                                  progress=_ckpt.progress_from(args))
+  else:
+    if args.strategy is None:
+      raise checkpoint.CheckpointError(
+          f"{dst}: a checkpoint directory needs a placement: give --to-strategy (baseline, "
+          f"layerwise, auto or unsharded) and --devices")
+    hf_cfg = hf.read_config(str(src))
+    base = _common.setup_from(args) if _ckpt.setup_flags_given(args) else config.load_setup(
+        hardware=args.hardware)
+    setup = dataclasses.replace(base, model=hf_cfg, preset="huggingface")
+    plan = _ckpt.target_plan(args, setup)
+    report = checkpoint.import_hf(src, dst, plan, overwrite=args.overwrite,
+                                  progress=_ckpt.progress_from(args),
+                                  run=config.to_dict(setup.run), hardware=setup.hardware.name)
+  if not distributed.is_main():
+    return 0
+  if args.json:
+    _common.emit_json(report)
+    return 0
+  print(f"converted {src} -> {dst}")
+  print(f"  from  {report['source_placement']}\n  to    {report['target_placement']}")
+  print(f"  {report['leaves']} leaves, {_common.fmt_bytes(report['param_bytes'])} of parameters; "
+        f"checksums equal on both sides: bit-exact; {report['seconds']:.1f} s")
+  return 0

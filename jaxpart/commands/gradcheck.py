@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from jaxpart import distributed, engine, model, sharding, sizeguard, train
+from jaxpart import distributed, engine, families, model, runs, sharding, sizeguard, train
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 
@@ -57,20 +57,23 @@ def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> di
   """Run reference and placement; returns the leaf checks (forward, loss, input, params)."""
 
   cfg = setup.model
+  fam = families.of(cfg)
   mesh = sharding.mesh_for(plan)
   k_param, k_x, k_target = jax.random.split(jax.random.key(seed), 3)
-  params = model.randomize_norms(model.init_params(cfg, k_param), jax.random.fold_in(k_param, 1))
-  x_f32 = model.random_input(cfg, plan.batch, plan.seq, k_x, jnp.float32)
+  params = runs.host_params(setup, int(jax.random.randint(k_param, (), 0, 2**30)))
+  x_f32 = fam.random_input(cfg, plan.batch, plan.seq, k_x)   # token ids stay ids
   target = train.teacher_target(cfg, x_f32, k_target)
 
   def evaluate(forward, p, x, dt):
-    (loss, y), (g_p, g_x) = train.value_and_grads(forward)(model.cast_params(p, dt),
-                                                           x.astype(dt), target)
-    return {"forward": y, "loss": loss, "grad.x": g_x, "grad": g_p}
+    x = x if fam.tokens_in else x.astype(dt)
+    (loss, y), grads = train.value_and_grads(forward, not fam.tokens_in)(
+        model.cast_params(p, dt), x, target)
+    out = {"forward": y, "loss": loss, "grad": grads[0]}
+    return out | ({} if fam.tokens_in else {"grad.x": grads[1]})
 
   ref = evaluate(train.reference_forward(cfg), params, x_f32, jnp.float32)
   dt = jnp.dtype(dtype)
-  placed_params = sharding.place_params(model.cast_params(params, dt), mesh)
+  placed_params = sharding.place_params(model.cast_params(params, dt), mesh, cfg)
   nan = float("nan")
   poisoned = train.engine_forward(plan, cfg, mesh, remat=remat, bubble_fill=nan, out_fill=nan)
   got = evaluate(poisoned, placed_params, x_f32, dt)

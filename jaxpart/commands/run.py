@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import bench, config, distributed, runs, sizeguard, validate
+from jaxpart import bench, config, distributed, families, runs, sizeguard, validate
 from jaxpart.commands import _common
 
 NAME = "run"
@@ -47,9 +47,11 @@ def _run(args, setup, plan) -> int:
   placed = runs.place(setup, plan, params_h, x_h, dtype=dtype)
   y = runs.fetch(placed())
   validate.check_finite(f"output of the {plan.strategy} placement", y)
-  ran = str(y.dtype)
-  if ran != ("float32" if args.f32 else setup.model.dtype):
-    raise config.ConfigError(f"model.dtype = {setup.model.dtype}: the forward ran in {ran}")
+  # The precision it computed in: the output's dtype, except logits, which are float32 always.
+  ran = "float32" if args.f32 else setup.model.dtype
+  got = str(y.dtype)
+  if got != ("float32" if families.of(setup.model).tokens_in else ran):
+    raise config.ConfigError(f"model.dtype = {setup.model.dtype}: the forward ran in {got}")
   timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
   seconds = timing["engine"]["median_s"]
   tokens = setup.run.tokens

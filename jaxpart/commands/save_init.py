@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from jaxpart import checkpoint, config, distributed, model, sizeguard
+from jaxpart import checkpoint, config, distributed, families, sizeguard
 from jaxpart.commands import _ckpt, _common
 
 NAME = "save-init"
@@ -36,8 +36,8 @@ def run(args) -> int:
   cfg = setup.model
   checkpoint.check_plan(cfg, plan)
   checkpoint.check_destination(Path(args.dst), args.overwrite)
-  init = jax.jit(lambda k: model.init_params(cfg, k),
-                 out_shardings=checkpoint.param_shardings(plan))
+  init = jax.jit(lambda k: families.of(cfg).init_params(cfg, k),
+                 out_shardings=checkpoint.param_shardings(plan, cfg))
   params = init(jax.random.key(args.seed))
   m = checkpoint.save(args.dst, params, cfg, plan, run=config.to_dict(setup.run),
                       hardware=setup.hardware.name, overwrite=args.overwrite,

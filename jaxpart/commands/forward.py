@@ -1,0 +1,94 @@
+"""`jaxpart forward`: logits of a real model for given token ids, through one placement.
+
+The model is a Hugging Face directory (config.json and safetensors) or a jaxpart checkpoint of
+the Llama family; the ids a .npy of B x T integers. The logits (B x T x vocab, float32) are
+written to --out for anyone to compare with their own implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpart import bench, checkpoint, config, distributed, hf, runs, validate
+from jaxpart.commands import _common
+
+NAME = "forward"
+HELP = "logits of a Hugging Face model or jaxpart checkpoint for given token ids, placed"
+DISTRIBUTED = True
+
+
+def add_arguments(p):
+  p.add_argument("--model-dir", required=True, metavar="DIR",
+                 help="Hugging Face model directory, or a jaxpart checkpoint directory")
+  p.add_argument("--input-ids", required=True, metavar="IDS.npy",
+                 help="token ids, a batch x seq array of integers in 0 .. vocab-1")
+  p.add_argument("--out", default=None, metavar="LOGITS.npy",
+                 help="write the logits (batch x seq x vocab, float32) here")
+  _common.add_plan_args(p)
+  p.add_argument("--hardware", default=None, help="the hardware the Plan is made for "
+                                                  "(default h100)")
+  p.add_argument("--f32", action="store_true", help="run in float32 instead of the model dtype")
+  p.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
+  _common.add_json_arg(p)
+
+
+def load_model(model_dir: str):
+  """(config, host parameter tree) of a Hugging Face directory or a jaxpart checkpoint."""
+  path = Path(model_dir)
+  if checkpoint.is_hf_dir(path):
+    return hf.read_hf(str(path))
+  if (path / checkpoint.MANIFEST).is_file():
+    r = checkpoint.load(path)
+    return r.manifest.model, jax.tree.map(np.asarray, r.params)
+  raise config.ConfigError(f"--model-dir = {model_dir!r}: neither a Hugging Face directory "
+                           f"(config.json and safetensors) nor a jaxpart checkpoint "
+                           f"({checkpoint.MANIFEST})")
+
+
+def load_ids(path: str, vocab: int) -> np.ndarray:
+  try:
+    ids = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise config.ConfigError(f"--input-ids = {path!r}: cannot read a .npy array ({e})") from None
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise config.ConfigError(f"--input-ids = {path!r}: a {ids.ndim}-D {ids.dtype} array; "
+                             f"expected batch x seq integers")
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    raise config.ConfigError(f"--input-ids = {path!r}: ids in {ids.min()} .. {ids.max()}; the "
+                             f"model's vocabulary is 0 .. {vocab - 1}")
+  return ids.astype(np.int32)
+
+
+def run(args) -> int:
+  cfg, params = load_model(args.model_dir)
+  if cfg.arch != "llama":
+    raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
+                             f"forward takes token ids, the llama family")
+  ids = load_ids(args.input_ids, cfg.vocab)
+  setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),
+                       hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
+                       preset=Path(args.model_dir).name)
+  plan = _common.plan_from(args, setup)
+  placed = runs.place(setup, plan, params, ids, dtype=jnp.float32 if args.f32 else None)
+  logits = runs.fetch(placed())
+  validate.check_finite(f"logits of the {plan.strategy} placement", logits)
+  timing = bench.time_interleaved({"forward": placed}, repeats=args.repeats, warmup=0)
+  if not distributed.is_main():
+    return 0
+  if args.out:
+    np.save(args.out, np.asarray(logits, np.float32))
+  out = {"model_dir": args.model_dir, "model": config.to_dict(cfg), "plan": plan.to_dict(),
+         "logits_shape": list(logits.shape), "out": args.out,
+         "dtype": "float32" if args.f32 else cfg.dtype,
+         "median_s": timing["forward"]["median_s"]}
+  if args.json:
+    _common.emit_json(out)
+    return 0
+  print(f"{plan.strategy} on {plan.devices} devices ({plan.stages} stages x tp {plan.tp}, "
+        f"{plan.split}): logits {' x '.join(map(str, logits.shape))} in {out['dtype']}, "
+        f"{out['median_s'] * 1e3:.1f} ms" + (f"; written to {args.out}" if args.out else ""))
+  return 0
