@@ -1,10 +1,16 @@
 """Decode in the cost model: the HBM-read bound by hand, and how TPOT orders."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from jaxpart import cli, config, costmodel, decode_cost, planner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed
+
+from experiments import common, sec4_throughput  # noqa: E402
 
 
 def test_decode_microbatches():
@@ -84,3 +90,14 @@ def test_cli_predict_decode(capsys):
   rc = cli.main(["predict", "--preset", "paper", "--new-tokens", "4"])
   _, err = capsys.readouterr()
   assert rc == 2 and "--decode" in err
+
+
+def test_seed_throughput_table_has_the_decode_row(tmp_path):
+  res = sec4_throughput.run(common.Context(results_dir=tmp_path, measure=False, progress=False))
+  text = "\n".join(res.lines)
+  assert "modelled decode TPOT ms" in text and sec4_throughput.NOT_MEASURED_YET in text
+  setup = common.paper()
+  for name, plan in common.seed_plans(setup).items():
+    d = decode_cost.predict_decode(setup, plan, sec4_throughput.DECODE_NEW_TOKENS)
+    assert res.data["modelled_decode"][name]["tpot_s"] == pytest.approx(d.tpot_s)
+    assert d.tpot_s > sec4_throughput.SEED_TPOT_MS[name] * 1e-3   # the seed's is 1/TPS
