@@ -56,6 +56,7 @@ def rows(p: costmodel.Prediction) -> list[list[str]]:
       ["L2 time per device", f"{p.l2_s:.4f} s"],
       ["TP all-reduce time per device", f"{p.tp_comm_s:.4f} s"],
       ["pipeline transfer time per device", f"{p.pipe_comm_s:.4f} s"],
+      ["embedding (stage 0) + LM head (last stage)", f"{p.edge_s:.4f} s"],
       ["waiting (bubble ticks, slower stages)", f"{p.bubble_s:.4f} s"],
       ["layer step bound by", p.bound],
       ["FLOPs per device (executed)", f"{p.flops_per_device:.4g}"],
