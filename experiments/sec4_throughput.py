@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxpart import config, costmodel, planner
+from jaxpart import config, costmodel, decode_cost, planner
 from experiments import common, measured
 
 NAME = "sec4_throughput"
@@ -11,6 +11,10 @@ TITLE = "Section 4: throughput"
 SEED_TPS = {"baseline": 12800, "layerwise": 15360}
 SEED_TPOT_MS = {"baseline": 0.078, "layerwise": 0.065}
 CPU_REPEATS = 3
+# Decode TPOT is modelled after a prefill of the run's prompt (paper: 10,000 tokens, batch 128),
+# for this many generated tokens; each step feeds one new position's hidden vector (no vocab).
+DECODE_NEW_TOKENS = 256
+NOT_MEASURED_YET = "not measured yet"
 
 
 def small_plans() -> tuple[config.Setup, dict]:
@@ -87,6 +91,20 @@ def run(ctx: common.Context) -> common.Result:
       ["placement", "seed TPS", "seed TPOT ms", "modelled TPS (16 x H100)",
        "modelled 1/TPS ms", "modelled per-sequence latency", "modelled whole batch",
        f"{common.CPU}: small preset, median of {CPU_REPEATS}"], rows))
+  decode = {k: decode_cost.predict_decode(setup, p, DECODE_NEW_TOKENS) for k, p in plans.items()}
+  res.add("", f"Time per output token as inference engineers mean it (modelled decode: the "
+          f"batch of {setup.run.batch} after a {setup.run.seq:,}-token prefill, "
+          f"{DECODE_NEW_TOKENS} new tokens, one new position's hidden vector per step; "
+          f"M decode microbatches chase each other round the S stages, so a step takes S "
+          f"ticks, each reading the stage's weights and one microbatch's KV cache from HBM):", "")
+  res.add(*common.md_table(
+      ["placement", "seed TPOT ms", "modelled 1/TPS ms", "modelled decode TPOT ms",
+       "HBM-read bound ms", "TPOT / bound", "decode tokens/s", "M x rows",
+       "measured decode TPOT"],
+      [[k, f"{SEED_TPOT_MS[k]}", f"{preds[k].seed_time_per_token_ms:.5f}",
+        f"{d.tpot_s * 1e3:.3f}", f"{d.hbm_bound_s * 1e3:.3f}", f"{d.bound_ratio:.2f}",
+        f"{d.decode_tokens_per_s:,.0f}", f"{d.microbatches} x {d.rows}", NOT_MEASURED_YET]
+       for k, d in decode.items()]))
   b, l = preds["baseline"], preds["layerwise"]
   gain = l.tokens_per_s / b.tokens_per_s - 1
   energy = l.energy_per_token_j / b.energy_per_token_j - 1
@@ -125,6 +143,7 @@ def run(ctx: common.Context) -> common.Result:
         f"{p.pipe_comm_s:.3f} s", f"{p.bubble_s:.3f} s", p.bound,
         f"{p.arithmetic_intensity:.0f} FLOP/B"] for k, p in preds.items()]))
   res.data = {"modelled": {k: p.to_dict() for k, p in preds.items()},
+              "modelled_decode": {k: d.to_dict() for k, d in decode.items()},
               "seed": {"tps": SEED_TPS, "tpot_ms": SEED_TPOT_MS},
               "modelled_gain": gain, "modelled_energy_change": energy,
               "seed_12800_fraction_of_peak": seed_util, "measured_cpu": cpu}

@@ -30,9 +30,10 @@ from jaxpart import memory
 from jaxpart.config import ConfigError, ModelConfig, Setup
 from jaxpart.plan import Plan, PlanError
 from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
-    _floats, allreduce_payload_bytes, attention_flops, collective_bytes, hlo_cond_weights,
-    kv_positions, matmul_flops, plan_flops, q_block, ring_allreduce_link_bytes,
-    stream_collective_bytes, tile_visits, unit_bytes, n_tiles)
+    _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
+    hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
+    ring_allreduce_link_bytes, stream_collective_bytes, stream_slices, tile_visits, unit_bytes,
+    n_tiles)
 
 # predict models one layer step per token chunk (about 30 us each) and every tick of the
 # pipeline as an array element: beyond these it would run for minutes, so it refuses and says
@@ -123,17 +124,38 @@ def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT
 
 
 def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
-  """One tick's stream traffic: S - 1 slices into stage 0 and S - 1 out of the last stage,
-  one after another over the stage boundary, then the all-gather inside stage 0's group."""
-  unit = unit_bytes(cfg, plan)
+  """One tick's stream traffic: S - 1 input slices into stage 0 and S - 1 output slices out of
+  the last stage, one after another over the stage boundary, then the all-gather inside stage
+  0's group (counts.stream_slices: Llama has no input traffic and float32 logit slices out)."""
+  sl = stream_slices(cfg, plan)
   s = 0.0
   if plan.stages > 1:
-    s += 2 * (plan.stages - 1) * transfer_seconds(unit / plan.devices, hw, params)
-  if plan.tp > 1:
-    s += ((plan.tp - 1) / plan.tp * unit / (hw.link_bw * params.link_fraction)
+    s += (plan.stages - 1) * sum(transfer_seconds(sl[k], hw, params)
+                                 for k in ("in", "out") if sl[k])
+  if sl["gather"]:
+    s += ((plan.tp - 1) * sl["gather"] / (hw.link_bw * params.link_fraction)
           + hw.link_latency)
   return s
 
+
+def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dict[str, float]:
+  """Per unit: stage 0's vocab-parallel embedding (a row gather, then one psum of the unit over
+  tensor) and the last stage's head (final norm, the D x V/tp LM-head matmul reading its shard
+  from HBM, float32 logits written). Both 0 for dense."""
+  if cfg.arch != "llama":
+    return {"embed_s": 0.0, "head_s": 0.0, "head_flops": 0.0, "head_hbm": 0.0}
+  n = plan.rows * plan.chunk_tokens
+  edges = memory.edge_weight_bytes(cfg, plan.tp)
+  payload = allreduce_payload_bytes(cfg, plan)
+  embed_s = (2 * payload / (hw.hbm_bw * params.hbm_fraction)
+             + allreduce_seconds(payload, plan.tp, hw, params))
+  flops = head_flops(cfg, n, plan.tp)
+  hbm = (edges["lm_head"] or edges["embedding"]) + n * memory.vocab_local(cfg, plan.tp) * (
+      memory.LOGIT_BYTES) + n * cfg.d_model * cfg.dtype_bytes
+  head_s = max(flops / (hw.peak_flops * params.gemm_fraction),
+               hbm / (hw.hbm_bw * params.hbm_fraction))
+  return {"embed_s": embed_s, "head_s": head_s, "head_flops": float(flops),
+          "head_hbm": float(hbm)}
 
 
 # --- traffic: HBM and L2 of one layer step -------------------------------------------------
@@ -154,15 +176,18 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
   t = plan.tp
   n = plan.rows * plan.chunk_tokens
   D, A, F = cfg.d_model, cfg.attn_dim // t, cfg.d_ff // t
+  K = memory.kv_dim_local(cfg, t)
+  g = memory.mlp_in_projections(cfg)
   ws = plan_working_set(cfg, plan)
   fits = ws <= l2_bytes
-  w_layer = memory.weight_shard_bytes(cfg, t, 1)
+  w_layer = memory.weight_shard_bytes(cfg, t, 1, held=False)
   weights_resident = plan.layers_per_stage * w_layer + ws <= l2_bytes
   act_io = 2 * n * D * b                                       # input read, output write
-  kv_read = 2 * plan.rows * positions * A * b
-  kv_write = 2 * n * A * b
-  # Intermediates: h1, attention partial, x1, h2, MLP partial (D each); q, k, v, o; u (F).
-  inter = n * b * (5 * D + 4 * A + F)
+  kv_read = 2 * plan.rows * positions * K * b
+  kv_write = 2 * n * K * b
+  # Intermediates: h1, attention partial, x1, h2, MLP partial (D each); q, k, v, o; the MLP
+  # hidden (F: u for dense; gate and up for SwiGLU, their product fused).
+  inter = n * b * (5 * D + 2 * A + 2 * K + g * F)
   spill = 0 if fits else 2 * inter
   hbm_read = (0 if weights_resident else w_layer) + act_io / 2 + kv_read + spill / 2
   hbm_write = act_io / 2 + kv_write + spill / 2
@@ -171,9 +196,10 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
     return b * (m * k * math.ceil(nn / params.tile_n) + k * nn * math.ceil(m / params.tile_m))
 
   q_tiles = math.ceil(plan.chunk_tokens / params.tile_m)
-  l2_read = (3 * gemm(n, D, A) + gemm(n, A, D) + gemm(n, D, F) + gemm(n, F, D)
+  l2_read = (gemm(n, D, A) + 2 * gemm(n, D, K) + gemm(n, A, D) + g * gemm(n, D, F)
+             + gemm(n, F, D)
              + n * A * b + kv_read * q_tiles                    # attention: q once, K/V per q tile
-             + n * b * (4 * D + F))                            # LN, residual, GELU inputs
+             + n * b * (4 * D + g * F))                        # LN, residual, GELU inputs
   return {"hbm_read": float(hbm_read), "hbm_write": float(hbm_write), "l2_read": float(l2_read),
           "weights_resident": weights_resident, "working_set_fits": fits,
           "weight_bytes": float(0 if weights_resident else w_layer)}
@@ -211,6 +237,7 @@ class Prediction:
   l2_s: float
   tp_comm_s: float
   pipe_comm_s: float
+  edge_s: float                      # embedding (stage 0) + LM head (last stage), whole run
   bubble_s: float                    # time a device waits: bubble ticks, slower stages
   bound: str                         # what dominates the busy layer steps: compute, hbm or l2
   flops_per_device: float            # executed
@@ -289,6 +316,15 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   unit_s = np.tile(stage_s, m)                                       # U
   padded = np.concatenate([np.full(S - 1, -np.inf), unit_s, np.full(S - 1, -np.inf)])
   tick_busy = np.lib.stride_tricks.sliding_window_view(padded, S).max(axis=1)   # ticks
+  edge = edge_seconds(cfg, plan, hw, params)
+  if edge["embed_s"] or edge["head_s"]:   # stage 0 holds unit t, the last stage unit t-S+1
+    ticks = len(tick_busy)
+    first, last = padded[S - 1:S - 1 + ticks], padded[:ticks]
+    if S == 1:
+      tick_busy = first + edge["embed_s"] + edge["head_s"]
+    else:
+      tick_busy = np.maximum(tick_busy, np.maximum(first + edge["embed_s"],
+                                                   last + edge["head_s"]))
   tick_s = np.maximum(tick_busy, pipe_s) if params.overlap_pipeline else tick_busy + pipe_s
   total_s = float(tick_s.sum())
   csum = np.concatenate([[0.0], np.cumsum(tick_s)])
@@ -298,8 +334,9 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   def run_sum(key):  # per device over the run: every stage runs each unit once per layer
     return float(lps * m * sum(st[key] for st in steps))
 
-  w_dev = memory.weight_shard_bytes(cfg, plan.tp, lps)
+  w_dev = memory.device_weight_bytes(cfg, plan.tp, lps)
   hbm_read, hbm_write, l2_read = run_sum("hbm_read"), run_sum("hbm_write"), run_sum("l2_read")
+  hbm_read += U * edge["head_hbm"]                                   # the last stage's head
   if steps[0]["weights_resident"]:
     hbm_read += w_dev                                                # loaded once, then in L2
   fl = plan_flops(cfg, plan)
@@ -324,9 +361,12 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
       rows=plan.rows, chunk_tokens=plan.chunk_tokens, units=U, ticks=plan.ticks,
       bubble_fraction=plan.bubble_fraction, total_s=total_s, tokens_per_s=tps,
       seed_time_per_token_ms=1e3 / tps, sequence_latency_s=seq_latency,
-      step_s=float(unit_s.mean()) + pipe_s, compute_s=run_sum("compute_s"),
+      step_s=float(unit_s.mean()) + pipe_s,
+      compute_s=run_sum("compute_s") + U * edge["head_flops"] / (hw.peak_flops
+                                                                 * params.gemm_fraction),
       hbm_s=run_sum("hbm_s"), l2_s=run_sum("l2_s"), tp_comm_s=run_sum("allreduce_s"),
-      pipe_comm_s=pipe_total, bubble_s=max(0.0, total_s - float(unit_s.sum()) - pipe_total),
+      pipe_comm_s=pipe_total, edge_s=U * (edge["embed_s"] + edge["head_s"]),
+      bubble_s=max(0.0, total_s - float(unit_s.sum()) - pipe_total),
       bound=steps[nc // 2]["bound"],
       flops_per_device=fl["executed"], flops_total=fl["executed"] * plan.devices,
       useful_flops_total=fl["useful"] * plan.devices,

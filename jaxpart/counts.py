@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxpart import memory
 from jaxpart.config import ModelConfig
 from jaxpart.plan import Plan
 
 
 def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
-  """Q, K, V, O and the two MLP projections of `tokens` row-tokens on one tensor shard."""
-  return 2 * tokens * (cfg.projection_params_per_layer // tp)
+  """Q, K, V, O and the MLP projections (two for dense, gate, up and down for SwiGLU) of
+  `tokens` row-tokens on one tensor shard; K and V for the shard's own K/V heads."""
+  return 2 * tokens * memory.projection_params_local(cfg, tp, held=False)
+
+
+def head_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
+  """The LM head on the last stage: `tokens` x D @ D x V/tp (the local vocab shard); the
+  embedding is a lookup (no FLOPs). 0 for dense."""
+  if cfg.arch != "llama":
+    return 0
+  return 2 * tokens * cfg.d_model * memory.vocab_local(cfg, tp)
 
 
 def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: float, tp: int) -> float:
-  """QK^T and PV of rows x tokens queries against `positions` keys, the local heads."""
+  """QK^T and PV of rows x tokens queries against `positions` keys, the local query heads
+  (n_heads x head_dim / tp: a GQA K/V head serves every query head of its group)."""
   return 2 * 2 * rows * tokens * positions * (cfg.attn_dim // tp)
 
 
@@ -61,16 +72,30 @@ def unit_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -
   return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
 
 
+def stream_slices(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> dict[str, int]:
+  """Bytes of one input and one output slice a stream ppermute carries, and the all-gather
+  over the tensor group that rebuilds a unit at stage 0. Dense: 1/N of a unit each way, then
+  the gather. Llama: the ids are on every device (no input traffic); out go rows x chunk x V/N
+  float32 logits."""
+  unit = unit_bytes(cfg, plan, element_bytes)
+  if cfg.arch == "llama":
+    out = plan.rows * plan.chunk_tokens * memory.vocab_local(cfg, plan.devices) * (
+        element_bytes or memory.LOGIT_BYTES)
+    return {"in": 0, "out": out, "gather": 0}
+  return {"in": unit // plan.devices, "out": unit // plan.devices,
+          "gather": unit // plan.tp if plan.tp > 1 else 0}
+
+
 def stream_collective_bytes(cfg: ModelConfig, plan: Plan,
                             element_bytes: int | None = None) -> dict[str, int]:
   """Collective buffer bytes per device per tick for the sharded input and output streams.
 
   The engine (engine._gather_unit, engine._scatter_unit) issues, on every tick and every
-  device, S - 1 one-pair ppermutes of a 1/N slice of a unit towards stage 0 and S - 1 from the
-  last stage, and one all-gather over the tensor group of a 1/tp slice."""
-  unit = unit_bytes(cfg, plan, element_bytes)
-  return {"collective-permute": 2 * (plan.stages - 1) * (unit // plan.devices),
-          "all-gather": unit // plan.tp if plan.tp > 1 else 0}
+  device, S - 1 one-pair ppermutes of an input slice towards stage 0 and S - 1 of an output
+  slice from the last stage, and one all-gather over the tensor group (stream_slices)."""
+  sl = stream_slices(cfg, plan, element_bytes)
+  return {"collective-permute": (plan.stages - 1) * (sl["in"] + sl["out"]),
+          "all-gather": sl["gather"]}
 
 
 def ring_allreduce_link_bytes(payload: float, tp: int) -> float:
@@ -88,6 +113,8 @@ def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
   useful: the causal minimum on real (unpadded) tokens: matmuls on B*T tokens and attention over
   (T+1)/2 keys on average; executed/useful is the engine's overhead from padding the last chunk
   and from computing whole KV blocks.
+  head: the LM head of the last stage (every unit once), counted in executed, static and
+  useful: the figures are the last stage's devices', the busiest.
   Elementwise work (LayerNorm, softmax, GELU) is not counted: it is under 1% at paper width.
   """
   n = plan.rows * plan.chunk_tokens
@@ -98,14 +125,16 @@ def plan_flops(cfg: ModelConfig, plan: Plan) -> dict[str, float]:
   tiles = n_tiles(plan)
   att_all_blocks = lps * attention_flops(cfg, plan.rows, tiles * q_block(plan), plan.cache_len,
                                          plan.tp)
-  executed = plan.units * mm_step + plan.microbatches * sum(att)
-  static = plan.ticks * (mm_step + att_all_blocks)
+  head = head_flops(cfg, n, plan.tp)
+  executed = plan.units * (mm_step + head) + plan.microbatches * sum(att)
+  static = plan.ticks * (mm_step + att_all_blocks + head)
   tokens = plan.batch * plan.seq
-  useful = tokens * lps * (2 * cfg.projection_params_per_layer
-                           + 2 * (plan.seq + 1) * cfg.attn_dim) / plan.tp
+  useful = tokens * (lps * (2 * cfg.projection_params_per_layer
+                            + 2 * (plan.seq + 1) * cfg.attn_dim) / plan.tp
+                     + head_flops(cfg, 1, plan.tp))
   return {"executed": float(executed), "static": float(static), "useful": float(useful),
           "matmul": float(plan.units * mm_step),
-          "attention": float(plan.microbatches * sum(att))}
+          "attention": float(plan.microbatches * sum(att)), "head": float(plan.units * head)}
 
 
 def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
@@ -136,7 +165,8 @@ def collective_bytes(cfg: ModelConfig, plan: Plan,
   float32, so a bf16 program compiled there moves 4-byte elements.
   """
   ar = allreduce_payload_bytes(cfg, plan, element_bytes) if plan.tp > 1 else 0
-  per_step = 2 * plan.layers_per_stage * ar
+  # Llama's stage 0 adds one psum per unit: the vocab-parallel embedding lookup.
+  per_step = (2 * plan.layers_per_stage + (cfg.arch == "llama")) * ar
   pp = unit_bytes(cfg, plan, element_bytes) if plan.stages > 1 else 0
   st = stream_collective_bytes(cfg, plan, element_bytes)
   permute = plan.ticks * (pp + st["collective-permute"])
@@ -146,11 +176,11 @@ def collective_bytes(cfg: ModelConfig, plan: Plan,
   payload_static = dict(payload_exec, **{"all-reduce": plan.ticks * per_step})
   # A middle stage sends its unit on and its input slice to stage 0; the last stage sends
   # S - 1 output slices; every device sends (tp - 1)/tp of the gathered unit in the ring.
-  piece = unit_bytes(cfg, plan, element_bytes) // plan.devices
-  link = {"all-reduce": plan.units * 2 * plan.layers_per_stage
+  sl = stream_slices(cfg, plan, element_bytes)
+  link = {"all-reduce": plan.units * (per_step // ar if ar else 0)
                         * ring_allreduce_link_bytes(ar, plan.tp),
-          "collective-permute": plan.ticks * max(pp + piece * (plan.stages > 1),
-                                                 (plan.stages - 1) * piece),
+          "collective-permute": plan.ticks * max(pp + sl["in"] * (plan.stages > 1),
+                                                 (plan.stages - 1) * sl["out"]),
           "all-gather": plan.ticks * (plan.tp - 1) * st["all-gather"]}
   return {"executed": _floats(payload_exec), "static": _floats(payload_static),
           "link": _floats(link)}

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
 from jaxpart.plan import PlanError
+from jaxpart.shards import (  # noqa: F401  (re-exported: what a device holds, in bytes)
+    device_weight_bytes, edge_weight_bytes, kv_cache_bytes, kv_dim_local, kv_heads_local,
+    mlp_in_projections, projection_params_local, vocab_local, weight_shard_bytes)
 
 F32 = 4
 MB = 10**6
@@ -39,7 +42,8 @@ class StepShape:
   tp: int
 
 
-# Every term of the resident working set: (phase, why it is live). The attention phase runs
+# Every term of the resident working set: (phase, why it is live). Kl is the local K/V width
+# (kv_dim_local: A/tp for dense, the shard's K/V heads x head_dim under GQA). The attention phase runs
 # from the unit's arrival to the first residual add, the MLP phase from there to the output.
 # Sizing rule: each tensor the step code names, at the dtype the code gives it. Matmuls emit
 # float32 (model._matmul asks for it) and the code casts to the model dtype before the next
@@ -50,9 +54,9 @@ STEP_TERMS: dict[str, tuple[str, str]] = {
                                  "by the first residual add"),
     "ln1_out": ("attention", "LayerNorm 1 output (R x C x D), re-read by the Q, K and V "
                              "projections for every weight tile"),
-    "qkv_shard": ("attention", "Q, K, V of the local heads (3 x R x C x A/tp), float32 "
+    "qkv_shard": ("attention", "Q, K, V of the local heads (R x C x (A/tp + 2 x Kl)), float32 "
                                "accumulator and model-dtype copy; K and V go into the cache"),
-    "kv_block": ("attention", "one block of cached K and V (2 x R x kv_block x A/tp) read by the "
+    "kv_block": ("attention", "one block of cached K and V (2 x R x kv_block x Kl) read by the "
                               "score and value matmuls of one online-softmax step"),
     "scores_tile": ("attention", "Q.K^T for one KV block (R x H/tp x C x kv_block), float32"),
     "probs_tile": ("attention", "exp(scores - max) cast to the model dtype for P.V "
@@ -65,8 +69,9 @@ STEP_TERMS: dict[str, tuple[str, str]] = {
                                       "the model-dtype copy the tensor all-reduce sums"),
     "residual_mid": ("mlp", "x + attention (R x C x D), read by LN2 and the second residual"),
     "ln2_out": ("mlp", "LayerNorm 2 output (R x C x D), re-read for every w_in tile"),
-    "mlp_intermediate_shard": ("mlp", "w_in output (R x C x F/tp) in float32 and the GELU "
-                                      "output in the model dtype"),
+    "mlp_intermediate_shard": ("mlp", "w_in output (R x C x F/tp; gate and up for SwiGLU) in "
+                                      "float32 and the GELU (silu(gate) x up) output in the "
+                                      "model dtype"),
     "mlp_partial_sum": ("mlp", "w_out's partial product (R x C x D) in float32 and the "
                                "model-dtype copy the tensor all-reduce sums"),
     "output_chunk": ("mlp", "the layer's output (R x C x D), sent to the next stage"),
@@ -89,13 +94,14 @@ def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
   d = cfg.d_model
   heads = cfg.n_heads // s.tp
   a_local = heads * cfg.head_dim
+  k_local = kv_dim_local(cfg, s.tp)
   f_local = cfg.d_ff // s.tp
   tile = s.rows * heads * s.tokens * s.kv_block
   return {
       "input_chunk": rt * d * b,
       "ln1_out": rt * d * b,
-      "qkv_shard": 3 * rt * a_local * (F32 + b),
-      "kv_block": 2 * s.rows * s.kv_block * a_local * b,
+      "qkv_shard": rt * (a_local + 2 * k_local) * (F32 + b),
+      "kv_block": 2 * s.rows * s.kv_block * k_local * b,
       "scores_tile": tile * F32,
       "probs_tile": tile * b,
       "softmax_state": rt * a_local * F32 + 2 * rt * heads * F32,
@@ -103,7 +109,7 @@ def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
       "attn_partial_sum": rt * d * (F32 + b),
       "residual_mid": rt * d * b,
       "ln2_out": rt * d * b,
-      "mlp_intermediate_shard": rt * f_local * (F32 + b),
+      "mlp_intermediate_shard": rt * f_local * (mlp_in_projections(cfg) * F32 + b),
       "mlp_partial_sum": rt * d * (F32 + b),
       "output_chunk": rt * d * b,
   }
@@ -122,26 +128,13 @@ def step_peak_bytes(cfg: ModelConfig, s: StepShape) -> int:
   return max(step_phase_bytes(cfg, s).values())
 
 
-def weight_shard_bytes(cfg: ModelConfig, tp: int, layers: int = 1) -> int:
-  """Weights one device holds for `layers` layers at tensor parallelism tp (streamed per step).
-
-  LayerNorm parameters are replicated over the tensor group, projections split tp ways.
-  """
-  return layers * (cfg.projection_params_per_layer // tp + cfg.layernorm_params_per_layer) * cfg.dtype_bytes
-
-
-def kv_cache_bytes(cfg: ModelConfig, rows: int, positions: int, tp: int = 1, layers: int = 1) -> int:
-  """K and V for `positions` tokens of `rows` sequences, `layers` layers, one tp shard."""
-  return 2 * layers * rows * positions * (cfg.attn_dim // tp) * cfg.dtype_bytes
-
-
 def step_streamed_bytes(cfg: ModelConfig, s: StepShape, prefix_tokens: int) -> dict[str, int]:
   """Bytes one layer's step reads once and does not reuse: its weight shard and the KV prefix.
 
   prefix_tokens is how many cached positions the step's queries attend to (the chunk's end).
   """
   return {
-      "weight_shard": weight_shard_bytes(cfg, s.tp, 1),
+      "weight_shard": weight_shard_bytes(cfg, s.tp, 1, held=False),
       "kv_prefix": kv_cache_bytes(cfg, s.rows, prefix_tokens, s.tp, 1),
   }
 
@@ -157,7 +150,7 @@ def run_streamed_bytes(cfg: ModelConfig, batch: int, seq: int, rows: int, tokens
   n = -(-seq // tokens)
   positions = tokens * n * (n - 1) // 2 + seq
   return {
-      "weights": (batch // rows) * n * weight_shard_bytes(cfg, tp, 1),
+      "weights": (batch // rows) * n * weight_shard_bytes(cfg, tp, 1, held=False),
       "kv_prefix": kv_cache_bytes(cfg, batch, positions, tp, 1),
   }
 
@@ -181,18 +174,21 @@ def footprint(cfg: ModelConfig, run: RunShape) -> dict[str, int]:
       "params_total": cfg.total_params,
       "weight_bytes_per_layer": cfg.params_per_layer * b,
       "weight_bytes_total": cfg.total_params * b,
+      "edge_params": cfg.edge_params,
       "activation_bytes_full_layer": run.batch * run.seq * cfg.d_model * b,
       "kv_cache_bytes_per_layer": kv_cache_bytes(cfg, run.batch, run.seq),
-      "kv_bytes_per_token_per_layer": 2 * cfg.attn_dim * b,
+      "kv_bytes_per_token_per_layer": 2 * cfg.kv_dim * b,
       "forward_flops_per_token": forward_flops_per_token(cfg, run.seq),
   }
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-  """2 FLOPs per weight, plus causal attention (QK^T and PV over on average seq/2 keys)."""
+  """2 FLOPs per weight, plus causal attention (QK^T and PV over on average seq/2 keys, every
+  query head: n_heads x head_dim even under GQA), plus the LM head (D x V) for llama."""
   matmul = 2 * cfg.projection_params
   attn = cfg.layers * 2 * 2 * cfg.attn_dim * (seq + 1) / 2
-  return matmul + attn
+  head = 2 * cfg.d_model * cfg.vocab
+  return matmul + attn + head
 
 
 def step_shape(plan) -> StepShape:
@@ -209,48 +205,101 @@ STEP_UNIT_BUFFERS = 6.75
 STEP_HIDDEN_BUFFERS = 2.5
 
 
+# The Llama family's stream formats (the engine's contract): token ids in, replicated on
+# every device; float32 logits out, split over every device along the vocabulary.
+TOKEN_ID_BYTES = 4
+LOGIT_BYTES = F32
+
+
+def stream_bytes(cfg: ModelConfig, batch: int, seq: int, devices: int) -> dict[str, int]:
+  """Input and output each device holds for batch x seq tokens. Dense: B x T x D in and out,
+  1/N each. Llama: B x T int32 ids on every device; B x T x V/N float32 logits."""
+  if cfg.arch == "llama":
+    return {"input": batch * seq * TOKEN_ID_BYTES,
+            "output": batch * seq * vocab_local(cfg, devices) * LOGIT_BYTES}
+  share = batch * seq * cfg.d_model * cfg.dtype_bytes // devices
+  return {"input": share, "output": share}
+
+
 def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
   """Per-device memory of the whole compiled forward: what `predicted_hbm_bytes` sums.
 
-  The input and output are split over every device (1/N each), and the output is built in a
-  loop buffer of about the same size that is copied out at the end. The KV cache is the one the
-  engine holds (one microbatch's rows, cache_len positions, the stage's layers, local heads).
+  The input and output as stream_bytes holds them; the output is built in a loop buffer of
+  (B + rows) x padded_seq rows of its width that is copied out at the end. The KV cache is the
+  one the engine holds (one microbatch's rows, cache_len positions, the stage's layers, local
+  K/V heads). Llama adds the edges (held by every stage) and the last stage's logits of one
+  unit (rows x chunk x V/tp float32); its SwiGLU has two hidden buffers where dense has one.
   """
   b = cfg.dtype_bytes
-  share = run.batch * run.seq * cfg.d_model * b // plan.devices
+  io = stream_bytes(cfg, run.batch, run.seq, plan.devices)
+  loop_rows = (run.batch + plan.rows) * plan.padded_seq
   unit = plan.rows * plan.chunk_tokens * cfg.d_model * b
-  hidden = plan.rows * plan.chunk_tokens * (cfg.d_ff // plan.tp) * b
+  hidden = plan.rows * plan.chunk_tokens * (cfg.d_ff // plan.tp) * b * mlp_in_projections(cfg)
   parts = {
       "weights": weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage),
-      "input_share": share,
-      "output_share": share,
+      "input_share": io["input"],
+      "output_share": io["output"],
       # one spare unit of rows (where bubbles write) and the padded sequence
-      "output_loop_buffer": ((run.batch + plan.rows) * plan.padded_seq * cfg.d_model * b
-                             // plan.devices),
+      "output_loop_buffer": (loop_rows * vocab_local(cfg, plan.devices) * LOGIT_BYTES
+                             if cfg.arch == "llama" else loop_rows * cfg.d_model * b // plan.devices),
       "kv_cache": kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage),
       "step_and_pipeline_buffers": int(STEP_UNIT_BUFFERS * unit + STEP_HIDDEN_BUFFERS * hidden),
   }
+  if cfg.arch == "llama":
+    parts["edge_weights"] = sum(edge_weight_bytes(cfg, plan.tp).values())
+    parts["head_logits_unit"] = (plan.rows * plan.chunk_tokens * vocab_local(cfg, plan.tp)
+                                 * LOGIT_BYTES)
   parts["total"] = sum(parts.values())
   return parts
+
+
+# Tokens generated after the prompt when a command does not say (plan's --new-tokens).
+DECODE_NEW_TOKENS = 256
+
+
+def decode_cache_len(plan, new_tokens: int) -> int:
+  """Positions of the whole batch's preallocated cache: prefill writes the padded prompt
+  (cache_len); decode appends from position seq, up to seq + new_tokens, in whole KV blocks."""
+  need = -(-(plan.seq + new_tokens) // plan.kv_block) * plan.kv_block
+  return max(plan.cache_len, need)
+
+
+def generation_bytes(cfg: ModelConfig, run: RunShape, plan, new_tokens: int) -> dict[str, int]:
+  """Per device for prefill then decode: the forward program with its one-microbatch KV cache
+  replaced by the whole batch's (prompt + new tokens, preallocated), which both phases hold.
+  Decode's own buffers (one token per row) are far smaller than the prefill's and not added."""
+  prog = program_bytes(cfg, run, plan)
+  kv = kv_cache_bytes(cfg, run.batch, decode_cache_len(plan, new_tokens), plan.tp,
+                      plan.layers_per_stage)
+  return {"decode_kv_cache_bytes": kv,
+          "generation_hbm_bytes": prog["total"] - prog["kv_cache"] + kv}
 
 
 def predicted_hbm_bytes(cfg: ModelConfig, run: RunShape, plan) -> int:
   return program_bytes(cfg, run, plan)["total"]
 
 
-def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, float]:
+def per_device(cfg: ModelConfig, run: RunShape, plan, hbm_bytes: float = 0.0,
+               new_tokens: int = DECODE_NEW_TOKENS) -> dict[str, float]:
   """Placement figures for a Plan (duck-typed so this module imports nothing of JAX's).
 
   Two KV figures on purpose: the engine keeps K/V for the rows of one microbatch only
   (kv_cache_engine_per_device), while keeping the whole batch's K/V for later decoding would
-  take kv_cache_per_device.
+  take kv_cache_per_device; decode_kv_cache_bytes adds the new_tokens positions, and
+  generation_hbm_bytes is prefill + decode's program with it. With hbm_bytes (the device's
+  capacity) set, fits_prefill and fits_generation say whether each fits.
   """
   step = step_shape(plan)
   ws = step_working_set(cfg, step)
   total = sum(ws.values())
   prog = program_bytes(cfg, run, plan)
+  gen = generation_bytes(cfg, run, plan, new_tokens)
+  fit = {} if not hbm_bytes else {"fits_prefill": prog["total"] <= hbm_bytes,
+                                  "fits_generation": gen["generation_hbm_bytes"] <= hbm_bytes}
   return {
-      "weights_per_device": prog["weights"],
+      "weights_per_device": prog["weights"] + prog.get("edge_weights", 0),
+      "layer_weights_per_device": prog["weights"],
+      "edge_weights_per_device": edge_weight_bytes(cfg, plan.tp),
       "weights_per_layer_shard": weight_shard_bytes(cfg, plan.tp, 1),
       "kv_cache_per_layer": kv_cache_bytes(cfg, run.batch, run.seq),
       "kv_cache_per_device": kv_cache_bytes(cfg, run.batch, run.seq, plan.tp, plan.layers_per_stage),
@@ -258,12 +307,15 @@ def per_device(cfg: ModelConfig, run: RunShape, plan) -> dict[str, float]:
       "activation_unit": plan.rows * plan.chunk_tokens * cfg.d_model * cfg.dtype_bytes,
       "working_set_per_step": total,
       "working_set_peak_phase": step_peak_bytes(cfg, step),
-      "streamed_per_step_weights": weight_shard_bytes(cfg, plan.tp, 1),
+      "streamed_per_step_weights": weight_shard_bytes(cfg, plan.tp, 1, held=False),
       "streamed_per_step_kv_prefix_max": kv_cache_bytes(cfg, plan.rows, plan.seq, plan.tp, 1),
       "engine_input_per_device": prog["input_share"],
       "engine_output_per_device": prog["output_share"],
       "program_bytes": {k: v for k, v in prog.items() if k != "total"},
       "predicted_hbm_bytes": prog["total"],
+      "decode_new_tokens": new_tokens,
+      "decode_cache_len": decode_cache_len(plan, new_tokens),
+      **gen, **fit,
       "cache_utilisation": total / plan.cache_budget_bytes if plan.cache_budget_bytes else 0.0,
   }
 

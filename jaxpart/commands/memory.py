@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxpart import memory
 from jaxpart.commands import _common
-from jaxpart.commands.plan import breakdown, fmt
+from jaxpart.commands.plan import add_new_tokens_arg, breakdown, fmt, new_tokens_from
 
 NAME = "memory"
 HELP = ("footprint and working set: the seed's section 2 figures checked against the true ones, "
@@ -14,6 +14,7 @@ HELP = ("footprint and working set: the seed's section 2 figures checked against
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
   _common.add_plan_args(p)
+  add_new_tokens_arg(p)
   _common.add_json_arg(p)
 
 
@@ -33,7 +34,7 @@ def run(args) -> int:
   plan = _common.plan_from(args, setup)
   claims = memory.seed_claims(cfg, run_shape, hw, plan)
   fp = memory.footprint(cfg, run_shape)
-  info = breakdown(setup, plan)
+  info = breakdown(setup, plan, new_tokens_from(args))
   seed_ws = memory.seed_working_set(cfg, plan.rows, plan.chunk_tokens)
   if args.json:
     _common.emit_json({"preset": setup.preset, "hardware": hw.name, "seed_claims": claims,
@@ -70,10 +71,14 @@ def run(args) -> int:
         f"chunk {plan.rows} row(s) x {plan.chunk_tokens} tokens ({plan.split})")
   rows = [
       ["weights held (streamed once per step per layer)", fmt(pd["weights_per_device"])],
+      ["  of which edges (embedding, final norm, LM head)",
+       fmt(pd["weights_per_device"] - pd["layer_weights_per_device"])],
       ["weight shard read per layer per step", fmt(pd["streamed_per_step_weights"])],
       ["KV cache per layer (whole batch, unsharded)", fmt(pd["kv_cache_per_layer"])],
       ["KV cache per device (whole batch)", fmt(pd["kv_cache_per_device"])],
       ["KV cache per device (engine: one microbatch)", fmt(pd["kv_cache_engine_per_device"])],
+      [f"KV cache per device for decoding (whole batch, {pd['decode_cache_len']} positions)",
+       fmt(pd["decode_kv_cache_bytes"])],
       ["activation unit (rows x tokens x D)", fmt(pd["activation_unit"])],
       ["working set per step (whole step)", fmt(pd["working_set_per_step"])],
       ["working set, larger phase alone", fmt(pd["working_set_peak_phase"])],
@@ -84,6 +89,9 @@ def run(args) -> int:
   rows.append(["predicted HBM per device (whole forward)",
                f"{fmt(pd['predicted_hbm_bytes'])} of {fmt(hbm)}: "
                f"{'fits' if pd['predicted_hbm_bytes'] <= hbm else 'DOES NOT FIT'}"])
+  rows.append([f"predicted HBM per device, prefill + decode of {pd['decode_new_tokens']} tokens",
+               f"{fmt(pd['generation_hbm_bytes'])}: "
+               f"{'fits' if pd['generation_hbm_bytes'] <= hbm else 'DOES NOT FIT'}"])
   print(_common.table(rows, ["figure", "bytes"]))
 
   ws = info["working_set_terms"]

@@ -15,6 +15,7 @@ def add_arguments(p):
   _common.add_plan_args(p)
   p.add_argument("--top", type=int, default=None,
                  help="auto: how many ranked candidates to show (default 5)")
+  add_new_tokens_arg(p)
   _common.add_json_arg(p)
 
 
@@ -34,7 +35,20 @@ def _plan(args, setup):
   return best, ranked, how
 
 
-def breakdown(setup, plan) -> dict:
+def add_new_tokens_arg(p) -> None:
+  p.add_argument("--new-tokens", type=int, default=None, metavar="K",
+                 help=f"tokens decoded after the prompt, for the whole batch's KV cache in "
+                      f"decode memory (default {memory.DECODE_NEW_TOKENS})")
+
+
+def new_tokens_from(args) -> int:
+  k = memory.DECODE_NEW_TOKENS if args.new_tokens is None else args.new_tokens
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise PlanError(f"--new-tokens = {k!r}: must be a positive integer")
+  return k
+
+
+def breakdown(setup, plan, new_tokens: int = memory.DECODE_NEW_TOKENS) -> dict:
   """Everything the text and JSON show beside the Plan itself."""
   cfg = setup.model
   step = memory.step_shape(plan)
@@ -45,14 +59,15 @@ def breakdown(setup, plan) -> dict:
       "working_set_total": sum(ws.values()),
       "streamed_per_run_per_layer": memory.run_streamed_bytes(
           cfg, plan.batch, plan.seq, plan.rows, plan.chunk_tokens, plan.tp),
-      "per_device": memory.per_device(cfg, setup.run, plan),
+      "per_device": memory.per_device(cfg, setup.run, plan, setup.hardware.hbm_bytes,
+                                      new_tokens),
   }
 
 
 def run(args) -> int:
   setup = _common.setup_from(args)
   plan, ranked, how = _plan(args, setup)
-  info = breakdown(setup, plan)
+  info = breakdown(setup, plan, new_tokens_from(args))
   if args.json:
     out = {"preset": setup.preset, "hardware": setup.hardware.name, "plan": plan.to_dict(),
            **info}
@@ -114,7 +129,10 @@ def render(setup, plan, info) -> str:
       "",
       "streamed, read once per step (never resident in L2):",
       f"  weight shard per layer        {f(pd['streamed_per_step_weights'])} per step; "
-      f"{f(pd['weights_per_device'])} for the stage's {plan.layers_per_stage} layer(s)",
+      f"{f(pd['layer_weights_per_device'])} for the stage's {plan.layers_per_stage} layer(s)"
+      + (f" + {f(pd['weights_per_device'] - pd['layer_weights_per_device'])} of edges "
+         f"(embedding, final norm, LM head; on every stage)"
+         if pd['weights_per_device'] > pd['layer_weights_per_device'] else ""),
       f"  KV prefix per layer           up to {f(pd['streamed_per_step_kv_prefix_max'])} per step "
       f"(the last chunk)",
       f"  over the whole run, per layer weights {f(sr['weights'])}, KV prefix {f(sr['kv_prefix'])}",
@@ -127,6 +145,10 @@ def render(setup, plan, info) -> str:
       f"{'fits' if pd['predicted_hbm_bytes'] <= hbm else 'DOES NOT FIT'}",
       f"  (KV cache: one microbatch, {plan.cache_len} positions; the whole batch's would be "
       f"{f(pd['kv_cache_per_device'])})",
+      f"prefill + decode of {pd['decode_new_tokens']} new tokens (whole batch's KV cache, "
+      f"{pd['decode_cache_len']} positions, {f(pd['decode_kv_cache_bytes'])}): "
+      f"{f(pd['generation_hbm_bytes'])} per device: "
+      f"{'fits' if pd['generation_hbm_bytes'] <= hbm else 'DOES NOT FIT'}",
       "(1 MB = 10^6 bytes throughout)",
   ]
   return "\n".join(lines)

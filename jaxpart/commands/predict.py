@@ -1,7 +1,9 @@
 """`jaxpart predict`: the cost model's figures for one Plan (nothing is compiled or run)."""
 
-from jaxpart import costmodel
+from jaxpart import costmodel, decode_cost
 from jaxpart.commands import _common
+from jaxpart.commands.plan import add_new_tokens_arg, new_tokens_from
+from jaxpart.plan import PlanError
 
 NAME = "predict"
 HELP = "predict time, throughput, traffic, L2 hit rate and energy of a Plan (analytic model)"
@@ -10,12 +12,20 @@ HELP = "predict time, throughput, traffic, L2 hit rate and energy of a Plan (ana
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
   _common.add_plan_args(p)
+  p.add_argument("--decode", action="store_true",
+                 help="also model generation: prefill of the batch (TTFT) and each decode step "
+                      "(TPOT) beside the bound of reading the weights and KV cache from HBM")
+  add_new_tokens_arg(p)
   _common.add_json_arg(p)
 
 
 def run(args) -> int:
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
+  if args.decode:
+    return _decode(args, setup, plan)
+  if args.new_tokens is not None:
+    raise PlanError("--new-tokens applies with --decode only")
   pred = costmodel.predict(setup, plan)
   if args.json:
     _common.emit_json({"preset": setup.preset, "plan": plan.to_dict(), "prediction": pred})
@@ -46,6 +56,7 @@ def rows(p: costmodel.Prediction) -> list[list[str]]:
       ["L2 time per device", f"{p.l2_s:.4f} s"],
       ["TP all-reduce time per device", f"{p.tp_comm_s:.4f} s"],
       ["pipeline transfer time per device", f"{p.pipe_comm_s:.4f} s"],
+      ["embedding (stage 0) + LM head (last stage)", f"{p.edge_s:.4f} s"],
       ["waiting (bubble ticks, slower stages)", f"{p.bubble_s:.4f} s"],
       ["layer step bound by", p.bound],
       ["FLOPs per device (executed)", f"{p.flops_per_device:.4g}"],
@@ -66,4 +77,48 @@ def rows(p: costmodel.Prediction) -> list[list[str]]:
       ["energy per token", f"{p.energy_per_token_j * 1e3:.4f} mJ"],
       ["energy split (FLOPs, HBM, L2, links, static)",
        ", ".join(f"{e[k] / p.energy_j:.0%}" for k in ("flops", "hbm", "l2", "links", "static"))],
+  ]
+
+
+def _decode(args, setup, plan) -> int:
+  d = decode_cost.predict_decode(setup, plan, new_tokens_from(args))
+  if args.json:
+    _common.emit_json({"preset": setup.preset, "plan": plan.to_dict(), "decode": d})
+    return 0
+  print(f"{setup.preset} on {plan.devices} x {setup.hardware.name}: {plan.strategy} "
+        f"{plan.stages} stages x tp {plan.tp}; batch {d.batch}, prompt {d.prompt} tokens, "
+        f"{d.new_tokens} new tokens (modelled)")
+  print(_common.table(decode_rows(d), ["modelled figure", "value"]))
+  print(f"HBM bound: each decode tick a device reads its stage's weights and its microbatch's "
+        f"KV cache once; a token passes {d.stages} stage(s), so TPOT >= {d.stages} x "
+        f"(weight + KV bytes per device) / {setup.hardware.hbm_bw / 1e12:g} TB/s.")
+  return 0
+
+
+def decode_rows(d: decode_cost.DecodePrediction) -> list[list[str]]:
+  fb = _common.fmt_bytes
+  t = d.tick_parts_s
+  mem = d.memory_per_device
+  return [
+      ["prefill of the batch = TTFT", f"{d.ttft_s * 1e3:,.2f} ms "
+                                      f"({d.prefill_tokens_per_s:,.0f} prompt tokens/s)"],
+      ["decode microbatches in flight / rows each", f"{d.microbatches} / {d.rows}"],
+      ["ticks per decode step / bubble over the steps",
+       f"{d.cycle_ticks} / {d.bubble_fraction:.1%}"],
+      ["TPOT (mean over steps; first, last)", f"{d.tpot_s * 1e3:.3f} ms ({d.tpot_first_s * 1e3:.3f}, "
+                                              f"{d.tpot_last_s * 1e3:.3f})"],
+      ["HBM-read bound on TPOT / TPOT over bound", f"{d.hbm_bound_s * 1e3:.3f} ms / "
+                                                   f"{d.bound_ratio:.2f}x"],
+      ["floor with all devices tensor-parallel", f"{d.ideal_bound_s * 1e3:.3f} ms"],
+      ["decode tokens/s (batch / TPOT)", f"{d.decode_tokens_per_s:,.0f}"],
+      ["prefill + decode of all new tokens", f"{d.generation_s:.3f} s"],
+      ["read per tick per device: weights, KV", f"{fb(d.bytes_read_per_tick['weights'])}, "
+                                                f"{fb(d.bytes_read_per_tick['kv_cache'])}"],
+      ["tick: HBM, compute, TP all-reduces, edges, sends (ms)",
+       ", ".join(f"{t[k] * 1e3:.3f}" for k in ("hbm", "compute", "tensor_all_reduces", "edges",
+                                                "pipeline_sends"))],
+      ["decode KV cache per device (whole batch)", f"{fb(mem['decode_kv_cache_bytes'])} "
+                                                   f"({mem['decode_cache_len']} positions)"],
+      ["per device, prefill + decode", f"{fb(mem['generation_hbm_bytes'])}: "
+                                       f"{'fits' if d.fits_device_memory else 'DOES NOT FIT'}"],
   ]

@@ -1,0 +1,86 @@
+"""What one device holds of each weight and of the KV cache, per model family (plain Python).
+
+One home for the tensor-parallel split rules the engine applies (llama.block_apply,
+sharding.py): Q, O and the MLP split tp ways; K/V heads split when tp divides them, else
+replicated with each shard computing only the heads its queries read; the Llama edges
+(embedding, final norm, LM head) held by every stage, split over tensor by vocabulary.
+memory, counts and the cost model read these; none re-derives them.
+"""
+
+from __future__ import annotations
+
+from jaxpart.config import ModelConfig
+
+
+def mlp_in_projections(cfg: ModelConfig) -> int:
+  """D x F matmuls before the MLP's nonlinearity: w_in for dense, gate and up for SwiGLU."""
+  return 2 if cfg.arch == "llama" else 1
+
+
+def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
+  """K/V heads one tensor shard computes and caches (llama.block_apply's rule): kv_heads / tp
+  when tp divides them; otherwise the shard's query heads read one replicated head, or one
+  each when they straddle K/V groups (llama._local_kv_heads). Dense: n_heads / tp."""
+  if cfg.kv_heads % tp == 0:
+    return cfg.kv_heads // tp
+  hq, g = cfg.n_heads // tp, cfg.n_heads // cfg.kv_heads
+  return 1 if g % hq == 0 else hq
+
+
+def kv_dim_local(cfg: ModelConfig, tp: int) -> int:
+  """Width of K (and of V) on one tensor shard."""
+  return kv_heads_local(cfg, tp) * cfg.head_dim
+
+
+def projection_params_local(cfg: ModelConfig, tp: int, held: bool = True) -> int:
+  """Projection weights of one layer on one tensor shard. Q, O and the MLP are split tp ways;
+  K and V too when tp divides kv_heads. Otherwise wk/wv are replicated (held whole) and a step
+  reads only the columns of its kv_heads_local heads (held=False counts those)."""
+  split = cfg.projection_params_per_layer - 2 * cfg.d_model * cfg.kv_dim
+  kv = 2 * cfg.d_model * cfg.kv_dim
+  if cfg.kv_heads % tp == 0:
+    return (split + kv) // tp
+  return split // tp + (kv if held else 2 * cfg.d_model * kv_dim_local(cfg, tp))
+
+
+def _bias_params_local(cfg: ModelConfig, tp: int) -> int:
+  if not cfg.qkv_bias:
+    return 0
+  kv = 2 * cfg.kv_dim if cfg.kv_heads % tp else 2 * cfg.kv_dim // tp
+  return cfg.attn_dim // tp + kv
+
+
+def weight_shard_bytes(cfg: ModelConfig, tp: int, layers: int = 1, held: bool = True) -> int:
+  """Weights one device holds (held=True) or one step reads (held=False) for `layers` layers
+  at tensor parallelism tp. Norm scales (and LayerNorm biases) are replicated over the tensor
+  group, projections (and Q/K/V biases) split tp ways as projection_params_local says."""
+  per_layer = (projection_params_local(cfg, tp, held) + cfg.layernorm_params_per_layer
+               + _bias_params_local(cfg, tp))
+  return layers * per_layer * cfg.dtype_bytes
+
+
+def vocab_local(cfg: ModelConfig, ways: int) -> int:
+  """Vocabulary rows (or logit columns) of one of `ways` shards, rounded up."""
+  return -(-cfg.vocab // ways)
+
+
+def edge_weight_bytes(cfg: ModelConfig, tp: int) -> dict[str, int]:
+  """The edges every stage holds (replicated over the stage axis): the embedding table split
+  over tensor by rows (V/tp x D), the final norm, the LM head split by columns (D x V/tp;
+  none when tied to the embedding). All zero for dense."""
+  if cfg.arch != "llama":
+    return {"embedding": 0, "final_norm": 0, "lm_head": 0}
+  b, vl = cfg.dtype_bytes, vocab_local(cfg, tp)
+  return {"embedding": vl * cfg.d_model * b, "final_norm": cfg.d_model * b,
+          "lm_head": 0 if cfg.tie_embeddings else cfg.d_model * vl * b}
+
+
+def device_weight_bytes(cfg: ModelConfig, tp: int, layers: int) -> int:
+  """Every weight one device holds: its stage's layer shards and the edges."""
+  return weight_shard_bytes(cfg, tp, layers) + sum(edge_weight_bytes(cfg, tp).values())
+
+
+def kv_cache_bytes(cfg: ModelConfig, rows: int, positions: int, tp: int = 1, layers: int = 1) -> int:
+  """K and V for `positions` tokens of `rows` sequences, `layers` layers, one tp shard
+  (kv_heads_local heads: the kv_dim, not the query width, under GQA)."""
+  return 2 * layers * rows * positions * kv_dim_local(cfg, tp) * cfg.dtype_bytes
