@@ -113,7 +113,7 @@ def run(ctx: common.Context) -> common.Result:
             f"future KV blocks; and 16 simulated devices' collectives are copies under one "
             f"shared thread pool. The figure also moves between runs on this loaded machine "
             f"(median of {sec4_throughput.CPU_REPEATS} interleaved rounds; the same runs as "
-            f"sec4_throughput.md). "
+            f"sec4_throughput.md; {common.load_note(cpu)}). "
             f"The model with the nominal cpu hardware preset gives D vs A "
             f"{common.signed_pct(cpu_model_ratio() - 1)}: the same direction, smaller (its CPU "
             f"constants are order-of-magnitude only, and it does not model 16 devices sharing "

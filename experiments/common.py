@@ -108,6 +108,18 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
   return out + [""]
 
 
+def load_note(measured: dict[str, Any] | None) -> str:
+  """How loaded the machine was while `measured` (a record with a jaxpart.load "load") was
+  timed: figures taken under load are marked as no result."""
+  rec = (measured or {}).get("load")
+  if not rec:
+    return "load not recorded"
+  if rec["under_load"]:
+    return rec["note"]
+  b = rec["before"]
+  return f"load {b['load_1m']:.1f} on {b['cores']} cores at the start"
+
+
 def mb(n: float) -> str:
   return f"{n / 1e6:,.1f} MB"
 
@@ -147,7 +159,8 @@ def read_result(results_dir: Path, name: str) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def plot(ctx: Context, result: Result, filename: str, draw: Callable[[Any], None]) -> None:
+def plot(ctx: Context, result: Result, filename: str, draw: Callable[[Any], None],
+         figsize: tuple[float, float] = (7, 4.5)) -> None:
   """Write a PNG with matplotlib if it is installed (the `plot` extra); otherwise say so."""
   try:
     import matplotlib  # noqa: PLC0415
@@ -157,7 +170,7 @@ def plot(ctx: Context, result: Result, filename: str, draw: Callable[[Any], None
     ctx.note("matplotlib is not installed: PNG plots skipped (pip install 'jaxpart[plot]'); "
              "tables and JSON are written as usual")
     return
-  fig = plt.figure(figsize=(7, 4.5))
+  fig = plt.figure(figsize=figsize)
   try:
     draw(fig)
     fig.tight_layout()

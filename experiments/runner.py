@@ -12,7 +12,7 @@ from experiments import common
 # Order matters only for the verdict, which reads the others' JSON.
 SECTIONS = ("sec2_memory", "sec3_partitioning", "sec3_cache", "sec4_throughput",
             "sec5_communication", "sec6_cache_hit", "sec7_scaling", "sec8_correctness",
-            "chunk_sweep", "causes", "verdict")
+            "chunk_sweep", "causes", "plots", "verdict")
 
 
 class UnknownExperiment(ValueError):

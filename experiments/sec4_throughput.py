@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxpart import config, costmodel, decode_cost, planner
+from jaxpart import config, costmodel, decode_cost, load, planner
 from experiments import common, measured
 
 NAME = "sec4_throughput"
@@ -51,9 +51,11 @@ def _measure_small(ctx: common.Context) -> dict:
   setup, plans = small_plans()
   out = {"setup": "small preset, float32, planned for the cpu hardware preset (2 MB L2)",
          "plans": {k: p.to_dict() for k, p in plans.items()}, "repeats": CPU_REPEATS}
+  before = load.start("experiments: CPU timing of the small preset")
   bar = ctx.bar(len(plans) * (CPU_REPEATS + 2), "CPU timing (small preset)")
   timing = measured.time_forward(setup, plans, CPU_REPEATS, progress=bar.update)
   bar.close()
+  out["load"] = load.finish(before)
   tokens = setup.run.tokens
   out["runs"] = {k: {**v, "tokens_per_s": tokens / v["median_s"],
                      "total_flops_executed": v["flops_per_device_executed"] * plans[k].devices}
@@ -134,7 +136,8 @@ def run(ctx: common.Context) -> common.Result:
           "CPU's 2 MB L2, float32. Its time ratio reflects total work on 2 shared cores and "
           "XLA:CPU overheads, not 16-way parallel speed; the FLOPs ratio says how much of it is "
           "less arithmetic (the baseline's whole-sequence chunk visits every KV block for every "
-          "query, the chunked layer-wise skips future blocks).", "",
+          "query, the chunked layer-wise skips future blocks)."
+          + (f" CPU timings: {common.load_note(cpu)}." if cpu else ""), "",
           "Where the modelled times go (per device, summed over the run):", "")
   res.add(*common.md_table(
       ["placement", "compute", "HBM", "TP all-reduce", "pipeline", "waiting", "bound by",

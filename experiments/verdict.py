@@ -142,7 +142,8 @@ def run(ctx: common.Context) -> common.Result:
             f"(rounds {min(c['ratio_per_round']) - 1:+.0%} to "
             f"{max(c['ratio_per_round']) - 1:+.0%}; total work on 2 shared cores, not 16-way "
             f"speed; FLOPs ratio {c['ratio_layerwise_over_baseline_total_flops']:.2f}; at that "
-            f"size weights do fit a CPU cache; causes not isolated, see causes.md)"),
+            f"size weights do fit a CPU cache; causes not isolated, see causes.md; "
+            f"{common.load_note(c)})"),
        "not supported" if not g_reach else "only under: " + "; ".join(g_reach),
        f"{common.signed_pct(g_lo)} to {common.signed_pct(g_hi)} across the sensitivity variants "
        f"below. The L2-sized chunk (~120 tokens) is below the ridge (295 FLOP/B), so each step "
@@ -262,6 +263,9 @@ def run(ctx: common.Context) -> common.Result:
           "down without a GPU: a slower GEMM or L2 hurts the compute-bound baseline more, slow "
           "links hurt the TP-8 baseline more. Every variant in which layer-wise wins is one in "
           "which communication or compute dominates, never one in which the L2 fit does.", "")
+  pngs = sorted(p.name for p in ctx.results_dir.glob("*.png"))
+  res.add("## Plots", "", *([f"- [{n}]({n})" for n in pngs] if pngs else
+                           ["none written: install the `plot` extra (matplotlib) and rerun"]), "")
   res.add("## Caveats", "",
           "- The model is a roofline per layer step (max of compute, HBM and L2 time) plus "
           "non-overlapped all-reduces and pipeline transfers, lock-step ticks, as jaxpart's "

@@ -110,19 +110,24 @@ def block_apply(p: Params, x_BxTxD, head_dim: int, eps: float, attend: Attend, s
 
   def reduce(partial_f32):
     partial = partial_f32.astype(dt)
-    return jax.lax.psum(partial, tp_axis) if tp_axis else partial
+    if not tp_axis:
+      return partial
+    with jax.named_scope("tensor_allreduce"):   # names the op in profiler traces
+      return jax.lax.psum(partial, tp_axis)
 
-  h_BxTxD = layernorm(x_BxTxD, p["ln1"], eps)
-  a = p["attn"]
-  heads = a["wq"].shape[-1] // head_dim
-  q, k, v = (_matmul(h_BxTxD, a[n]).astype(dt).reshape(b, t, heads, head_dim)
-             for n in ("wq", "wk", "wv"))
-  o_BxTxHxE, state = attend(q, k, v, state)
-  x_BxTxD = x_BxTxD + reduce(_matmul(o_BxTxHxE.reshape(b, t, heads * head_dim), a["wo"]))
+  with jax.named_scope("attention"):
+    h_BxTxD = layernorm(x_BxTxD, p["ln1"], eps)
+    a = p["attn"]
+    heads = a["wq"].shape[-1] // head_dim
+    q, k, v = (_matmul(h_BxTxD, a[n]).astype(dt).reshape(b, t, heads, head_dim)
+               for n in ("wq", "wk", "wv"))
+    o_BxTxHxE, state = attend(q, k, v, state)
+    x_BxTxD = x_BxTxD + reduce(_matmul(o_BxTxHxE.reshape(b, t, heads * head_dim), a["wo"]))
 
-  h_BxTxD = layernorm(x_BxTxD, p["ln2"], eps)
-  u_BxTxF = jax.nn.gelu(_matmul(h_BxTxD, p["mlp"]["w_in"])).astype(dt)
-  x_BxTxD = x_BxTxD + reduce(_matmul(u_BxTxF, p["mlp"]["w_out"]))
+  with jax.named_scope("mlp"):
+    h_BxTxD = layernorm(x_BxTxD, p["ln2"], eps)
+    u_BxTxF = jax.nn.gelu(_matmul(h_BxTxD, p["mlp"]["w_in"])).astype(dt)
+    x_BxTxD = x_BxTxD + reduce(_matmul(u_BxTxF, p["mlp"]["w_out"]))
   return x_BxTxD, state
 
 

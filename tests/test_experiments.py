@@ -19,7 +19,7 @@ from jaxpart import cli, config, costmodel, planner  # noqa: E402
 
 MODEL_ONLY = ["sec2_memory", "sec3_partitioning", "sec3_cache", "sec4_throughput",
               "sec5_communication", "sec6_cache_hit", "sec7_scaling", "sec8_correctness",
-              "chunk_sweep", "causes", "verdict"]
+              "chunk_sweep", "causes", "plots", "verdict"]
 
 
 @pytest.fixture(scope="module")

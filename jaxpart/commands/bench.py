@@ -17,8 +17,8 @@ import sys
 import jax
 from tqdm import tqdm
 
-from jaxpart import (bench, config, distributed, hlo, jsonable, measure, memory, model, sizeguard,
-                     validate)
+from jaxpart import (bench, config, distributed, hlo, jsonable, load, measure, memory, model,
+                     sizeguard, tracing, validate)
 from jaxpart.commands import _common
 from jaxpart.commands._common import fmt_bytes, table
 from jaxpart.config import ConfigError
@@ -66,6 +66,9 @@ def add_arguments(p):
   g.add_argument("--chunks", default="32,64,128", metavar="C1,C2,...",
                  help="layer-wise chunk tokens for --sweep")
   g.add_argument("--jsonl", default=None, metavar="OUT.jsonl", help="--sweep output file")
+  g.add_argument("--trace", default=None, metavar="DIR",
+                 help="write a jax.profiler trace of the compiled and timed runs under DIR "
+                      "(Perfetto or XProf)")
   _common.add_json_arg(p, to_file=True)
 
 
@@ -76,6 +79,7 @@ def run(args) -> int:
   seqs = _int_list("--memory-seqs", args.memory_seqs) if args.memory_seqs else None
   if args.memory_only and not seqs:
     raise PlanError("--memory-only needs --memory-seqs S1,S2,...")
+  tracing.check_dir("--trace", args.trace)
   setup = _common.setup_from(args)
   if args.sweep:
     return _sweep(args, setup)
@@ -122,12 +126,14 @@ def bench_point(setup, plan, args, params_x=None, reference=None) -> dict:
       gspmd=not args.no_gspmd and plan.devices > 1)
   total = (sum(v.stats is None for v in variants)
            + len(variants) * (args.warmup + args.repeats))
+  before = load.start(f"bench {plan.strategy} on {plan.devices} devices:")
   with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
-            file=sys.stderr, leave=False) as bar:
+            file=sys.stderr, leave=False) as bar, tracing.maybe_trace(getattr(args, "trace", None)):
     rows = bench.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
+  machine_load = load.finish(before)
   return {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
           "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
-          "machine_note": _machine_note(), "repeats": args.repeats, "warmup": args.warmup,
+          "machine_note": _machine_note(), "load": machine_load, "repeats": args.repeats, "warmup": args.warmup,
           "variants": rows, "ratios": bench.ratios(rows),
           "megatron": measure.megatron_comparison(variants[0].stats["hlo"], plan, setup.model),
           "_variants": variants}
@@ -148,6 +154,8 @@ def print_point(result: dict) -> None:
         f"({plan['stages']} stages x tp {plan['tp']}, {plan['derived']['split']}); "
         f"median of {result['repeats']} interleaved runs after {result['warmup']} warm-up")
   print(f"measured on {result['machine_note']}")
+  if result["load"]["under_load"]:
+    print(f"every time below was {result['load']['note']}")
   rows = []
   for r in result["variants"]:
     err = r["max_abs_err_vs_reference"]
@@ -257,7 +265,7 @@ def _sweep(args, setup) -> int:
               "bubble_fraction": plan.bubble_fraction, **{k: v for k, v in eng.items()
                                                           if k != "runs_s"},
               "ratios": res["ratios"], "megatron": res["megatron"],
-              "machine_note": res["machine_note"]}
+              "machine_note": res["machine_note"], "load": res["load"]}
       sink.write(jsonable.dumps(line) + "\n")
       sink.flush()
       ok += 1

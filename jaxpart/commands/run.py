@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import bench, config, distributed, families, runs, sizeguard, validate
+from jaxpart import (bench, config, distributed, families, load, runs, sizeguard, tracing,
+                     validate)
 from jaxpart.commands import _common
 
 NAME = "run"
@@ -26,12 +27,15 @@ def add_arguments(p):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dump", default=None, metavar="OUT.npz",
                  help="write input, unsharded parameters (by path), the Plan and the output")
+  p.add_argument("--trace", default=None, metavar="DIR",
+                 help="write a jax.profiler trace of the timed runs under DIR (Perfetto or XProf)")
   _common.add_json_arg(p)
 
 
 def run(args) -> int:
   if args.repeats < 1:
     raise config.ConfigError(f"--repeats = {args.repeats}: must be at least 1")
+  tracing.check_dir("--trace", args.trace)
   setup = _common.setup_from(args)
   plan = _common.plan_from(args, setup)
   if setup.model.dtype == "float64" and not args.f32:
@@ -52,7 +56,10 @@ def _run(args, setup, plan) -> int:
   got = str(y.dtype)
   if got != ("float32" if families.of(setup.model).tokens_in else ran):
     raise config.ConfigError(f"model.dtype = {setup.model.dtype}: the forward ran in {got}")
-  timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
+  before = load.start(f"run {plan.strategy} on {plan.devices} devices:")
+  with tracing.maybe_trace(args.trace):
+    timing = bench.time_interleaved({"engine": placed}, repeats=args.repeats, warmup=1)
+  machine_load = load.finish(before)
   seconds = timing["engine"]["median_s"]
   tokens = setup.run.tokens
   out = {"preset": setup.preset, "plan": plan.to_dict(), "dtype": ran,
@@ -60,7 +67,7 @@ def _run(args, setup, plan) -> int:
          "processes": jax.process_count(),
          "platform": jax.devices()[0].platform, "median_s": seconds,
          "tokens_per_s": tokens / seconds, "time_per_token_ms_seed_def": 1e3 * seconds / tokens,
-         "runs_s": timing["engine"]["runs"]}
+         "runs_s": timing["engine"]["runs"], "load": machine_load}
   ok = True
   if args.check:
     ref = runs.reference(setup, params_h, x_h, dtype)
@@ -78,6 +85,8 @@ def _run(args, setup, plan) -> int:
   if args.dump:
     _dump(args.dump, setup, plan, params_h, x_h, y)
     out["dump"] = args.dump
+  if args.trace:
+    out["trace"] = args.trace
   if args.json:
     _common.emit_json(out)
   else:
@@ -96,6 +105,8 @@ def _print(out):
         f"{', simulated: wall time is total work, not parallel speed-up' if out['platform'] == 'cpu' else ''})")
   print(f"  median {out['median_s'] * 1e3:.1f} ms  {out['tokens_per_s']:,.0f} tokens/s  "
         f"time per token (seed's definition, 1/TPS) {out['time_per_token_ms_seed_def']:.4f} ms")
+  if out["load"]["under_load"]:
+    print(f"  that time was {out['load']['note']}")
   if "check" in out:
     c = out["check"]
     kind = "max rel" if out["dtype"] in ("float32", "float64") else "max abs"
@@ -104,6 +115,8 @@ def _print(out):
           f"{kind} tolerance {c['tolerance']:.3e}: {'OK' if c['ok'] else 'MISMATCH'}")
   if "dump" in out:
     print(f"  wrote {out['dump']}")
+  if "trace" in out:
+    print(f"  wrote a jax.profiler trace under {out['trace']}")
 
 
 def _dump(path, setup, plan, params_h, x_h, y):
