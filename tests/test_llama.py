@@ -76,7 +76,7 @@ def _llama(**kw):
     (dict(head_dim=7, n_heads=8), "ModelConfig.head_dim = 7: rotary embedding needs an even"),
     (dict(arch="gpt"), "ModelConfig.arch = 'gpt': valid archs are dense, llama"),
     (dict(qkv_bias=1), "ModelConfig.qkv_bias = 1: must be true or false"),
-    (dict(rope_theta=0.0), "ModelConfig.rope_theta = 0.0: must be a positive number"),
+    (dict(rope_theta=0.0), "ModelConfig.rope_theta = 0.0: must be a positive finite number"),
     (dict(max_positions=-1), "ModelConfig.max_positions = -1: must be a non-negative"),
     (dict(rope_scaling={"factor": 8.0}), "ModelConfig.rope_scaling = {'factor': 8.0}"),
     (dict(arch="dense", vocab=10), "ModelConfig.vocab = 10: only arch 'llama' uses it"),

@@ -132,7 +132,7 @@ def test_gradcheck_command_json(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--remat", "all"], "--remat = 'all': valid remat policies are none, stage, dots"),
     (["--dtype", "bfloat16", "--tol", "1e-3"], "--tol applies to --dtype float32"),
-    (["--tol", "-1"], "--tol = -1.0: must be a positive number"),
+    (["--tol", "-1"], "--tol = -1.0: must be a positive finite number"),
 ])
 def test_gradcheck_command_rejects_bad_flags(argv, match, capsys):
   rc = cli.main(["gradcheck", "--preset", "tiny", *argv])
