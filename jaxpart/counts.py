@@ -7,6 +7,8 @@ against them, never re-deriving them.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxpart import memory
@@ -55,10 +57,17 @@ def tile_visits(plan: Plan, chunk_index: int) -> np.ndarray:
   return np.minimum(last_q // plan.kv_block + 1, plan.cache_len // plan.kv_block)
 
 
+@functools.lru_cache(maxsize=4096)
+def visit_sum(plan: Plan, chunk_index: int) -> int:
+  """(tile, block) pairs a chunk visits: sum of tile_visits, kept once per Plan and chunk (the
+  cost model, the planner's ranking and the HLO weights all ask for it)."""
+  return int(tile_visits(plan, chunk_index).sum())
+
+
 def kv_positions(plan: Plan, chunk_index: int) -> float:
   """Keys per query a chunk's step computes against: every visited (tile, block) pair in full,
   padded queries of a ragged last tile included, spread over the chunk's queries."""
-  return (float(tile_visits(plan, chunk_index).sum()) * plan.kv_block * q_block(plan)
+  return (float(visit_sum(plan, chunk_index)) * plan.kv_block * q_block(plan)
           / plan.chunk_tokens)
 
 
@@ -145,7 +154,7 @@ def hlo_cond_weights(plan: Plan) -> tuple[float, float]:
   microbatch repeats the same chunks, so the mean over chunks is exact.
   """
   blocks = plan.cache_len // plan.kv_block
-  visited = sum(float(tile_visits(plan, k).sum()) for k in range(plan.n_chunks))
+  visited = sum(visit_sum(plan, k) for k in range(plan.n_chunks))
   return plan.units / plan.ticks, visited / (plan.n_chunks * n_tiles(plan) * blocks)
 
 
