@@ -99,7 +99,7 @@ def _outputs(command: str, args) -> None:
     paths.check_output_file("--dump", args.dump)
   if isinstance(getattr(args, "json", None), str) and args.json != "-":
     paths.check_output_file("--json", args.json)
-  if command == "forward" and getattr(args, "out", None) is not None:
+  if command in ("forward", "generate") and getattr(args, "out", None) is not None:
     paths.check_output_file("--out", args.out)
   if getattr(args, "jsonl", None) is not None:
     paths.check_output_file("--jsonl", args.jsonl)

@@ -34,11 +34,14 @@ def full_causal(q_BxQxHxE, k_BxKxHxE, v_BxKxHxE):
 
 
 def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block: int,
-                   layer=None, q_block: int | None = None):
+                   layer=None, q_block: int | None = None, row0=0):
   """Queries at absolute positions q_start .. q_start+Q-1 against a KV cache of C positions.
 
-  With `layer` given, the caches carry a leading layer axis (L x B x C x G x E) and blocks are
-  read from that layer in place, without copying its cache out first. G is the number of K/V
+  q_start is one position for every row, or one per row (B,): decoding sequences of different
+  lengths. The caches may hold more rows than q (the whole batch while decoding); rows
+  row0 .. row0+B-1 are read. With `layer` given, the caches carry a leading layer axis
+  (L x B x C x G x E) and blocks are read from that layer in place, without copying its cache
+  out first. G is the number of K/V
   heads: H query heads share them in groups of H / G (grouped-query attention; G == H is plain
   multi-head attention).
 
@@ -63,27 +66,29 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
   n_tiles = -(-n_q // q_block)
   scale = e ** -0.5
   acc = acc_dtype(q_BxQxHxE.dtype)
-  last_real = q_start + n_q - 1
+  q_start_B = jnp.broadcast_to(jnp.asarray(q_start, jnp.int32), (b,))
+  last_real_B = q_start_B + n_q - 1
   pad = n_tiles * q_block - n_q
   q = jnp.pad(q_BxQxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q_BxQxHxE
   # tiles x B x q_block x G x H/G x E: the query heads of one K/V head sit together.
   q_NxBxQxGxRxE = jnp.moveaxis(q.reshape(b, n_tiles, q_block, g, h // g, e), 1, 0)
 
   def tile(i, q_BxQxGxRxE):
-    first = q_start + i * q_block
-    last_q = jnp.minimum(first + q_block - 1, last_real)
-    q_pos_Q = first + jnp.arange(q_block)
+    first_B = q_start_B + i * q_block
+    last_q = jnp.max(jnp.minimum(first_B + q_block - 1, last_real_B))
+    q_pos_BxQ = first_B[:, None] + jnp.arange(q_block)
 
     def visit(carry, j):
       m_BxGxRxQ, l_BxGxRxQ, acc_BxQxGxRxE = carry
-      k_BxKxGxE, v_BxKxGxE = (_block(c, j * kv_block, kv_block, layer)
+      k_BxKxGxE, v_BxKxGxE = (_block(c, j * kv_block, kv_block, layer, row0, b)
                               for c in (kcache_BxCxGxE, vcache_BxCxGxE))
       k_pos_K = j * kv_block + jnp.arange(kv_block)
-      v_BxKxGxE = jnp.where((k_pos_K <= last_real)[None, :, None, None], v_BxKxGxE, 0)
+      real_BxK = k_pos_K[None, :] <= last_real_B[:, None]
+      v_BxKxGxE = jnp.where(real_BxK[:, :, None, None], v_BxKxGxE, 0)
       s = jnp.einsum("bqgre,bkge->bgrqk", q_BxQxGxRxE, k_BxKxGxE,
                      preferred_element_type=acc) * scale
-      seen_QxK = (q_pos_Q[:, None] >= k_pos_K[None, :]) & (k_pos_K <= last_real)[None, :]
-      s = jnp.where(seen_QxK, s, _NEG)
+      seen_BxQxK = (q_pos_BxQ[:, :, None] >= k_pos_K[None, None, :]) & real_BxK[:, None, :]
+      s = jnp.where(seen_BxQxK[:, None, None], s, _NEG)
       m_new = jnp.maximum(m_BxGxRxQ, s.max(axis=-1))
       p = jnp.exp(s - m_new[..., None])
       # Masked entries give exp(_NEG - m) == 0 once any real key has been seen; before that
@@ -112,9 +117,11 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
   return o[:, :n_q] if pad else o
 
 
-def _block(cache, start, size: int, layer):
-  """cache[layer][:, start:start+size] (or cache[:, start:start+size] with no layer axis)."""
+def _block(cache, start, size: int, layer, row0=0, rows: int | None = None):
+  """cache[layer][row0:row0+rows, start:start+size] (no layer axis: cache[row0:..., start:...])."""
   if layer is None:
-    return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
-  _, b, _, g, e = cache.shape
-  return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, size, g, e))[0]
+    bc, _, g, e = cache.shape
+    return jax.lax.dynamic_slice(cache, (row0, start, 0, 0), (rows or bc, size, g, e))
+  _, bc, _, g, e = cache.shape
+  return jax.lax.dynamic_slice(cache, (layer, row0, start, 0, 0),
+                               (1, rows or bc, size, g, e))[0]

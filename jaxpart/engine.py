@@ -22,16 +22,22 @@ from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
 
 
 def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, plan: Plan,
-               tp_axis: str | None):
+               tp_axis: str | None, row0=0):
   """Apply this stage's layers to one unit; writes the unit's K/V into the caches.
 
-  p_stage leaves have a leading local-layer axis; caches are Lps x R x cache_len x G x E (G
-  the local K/V heads). The caches stay whole in the scan's carry and are updated and read in
-  place at (layer, ...): slicing one layer's cache out and stacking it back would copy it every
-  step. Positions are absolute (q_start + i), so RoPE and the cache agree for every chunk.
+  p_stage leaves have a leading local-layer axis; caches are Lps x rows x cache_len x G x E (G
+  the local K/V heads; rows the unit's, or the whole batch's while generating, the unit's from
+  row0). The caches stay whole in the scan's carry and are updated and read in place at
+  (layer, ...): slicing one layer's cache out and stacking it back would copy it every step.
+  Positions are absolute (q_start + i), so RoPE and the cache agree for every chunk; q_start is
+  one position for the unit, or one per row (R,) for a decode step of sequences of different
+  lengths.
   """
   block = families.of(cfg).block
-  pos_C = q_start + jnp.arange(x_RxCxD.shape[1])
+  r, c = x_RxCxD.shape[:2]
+  per_row = jnp.ndim(q_start) == 1
+  pos = (q_start[:, None] if per_row else q_start) + jnp.arange(c)
+  rows_R = row0 + jnp.arange(r)
 
   def one_layer(carry, layer):
     x, kc, vc = carry
@@ -39,13 +45,17 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
 
     def attend(q, k, v, state):
       kc, vc = state
-      at = (l, 0, q_start, 0, 0)
-      kc = jax.lax.dynamic_update_slice(kc, k[None], at)
-      vc = jax.lax.dynamic_update_slice(vc, v[None], at)
-      o = attention.blocked_causal(q, kc, vc, q_start, plan.kv_block, layer=l)
+      if per_row:   # each row's token at its own position (c == 1 while decoding)
+        kc = kc.at[l, rows_R[:, None], pos].set(k)
+        vc = vc.at[l, rows_R[:, None], pos].set(v)
+      else:
+        at = (l, row0, q_start, 0, 0)
+        kc = jax.lax.dynamic_update_slice(kc, k[None], at)
+        vc = jax.lax.dynamic_update_slice(vc, v[None], at)
+      o = attention.blocked_causal(q, kc, vc, q_start, plan.kv_block, layer=l, row0=row0)
       return o, (kc, vc)
 
-    y, (kc, vc) = block(p, x, pos_C, cfg, attend, (kc, vc), tp_axis)
+    y, (kc, vc) = block(p, x, pos, cfg, attend, (kc, vc), tp_axis)
     return (y, kc, vc), None
 
   layers = jnp.arange(plan.layers_per_stage)
@@ -135,7 +145,8 @@ def _scatter_unit(y_RxCxWt, plan: Plan):
 
 
 def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
-                   bubble_fill: float, out_fill: float, differentiable: bool):
+                   bubble_fill: float, out_fill: float, differentiable: bool,
+                   keep_cache_len: int | None = None):
   """Per-device program inside shard_map. inp is this device's share of the input stream
   (B x T x D/N hidden vectors), or the token ids (B x T, replicated); the result is its share
   of the output stream (B x T x W/N: hidden vectors or logits)."""
@@ -151,19 +162,23 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   in_dt = inp.dtype
   inp = inp if fam.tokens_in else store(inp)
   unit_shape = (plan.rows, plan.chunk_tokens, cfg.d_model)
-  cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len,
+  # Prefill for generation keeps the whole batch's K/V (keep_cache_len positions, room for the
+  # new tokens); a plain forward keeps one microbatch's, overwritten by the next.
+  keep = keep_cache_len is not None
+  cache_shape = (plan.layers_per_stage, plan.batch if keep else plan.rows,
+                 keep_cache_len if keep else plan.cache_len,
                  families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
   out_local = (plan.rows, plan.chunk_tokens, fam.out_width(cfg) // plan.tp)
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
   def run(operands):
-    x, kc, vc, q_start = operands
+    x, kc, vc, q_start, row0 = operands
     with jax.named_scope("stage_step"):
-      return step(p_stage, x, kc, vc, q_start)
+      return step(p_stage, x, kc, vc, q_start, row0=row0 if keep else 0)
 
   def skip(operands):
-    x, kc, vc, _ = operands
+    x, kc, vc, _, _ = operands
     return jnp.zeros_like(x), kc, vc
 
   def first_unit(t):
@@ -186,10 +201,10 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
     recv, kc, vc, out = carry
     u = t - stage
     valid = (u >= 0) & (u < U)
-    q_start = (jnp.clip(u, 0, U - 1) % plan.n_chunks) * plan.chunk_tokens
+    row0, q_start = _unit_origin(jnp.clip(u, 0, U - 1), plan)
     x = jnp.where(stage == 0, first_unit(t), recv)
     x = jnp.where(valid, x, jnp.asarray(bubble_fill, dt))
-    y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start))
+    y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start, row0))
     # The last stage finished unit t - (S-1): its head gives each tensor shard its slice of
     # the output, and every device stores its block of that.
     y_out = jax.lax.cond(is_last & valid, head, lambda _: jnp.zeros(out_local, out_dt), y)
@@ -204,8 +219,9 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   init = (jnp.zeros(unit_shape, dt), jnp.zeros(cache_shape, dt), jnp.zeros(cache_shape, dt),
           jnp.full((plan.batch + plan.rows, plan.padded_seq, out_local[2] // S), fill,
                    fill.dtype))
-  (_, _, _, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  return _from_bits(out[:plan.batch, :plan.seq], out_dt)
+  (_, kc, vc, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
+  out = _from_bits(out[:plan.batch, :plan.seq], out_dt)
+  return (out, kc, vc) if keep else out
 
 
 def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
@@ -257,6 +273,25 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
     return mapped(params, inp)
 
   return forward
+
+
+def make_prefill(plan: Plan, cfg: ModelConfig, mesh, cache_len: int, **kw):
+  """(params, inp) -> (out, kcache, vcache): the forward of make_forward that also keeps every
+  layer's K/V for the whole batch, cache_len positions (the prompt and the tokens to come),
+  placed as the Plan places its layers: a stage's layers on its devices, K/V heads split over
+  tp (sharding.SPECS.kv_cache). Forward only (integer stream buffers)."""
+  if cache_len % plan.kv_block or cache_len < plan.padded_seq:
+    raise PlanError(f"cache_len = {cache_len}: must be a multiple of kv_block = {plan.kv_block} "
+                    f"and at least the padded prompt, {plan.padded_seq}")
+  body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=False,
+                           differentiable=False, keep_cache_len=cache_len,
+                           bubble_fill=kw.pop("bubble_fill", 0.0), out_fill=kw.pop("out_fill", 0.0))
+  if kw:
+    raise TypeError(f"make_prefill: unknown options {sorted(kw)}")
+  cache = sharding.SPECS.kv_cache
+  return compat.shard_map(body, mesh,
+                          in_specs=(sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg)),
+                          out_specs=(sharding.SPECS.stream, cache, cache))
 
 
 def _without_gradient(f):

@@ -121,12 +121,15 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 def rope(x_BxTxHxE, pos_T, cfg: ModelConfig):
   """Rotate q or k by absolute positions pos_T, halves convention (rotate_half): a chunk that
-  starts at token 4096 passes pos_T = 4096 + arange(T)."""
+  starts at token 4096 passes pos_T = 4096 + arange(T); B x T positions rotate each row at
+  its own (decoding sequences of different lengths)."""
   dt = x_BxTxHxE.dtype
-  freqs_TxE2 = pos_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq(cfg))[None, :]
-  emb_TxE = jnp.concatenate([freqs_TxE2, freqs_TxE2], axis=-1)
-  cos = jnp.cos(emb_TxE).astype(dt)[None, :, None, :]
-  sin = jnp.sin(emb_TxE).astype(dt)[None, :, None, :]
+  # pos is T (every row) or B x T (rows at their own positions while decoding)
+  freqs = pos_T.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  emb_BxTx1xE = emb[None, :, None, :] if emb.ndim == 2 else emb[:, :, None, :]
+  cos = jnp.cos(emb_BxTx1xE).astype(dt)
+  sin = jnp.sin(emb_BxTx1xE).astype(dt)
   x1, x2 = jnp.split(x_BxTxHxE, 2, axis=-1)
   return x_BxTxHxE * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 

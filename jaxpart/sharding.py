@@ -31,6 +31,9 @@ class Specs:
   # t*stages + s on device (stage s, tensor t), so a stage's tensor group holds a contiguous
   # slice and no device holds more than 1/N of either stream.
   stream: P = P(None, None, (T, S))
+  # K/V caches kept for generation, L x B x positions x G x E: a stage's layers, the local K/V
+  # heads of each tensor shard (where tp does not divide the K/V heads, each shard's own pick).
+  kv_cache: P = P(S, None, None, T, None)
 
 
 SPECS = Specs()

@@ -1,0 +1,103 @@
+"""`jaxpart generate`: prefill a batch of prompts, then decode new tokens through the placed
+stages; reports time to first token (the batch's prefill), time per output token (the median
+decode cycle, one token for every sequence) and per-device memory.
+
+Prompts of different lengths go in one .npy, right-padded with -1. Without --model-dir it runs
+the seed's dense presets: random hidden vectors as the prompt, and each decode step feeds the
+last output vector back as the next position's input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpart import config, distributed, families, generate, runs
+from jaxpart.commands import _common
+from jaxpart.commands.forward import load_model
+from jaxpart.decode import Sampling
+
+NAME = "generate"
+HELP = "prefill and decode through a placement: tokens, TTFT, TPOT, per-device memory"
+DISTRIBUTED = True
+
+
+def add_arguments(p):
+  p.add_argument("--model-dir", default=None, metavar="DIR",
+                 help="Hugging Face model directory or jaxpart checkpoint (Llama family); "
+                      "without it, a dense preset (--preset) with random weights and prompts")
+  p.add_argument("--input-ids", default=None, metavar="IDS.npy",
+                 help="prompts: batch x seq integer ids, each row right-padded with -1")
+  p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per prompt")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, metavar="TOKENS.npy", help="write the new tokens here")
+  p.add_argument("--f32", action="store_true", help="run in float32 instead of the model dtype")
+  p.add_argument("--memory", action="store_true",
+                 help="also report the compiled per-device memory of prefill and of a decode "
+                      "cycle")
+  _common.add_setup_args(p)
+  _common.add_plan_args(p)
+  _common.add_json_arg(p)
+
+
+def run(args) -> int:
+  if args.new_tokens < 1:
+    raise config.ConfigError(f"--new-tokens = {args.new_tokens}: must be at least 1")
+  if args.model_dir:
+    if args.preset or args.config or args.set:
+      raise config.ConfigError("--model-dir names the model: --preset/--config/--set do not "
+                               "apply")
+    if not args.input_ids:
+      raise config.ConfigError("--model-dir needs --input-ids (the prompts)")
+    cfg, params = load_model(args.model_dir)
+    ids, lens = generate.split_prompts(np.load(args.input_ids, allow_pickle=False), cfg.vocab)
+    setup = config.Setup(model=cfg, run=config.RunShape(*ids.shape),
+                         hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
+                         preset=Path(args.model_dir).name)
+    inp = ids
+  else:
+    setup = _common.setup_from(args)
+    if args.input_ids or families.of(setup.model).tokens_in:
+      raise config.ConfigError("a preset without --model-dir runs the dense family on random "
+                               "prompts: give --model-dir for token ids")
+    params = runs.host_params(setup, args.seed)
+    inp = runs.host_input(setup, args.seed)
+    lens = np.full(setup.run.batch, setup.run.seq, np.int32)
+  plan = _common.plan_from(args, setup)
+  sampling = Sampling(args.temperature, args.top_k, args.seed)
+  g = generate.generate(setup, plan, params, inp, lens, args.new_tokens, sampling,
+                        dtype=jnp.float32 if args.f32 else None, memory=args.memory)
+  if not distributed.is_main():
+    return 0
+  if args.out:
+    np.save(args.out, g.tokens)
+  s = g.schedule
+  out = {"model": config.to_dict(setup.model), "plan": plan.to_dict(), "batch": s.batch,
+         "prompt_lengths": lens.tolist(), "new_tokens": args.new_tokens,
+         "ttft_s": g.ttft_s, "tpot_s": g.tpot_s, "decode_tokens_per_s": g.decode_tokens_per_s,
+         "cycle_s": g.cycle_s, "decode_microbatches": s.microbatches, "rows": s.rows,
+         "cycle_ticks": s.period, "cache_len": g.cache_len, "memory": g.memory,
+         "platform": jax.devices()[0].platform, "out": args.out}
+  if families.of(setup.model).tokens_in:
+    out["tokens"] = g.tokens.tolist()
+  if args.json:
+    _common.emit_json(out)
+    return 0
+  print(f"{plan.strategy} on {plan.devices} devices ({plan.stages} stages x tp {plan.tp}); "
+        f"prefill {plan.split}; decode {s.microbatches} microbatch(es) of {s.rows} row(s), "
+        f"{s.period} ticks a cycle")
+  print(f"measured on {out['platform']}: TTFT {g.ttft_s * 1e3:.1f} ms (prefill of the batch), "
+        f"TPOT {g.tpot_s * 1e3:.2f} ms (median of {len(g.cycle_s)} decode cycles), "
+        f"{g.decode_tokens_per_s:,.0f} decode tokens/s")
+  for name, m in g.memory.items():
+    print(f"  {name}: per device arguments {_common.fmt_bytes(m['argument_bytes'])}, temp "
+          f"{_common.fmt_bytes(m['temp_bytes'])}, output {_common.fmt_bytes(m['output_bytes'])}")
+  if families.of(setup.model).tokens_in:
+    for r, row in enumerate(g.tokens[:8]):
+      print(f"  prompt {r} ({lens[r]} tokens) -> {' '.join(map(str, row.tolist()))}")
+  return 0

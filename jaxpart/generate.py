@@ -1,0 +1,119 @@
+"""Generation on a Plan: prefill that keeps the KV cache, then decode cycles; TTFT and TPOT.
+
+Prompts of different lengths sit in one batch right-padded (per-row lengths, not left
+padding): each row's real tokens are at positions 0 .. len-1, causal attention never shows a
+row its padding, and decode writes row r's k-th new token at position len_r + k, over the
+padding. Every row therefore computes what it would alone, which is what the tests compare
+with transformers' generate on each prompt.
+
+TTFT is the prefill of the whole batch (and choosing the first new token); TPOT the median
+time of a decode cycle, which gives every sequence one more token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpart import decode, engine, families, model, runs, sharding
+from jaxpart.config import Setup
+from jaxpart.decode import Sampling, Schedule
+from jaxpart.plan import Plan, PlanError
+
+PAD = -1   # marks padding after a row's prompt in a batch of token ids
+
+
+@dataclass
+class Generation:
+  tokens: np.ndarray                 # B x N new token ids (dense: B x N x D hidden vectors)
+  ttft_s: float
+  tpot_s: float                      # median decode cycle: one token for every sequence
+  cycle_s: list[float]
+  schedule: Schedule
+  cache_len: int
+  logits: np.ndarray | None = None   # B x (N-1) x V: each decode step's logits, when kept
+  memory: dict[str, Any] = field(default_factory=dict)
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    return self.schedule.batch / self.tpot_s
+
+
+def split_prompts(ids_BxT: np.ndarray, vocab: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """(ids with padding set to 0, per-row lengths) from ids right-padded with PAD."""
+  ids = np.asarray(ids_BxT)
+  real = ids != PAD
+  lens = real.sum(axis=1)
+  if not (real == (np.arange(ids.shape[1]) < lens[:, None])).all():
+    raise PlanError(f"input ids: padding ({PAD}) must only follow a row's prompt (right padding)")
+  if (lens == 0).any():
+    raise PlanError(f"input ids: row {int(np.argmin(lens))} has no tokens")
+  if vocab is not None and (ids[real].min() < 0 or ids[real].max() >= vocab):
+    raise PlanError(f"input ids in {ids[real].min()} .. {ids[real].max()}: the vocabulary is "
+                    f"0 .. {vocab - 1} (and {PAD} for padding)")
+  return np.where(real, ids, 0).astype(np.int32), lens.astype(np.int32)
+
+
+def cache_len_for(plan: Plan, new_tokens: int) -> int:
+  need = max(plan.padded_seq, plan.seq + new_tokens)
+  return -(-need // plan.kv_block) * plan.kv_block
+
+
+def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int,
+             sampling: Sampling = Sampling(), *, dtype=None, keep_logits: bool = False,
+             memory: bool = False) -> Generation:
+  """Prefill `inp` (token ids B x T, or hidden vectors B x T x D for dense) and generate
+  new_tokens more per row. Compiles ahead of the timed calls; times are wall times."""
+  cfg, fam = setup.model, families.of(setup.model)
+  if new_tokens < 1:
+    raise PlanError(f"new_tokens = {new_tokens}: must be at least 1")
+  mesh = sharding.mesh_for(plan)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  params = jax.tree.map(runs.global_array, params_host, sharding.param_shardings(mesh, cfg))
+  params = jax.jit(lambda p: model.cast_params(p, dt))(params)
+  x = runs.global_array(inp if fam.tokens_in else np.asarray(inp, dt),
+                        sharding.input_sharding(mesh, cfg))
+  cache_len = cache_len_for(plan, new_tokens)
+  prefill = jax.jit(engine.make_prefill(plan, cfg, mesh, cache_len)).lower(params, x).compile()
+  sched = Schedule(plan.stages, plan.batch, new_tokens - 1)
+  key = jax.random.PRNGKey(sampling.seed)
+  rows = np.arange(plan.batch)
+
+  t0 = time.perf_counter()
+  out, kc, vc = prefill(params, x)
+  last = runs.fetch(out)[rows, lens_B - 1]          # each row's last prompt position
+  first = (np.asarray(decode.sample(jnp.asarray(last), sampling, jax.random.fold_in(key, 2**31)))
+           if fam.tokens_in else last[:, None, :].astype(dt))
+  ttft = time.perf_counter() - t0
+
+  cycle = decode.make_cycle(plan, cfg, mesh, sched, sampling)
+  state = decode.init_state(plan, cfg, mesh, sched, kc, vc, first, lens_B, dt, keep_logits)
+  mem = {}
+  if memory:
+    mem = {"prefill": _memory(prefill), "decode_cycle": _memory(
+        cycle.lower(params, state, jnp.int32(0), key).compile())}
+  times = []
+  for c in range(sched.cycles if sched.steps else 0):
+    t = time.perf_counter()
+    state = cycle(params, state, jnp.int32(c * sched.period), key)
+    jax.block_until_ready(state[4])
+    times.append(time.perf_counter() - t)
+  gen = runs.fetch(state[4])[-1]                    # the last stage's record
+  tokens = np.concatenate([first[:, None] if fam.tokens_in else first, gen], axis=1)
+  logits = runs.fetch(state[5])[-1] if keep_logits and fam.tokens_in else None
+  return Generation(tokens=tokens, ttft_s=ttft, tpot_s=statistics.median(times) if times else
+                    float("nan"), cycle_s=times, schedule=sched, cache_len=cache_len,
+                    logits=logits, memory=mem)
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes":
+          int(m.output_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+          "alias_bytes": int(m.alias_size_in_bytes)}
