@@ -33,7 +33,7 @@ from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocab
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
     hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
     ring_allreduce_link_bytes, stream_collective_bytes, stream_slices, tile_visits, unit_bytes,
-    n_tiles)
+    n_tiles, visit_sum)
 
 # predict models one layer step per token chunk (about 30 us each) and every tick of the
 # pipeline as an array element: beyond these it would run for minutes, so it refuses and says

@@ -59,9 +59,17 @@ def tile_visits(plan: Plan, chunk_index: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4096)
 def visit_sum(plan: Plan, chunk_index: int) -> int:
-  """(tile, block) pairs a chunk visits: sum of tile_visits, kept once per Plan and chunk (the
-  cost model, the planner's ranking and the HLO weights all ask for it)."""
-  return int(tile_visits(plan, chunk_index).sum())
+  """(tile, block) pairs a chunk visits, the sum of tile_visits in closed form (a whole-sequence
+  chunk of 10^9 tokens has millions of tiles). Tiles are q_block = kv_block queries (or the
+  whole chunk when it is shorter): tile i < n-1 ends at q0 + (i+1)*kv_block - 1, so it visits
+  (q0-1)//kv_block + i + 2 blocks; the last tile ends at the chunk's last query L."""
+  c, kb = plan.chunk_tokens, plan.kv_block
+  q0 = chunk_index * c
+  last = q0 + c - 1
+  n = n_tiles(plan)
+  if n == 1:
+    return last // kb + 1
+  return (n - 1) * ((q0 - 1) // kb) + (n - 1) * n // 2 + (n - 1) + last // kb + 1
 
 
 def kv_positions(plan: Plan, chunk_index: int) -> float:

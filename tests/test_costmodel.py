@@ -287,3 +287,13 @@ def test_step_time_equals_a_hand_computed_figure():
   assert p.tp_comm_s == pytest.approx(2 * 2 * allreduce_s, rel=1e-9)
   assert p.pipe_comm_s == pytest.approx(2 * (send_s + stream_s), rel=1e-9)
   assert p.hbm_read_bytes_per_device == 2 * (201_457_664 + 2_097_152 + 131_072)
+
+
+@pytest.mark.parametrize("seq, chunk, kv_block", [(100, 100, 16), (1000, 7, 16), (1000, 64, 16),
+                                                   (10000, 10000, 128), (777, 200, 64)])
+def test_visit_sum_closed_form_equals_the_tiles(seq, chunk, kv_block):
+  setup = config.load_setup("tiny", overrides={"run.seq": str(seq)})
+  plan = planner.make_plan(setup, 4, "layerwise", chunk_tokens=chunk, chunk_rows=1,
+                           kv_block=kv_block)
+  for k in range(plan.n_chunks):
+    assert costmodel.visit_sum(plan, k) == int(costmodel.tile_visits(plan, k).sum())
