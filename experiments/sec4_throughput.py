@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from jaxpart import config, costmodel, decode_cost, load, planner
 from experiments import common, measured
 
@@ -29,6 +31,28 @@ def small_plans() -> tuple[config.Setup, dict]:
                  "layerwise": planner.make_plan(setup, 16, "layerwise"),
                  "tp4_whole_sequence": planner.make_plan(setup, 16, "baseline", tp=4, pp=4),
                  "tp8_chunks": planner.make_plan(setup, 16, "layerwise", tp=8)}
+
+
+GENERATE_RESULTS = "generate-cpu.json"   # written by scripts/generate_bench.py --json
+GENERATE_ROWS = {"baseline": "baseline TP8xPP2 (16)", "layerwise": "layer-wise (16)"}
+
+
+def measured_decode(ctx: common.Context) -> dict[str, str]:
+  """Measured decode TPOT of the small preset on this machine's simulated devices, from
+  scripts/generate_bench.py's results file when it is there (with its load note)."""
+  path = ctx.results_dir / GENERATE_RESULTS
+  if not path.exists():
+    return {}
+  data = json.loads(path.read_text())
+  out = {}
+  for key, name in GENERATE_ROWS.items():
+    row = next((r for r in data["rows"] if r["preset"] == "small" and r["placement"] == name),
+               None)
+    if row:
+      note = (row.get("load") or {}).get("note")
+      out[key] = (f"{row['tpot_s'] * 1e3:.2f} ms ({common.CPU}, small preset, 16 simulated "
+                  f"devices{'; ' + note if note else ''})")
+  return out
 
 
 def measure_small(ctx: common.Context) -> dict:
@@ -94,6 +118,7 @@ def run(ctx: common.Context) -> common.Result:
        "modelled 1/TPS ms", "modelled per-sequence latency", "modelled whole batch",
        f"{common.CPU}: small preset, median of {CPU_REPEATS}"], rows))
   decode = {k: decode_cost.predict_decode(setup, p, DECODE_NEW_TOKENS) for k, p in plans.items()}
+  measured_tpot = measured_decode(ctx)
   res.add("", f"Time per output token as inference engineers mean it (modelled decode: the "
           f"batch of {setup.run.batch} after a {setup.run.seq:,}-token prefill, "
           f"{DECODE_NEW_TOKENS} new tokens, one new position's hidden vector per step; "
@@ -105,7 +130,8 @@ def run(ctx: common.Context) -> common.Result:
        "measured decode TPOT"],
       [[k, f"{SEED_TPOT_MS[k]}", f"{preds[k].seed_time_per_token_ms:.5f}",
         f"{d.tpot_s * 1e3:.3f}", f"{d.hbm_bound_s * 1e3:.3f}", f"{d.bound_ratio:.2f}",
-        f"{d.decode_tokens_per_s:,.0f}", f"{d.microbatches} x {d.rows}", NOT_MEASURED_YET]
+        f"{d.decode_tokens_per_s:,.0f}", f"{d.microbatches} x {d.rows}",
+        measured_tpot.get(k, NOT_MEASURED_YET)]
        for k, d in decode.items()]))
   b, l = preds["baseline"], preds["layerwise"]
   gain = l.tokens_per_s / b.tokens_per_s - 1

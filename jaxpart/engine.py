@@ -94,6 +94,7 @@ def _as_bits(a):
 def _from_bits(a, dtype):
   return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
 
+
 def _read_piece(x_BxTxW, row0, tok0, rows: int, tokens: int):
   """This device's slice of one unit of a stream: `rows` rows from row0, `tokens` tokens from
   tok0. Past the end of the sequence (a ragged last chunk) it repeats the last token: those

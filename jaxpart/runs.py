@@ -104,9 +104,10 @@ def reference_forward(params, inp, cfg, dtype=None):
   """The family's single-device forward at a chosen precision: dtype None keeps the config's,
   else casts the parameters (and hidden-vector input; token ids stay ids)."""
   fam = families.of(cfg)
-  if dtype is not None:
+  if dtype is not None and fam.tokens_in:
     params = model.cast_params(params, dtype)
-    inp = inp if fam.tokens_in else inp.astype(dtype)
+  elif dtype is not None:   # dense: model.forward casts each layer to the input's dtype
+    inp = inp.astype(dtype)
   return fam.reference(params, inp, cfg)
 
 

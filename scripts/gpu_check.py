@@ -15,7 +15,12 @@ can be installed (it needs jax, flax and numpy only).
    bytes/s counting the weight shard re-read every step plus activations and the KV read;
 3. the same stage over a whole sequence at once: the engine's blocked attention with one chunk
    of the whole sequence, and the reference block with full causal attention;
-4. a 1-layer paper-width forward in bf16 against the same in float32 (short sequence).
+4. a 1-layer paper-width forward in bf16 against the same in float32 (short sequence);
+5. the whole `paper` forward (4 layers, seq 10000) on this one device through jaxpart's engine,
+   as the planner places it on one device: layer-wise token chunks sized to the L2, and
+   whole-sequence microbatches. Batch 32 of the seed's 128 to stay within the time budget (the
+   work is 4x smaller; per-token figures are unchanged). tokens/s and model FLOPs / time / the
+   measured matmul peak.
 
 Writes $OUT/gpu_check.json (OUT defaults to ./out) after every section, and prints the tables
 last. Exit status 1 if a section failed (the others still run and are written).
@@ -40,15 +45,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import attention, config, measure, model, planner
+from jaxpart import attention, config, engine, measure, memory, model, planner, sharding
 from jaxpart.plan import Plan
 
 FULL = dict(preset="paper", tp=4, rows=1, prefix=4096, matmul_n=8192, copy_bytes=2 << 30,
             chunks=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], kv_blocks=["plan", 512],
-            whole_seq=8192, bf16_seq=256, budget_s=190.0, target_s=0.25)
+            whole_seq=8192, bf16_seq=256, budget_s=150.0, target_s=0.25,
+            fwd_preset="paper", fwd_hardware="h200", fwd_batch=32)
 TINY = dict(preset="tiny", tp=4, rows=1, prefix=64, matmul_n=256, copy_bytes=4 << 20,
             chunks=[16, 64], kv_blocks=["plan", 32], whole_seq=128, bf16_seq=32,
-            budget_s=120.0, target_s=0.02)
+            budget_s=120.0, target_s=0.02, fwd_preset="tiny", fwd_hardware="cpu", fwd_batch=2)
 # bf16 keeps 8 significant bits (rounding error <= 2^-9 relative). One layer rounds its
 # activations about ten times (LayerNorm outputs, Q/K/V, probabilities, attention output, the
 # two partial sums, the residuals), so the output may differ from float32 by a few 2^-8 of its
@@ -256,6 +262,42 @@ def bf16_check(sz, log) -> dict:
   return out
 
 
+# --- 5. the whole paper forward on one device ---------------------------------------------
+
+def paper_forward(sz, ceil, log) -> list[dict]:
+  """Both one-device plans of the planner, parameters and input made on the device (nothing
+  the size of the model crosses from the host), one warm call then two timed ones."""
+  base = config.load_setup(sz["fwd_preset"], hardware=sz["fwd_hardware"])
+  setup = dataclasses.replace(base, run=config.RunShape(sz["fwd_batch"], base.run.seq))
+  cfg, run = setup.model, setup.run
+  out = []
+  for strategy, kw in (("layerwise", {}), ("baseline", {"tp": 1, "pp": 1})):
+    plan = planner.make_plan(setup, 1, strategy, **kw)
+    mesh = sharding.mesh_for(plan)
+    params = jax.jit(lambda k: model.init_params(cfg, k),
+                     out_shardings=sharding.param_shardings(mesh))(jax.random.key(6))
+    x = jax.jit(lambda k: model.random_input(cfg, run.batch, run.seq, k),
+                out_shardings=sharding.stream(mesh))(jax.random.key(7))
+    fwd = engine.jit_forward(plan, cfg, mesh, differentiable=False).lower(params, x).compile()
+    jax.block_until_ready(fwd(params, x))
+    times = []
+    for _ in range(2):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fwd(params, x))
+      times.append(time.perf_counter() - t0)
+    t = min(times)
+    flops = memory.forward_flops_per_token(cfg, run.seq) * run.tokens
+    row = {"strategy": strategy, "split": plan.split, "batch": run.batch, "seq": run.seq,
+           "seconds": t, "tokens_per_s": run.tokens / t, "model_tflops": flops / t / 1e12,
+           "frac_of_matmul_peak": flops / t / 1e12 / ceil["matmul_tflops"],
+           "predicted_hbm_bytes": memory.predicted_hbm_bytes(cfg, run, plan)}
+    out.append(row)
+    log(f"  {strategy} ({plan.split}): {t:.2f} s, {row['tokens_per_s']:,.0f} tokens/s, "
+        f"{100 * row['frac_of_matmul_peak']:.0f}% of the matmul peak")
+    del params, x, fwd
+  return out
+
+
 # --- report --------------------------------------------------------------------------------
 
 def _table(rows, header):
@@ -302,6 +344,14 @@ def print_tables(report) -> None:
           f"{b['max_abs_err']:.4g} = {b['max_err_over_max_y']:.3g} of max |y| (tolerance "
           f"{b['tolerance_max_err_over_max_y']:.3g}); rms {b['rms_err_over_rms_y']:.3g}; "
           f"{'OK' if b['ok'] else 'FAILED'}")
+  fwd = report.get("paper_forward") or []
+  if fwd:
+    f0 = fwd[0]
+    print(f"whole {report['sizes']['fwd_preset']} forward on one device, batch {f0['batch']} x "
+          f"seq {f0['seq']} (model FLOPs / time / measured matmul peak):")
+    print(_table([[r["strategy"], r["split"], f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                   f"{r['model_tflops']:.3g}", f"{100 * r['frac_of_matmul_peak']:.0f}%"]
+                  for r in fwd], ["placement", "split", "s", "tokens/s", "TFLOP/s", "of peak"]))
   for name, err in (report.get("errors") or {}).items():
     print(f"section {name} FAILED: {err.splitlines()[-1]}")
   print(f"total {report['total_s']:.1f} s")
@@ -343,6 +393,7 @@ def main(argv=None) -> int:
   section("stage_steps", lambda: stage_sweep(sz, ceil, deadline, log))
   section("unchunked", lambda: unchunked(sz, ceil, log))
   section("bf16_check", lambda: bf16_check(sz, log))
+  section("paper_forward", lambda: paper_forward(sz, ceil, log))
   print_tables(report)
   print(f"wrote {path}")
   return 1 if report["errors"] or not (report.get("bf16_check") or {}).get("ok") else 0
