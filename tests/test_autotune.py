@@ -6,7 +6,7 @@ import math
 import pytest
 
 from conftest import require_devices
-from jaxpart import autotune, cli
+from jaxpart import autotune, cli, config
 
 
 def test_ranks_average_ties():
@@ -67,5 +67,36 @@ def test_plan_measure_prints_the_comparison(capsys):
 ])
 def test_plan_measure_refusals(argv, message, capsys):
   rc = cli.main(["plan", "--preset", "tiny", *argv])
+  assert rc == 2
+  assert message in capsys.readouterr().err
+
+
+# --- calibrate -------------------------------------------------------------------------------
+
+def test_calibrate_writes_a_hardware_toml_that_config_loads(tmp_path, capsys):
+  out = tmp_path / "hw.toml"
+  rc = cli.main(["calibrate", "--out", str(out), "--sizes", "16,32", "--copy-mb", "0.1",
+                 "--dtype", "float32", "--repeats", "1", "--json"])
+  assert rc == 0
+  res = json.loads(capsys.readouterr().out)
+  assert [g["n"] for g in res["gemm"]] == [16, 32]
+  best = max(g["flops_per_s"] for g in res["gemm"])
+  assert res["hardware"]["peak_flops"] == best > 0
+  assert res["copy"]["bytes_per_s"] > 0 and res["base"] == "cpu"
+  setup = config.load_setup("tiny", config_file=str(out))
+  assert setup.hardware.peak_flops == pytest.approx(best, rel=1e-6)
+  assert setup.hardware.hbm_bw == pytest.approx(res["hardware"]["hbm_bw"], rel=1e-6)
+  assert setup.hardware.l2_bytes == config.HARDWARE_PRESETS["cpu"].l2_bytes
+  assert cli.main(["predict", "--preset", "tiny", "--config", str(out), "--devices", "4",
+                   "--json"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "16,x"], "--sizes = '16,x'"),
+    (["--copy-mb", "0"], "--copy-mb = 0"),
+    (["--hardware", "tpu"], "--hardware = 'tpu'"),
+])
+def test_calibrate_refusals(tmp_path, argv, message, capsys):
+  rc = cli.main(["calibrate", "--out", str(tmp_path / "hw.toml"), "--repeats", "1", *argv])
   assert rc == 2
   assert message in capsys.readouterr().err
