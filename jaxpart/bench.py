@@ -1,19 +1,22 @@
-"""Benchmarks: the engine against the single-device reference and plain GSPMD, timed
-interleaved, with each program's compile statistics beside its time."""
+"""Benchmarks: the engine against the single-device reference, plain GSPMD and its own stage
+steps run back to back on one device, timed interleaved, with each program's compile statistics
+beside its time."""
 
 from __future__ import annotations
 
 import functools
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpart import compat, costmodel, engine, measure, memory, model, runs, sharding
+from jaxpart import compat, costmodel, engine, families, measure, memory, model, runs, sharding
 from jaxpart.plan import TENSOR_AXIS, PlanError
 
 
@@ -55,7 +58,11 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
 
 @dataclass
 class Variant:
-  """One program to time: a jitted fn, its (placed) arguments and how to read its HLO."""
+  """One program to time: a jitted fn, its (placed) arguments and how to read its HLO.
+
+  call, when set, is what is timed instead of one call of the compiled fn: it calls the
+  compiled fn (`v.stats["compiled"]`) `steps` times, and its result is not the model's output
+  (compares False)."""
 
   name: str
   devices: int
@@ -64,6 +71,9 @@ class Variant:
   cond_weight: float | Sequence[float] = 1.0
   stats: dict | None = None
   out: Any = None
+  call: Callable[[], Any] | None = None
+  steps: int = 1
+  compares: bool = True
 
 
 def model_flops(cfg, batch: int, seq: int) -> float:
@@ -73,19 +83,22 @@ def model_flops(cfg, batch: int, seq: int) -> float:
 
 
 def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" = True,
-                   gspmd: bool = True) -> list[Variant]:
-  """The engine for `plan`, the single-device reference, and plain jax.jit with GSPMD tensor
-  parallel annotations over the same devices (what a user writes without jaxpart).
+                   gspmd: bool = True, own_steps: bool = False) -> list[Variant]:
+  """The engine for `plan`, the single-device reference, plain jax.jit with GSPMD tensor
+  parallel annotations over the same devices (what a user writes without jaxpart), and with
+  own_steps the engine's stage steps back to back on one device (own_steps_variant).
 
   reference may be a Variant built earlier (a sweep compiles the reference once)."""
   cfg = setup.model
   devices = jax.devices()
   mesh = sharding.mesh_for(plan)
+  placed = sharding.place_params(params, mesh)
   out = [Variant(f"engine:{plan.strategy}", plan.devices,
                  engine.jit_forward(plan, cfg, mesh, differentiable=False),
-                 (sharding.place_params(params, mesh),
-                  jax.device_put(x_BxTxD, sharding.stream(mesh))),
+                 (placed, jax.device_put(x_BxTxD, sharding.stream(mesh))),
                  costmodel.hlo_cond_weights(plan))]
+  if own_steps:
+    out.append(own_steps_variant(cfg, plan, placed, mesh, x_BxTxD))
   fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
   if isinstance(reference, Variant):
     out.append(reference)
@@ -117,14 +130,16 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
   cfg, run = setup.model, setup.run
   for v in variants:
     if v.stats is None:
-      v.stats = measure.compile_stats(v.fn, *v.args, cond_weight=v.cond_weight)
+      with warnings.catch_warnings():   # own-steps donates its caches; lowering only warns
+        warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
+        v.stats = measure.compile_stats(v.fn, *v.args, cond_weight=v.cond_weight)
       if progress:
         progress(1)
-  fns = {v.name: (lambda v=v: v.stats["compiled"](*v.args)) for v in variants}
+  fns = {v.name: v.call or (lambda v=v: v.stats["compiled"](*v.args)) for v in variants}
   times = time_interleaved(fns, repeats, warmup, progress)
   ref_out = None
   for v in variants:
-    v.out = np.asarray(runs.fetch(fns[v.name]()), np.float32)
+    v.out = np.asarray(runs.fetch(fns[v.name]()), np.float32) if v.compares else None
     if v.name == "reference":
       ref_out = v.out
   tokens = run.batch * run.seq
@@ -132,16 +147,17 @@ def bench_variants(setup, variants: Sequence[Variant], repeats: int, warmup: int
   rows = []
   for v in variants:
     t = times[v.name]["median_s"]
-    err = None if ref_out is None else float(np.max(np.abs(v.out - ref_out)))
+    err = None if ref_out is None or v.out is None else float(np.max(np.abs(v.out - ref_out)))
     rows.append({
         "name": v.name, "devices": v.devices, "median_s": t, "runs_s": times[v.name]["runs"],
         "cpu_median_s": times[v.name]["cpu_median_s"], "cpu_runs_s": times[v.name]["cpu_runs"],
         "tokens_per_s": tokens / t, "time_per_token_s": t / tokens, "latency_s": t,
         "argument_bytes": v.stats["argument_bytes"], "output_bytes": v.stats["output_bytes"],
-        "temp_bytes": v.stats["temp_bytes"], "compiled_flops_per_device": v.stats["flops"],
-        "xla_cost_flops": v.stats["xla_cost_flops"], "model_flops": useful,
+        "temp_bytes": v.stats["temp_bytes"],
+        "compiled_flops_per_device": v.stats["flops"] * v.steps,
+        "xla_cost_flops": v.stats["xla_cost_flops"] * v.steps, "model_flops": useful,
         "achieved_flops_per_s": useful / t,
-        "compiled_flops_per_s": v.stats["flops"] * v.devices / t,
+        "compiled_flops_per_s": v.stats["flops"] * v.steps * v.devices / t, "steps": v.steps,
         "collective_bytes": v.stats["collective_bytes"], "compile_s": v.stats["compile_s"],
         "max_abs_err_vs_reference": err,
     })
@@ -152,8 +168,9 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   """Ratios of the engine's median time to the others' (below 1: the engine is faster): wall
   time, and process CPU time (all threads) as "(cpu)"."""
   eng = next((r["name"] for r in rows if r["name"].startswith("engine:")), None)
-  pairs = [("engine/reference", eng, "reference"), ("engine/gspmd", eng, "gspmd-tp"),
-           ("gspmd/reference", "gspmd-tp", "reference")]
+  pairs = [("engine/reference", eng, "reference"), ("engine/own-steps", eng, OWN_STEPS),
+           ("engine/gspmd", eng, "gspmd-tp"), ("gspmd/reference", "gspmd-tp", "reference"),
+           ("own-steps/reference", OWN_STEPS, "reference")]
   out = {}
   for key in ("median_s", "cpu_median_s"):
     by = {r["name"]: r[key] for r in rows}
@@ -161,3 +178,68 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
       if a in by and b in by and by[b] > 0:
         out[label + (" (cpu)" if key == "cpu_median_s" else "")] = by[a] / by[b]
   return out
+
+
+# --- the engine's own stage steps, without the pipeline -------------------------------------
+
+OWN_STEPS = "own-steps"
+
+
+def _shards_on_one_device(tree, mesh) -> dict[tuple[int, int], Any]:
+  """Each (stage, tensor) device's shard of every leaf, copied to the first local device."""
+  coords = {d: idx for idx, d in np.ndenumerate(mesh.devices)}
+  dev0 = jax.local_devices()[0]
+  leaves, treedef = jax.tree.flatten(tree)
+  per = {c: [None] * len(leaves) for c in coords.values()}
+  for i, leaf in enumerate(leaves):
+    for sh in leaf.addressable_shards:
+      per[coords[sh.device]][i] = jax.device_put(sh.data, dev0)
+  return {c: jax.tree.unflatten(treedef, ls) for c, ls in per.items()}
+
+
+def own_steps_variant(cfg, plan, placed_params, mesh, x_BxTxD) -> Variant:
+  """The engine's own work without the pipeline: engine.stage_step, jitted on one device at the
+  engine's local shapes (rows x chunk tokens, the stage's layers, a 1/tp weight shard, the
+  shard's K/V cache), called for every unit of every stage and every tensor shard in the
+  order the engine runs them (units x stages x tp steps: every device's steps, so the same
+  total work as the engine's busy ticks), back to back. Absent: the tensor-parallel psums, the
+  pipeline's sends, the input gather and output scatter, the scan over ticks and its bubbles.
+
+  So engine / own-steps is what the pipeline itself costs, and own-steps / reference what
+  cutting the matmuls into small chunks and 1/tp shards costs. On the CPU simulation compare
+  their CPU times ("(cpu)" ratios): the engine's devices are threads sharing the cores."""
+  p_stage, _ = families.of(cfg).split(placed_params)
+  shards = _shards_on_one_device(p_stage, mesh)
+  dev0 = jax.local_devices()[0]
+  dt = jax.tree.leaves(p_stage)[0].dtype
+  x = np.asarray(x_BxTxD)
+  x = np.pad(x, ((0, 0), (0, plan.padded_seq - plan.seq), (0, 0)), mode="edge")
+  origins = [((u // plan.n_chunks) * plan.rows, (u % plan.n_chunks) * plan.chunk_tokens)
+             for u in range(plan.units)]
+  units = [jax.device_put(x[r:r + plan.rows, t:t + plan.chunk_tokens].astype(dt), dev0)
+           for r, t in origins]
+  q_starts = [jax.device_put(np.int32(t), dev0) for _, t in origins]
+  cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len,
+                 families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
+
+  def zeros():
+    return jnp.zeros(cache_shape, dt, device=dev0)
+
+  variant = Variant(OWN_STEPS, 1, measure.jit_stage_step(cfg, plan),
+                    (shards[0, 0], units[0], zeros(), zeros(), q_starts[0]),
+                    steps=plan.units * plan.stages * plan.tp, compares=False)
+
+  def run():
+    step = variant.stats["compiled"]
+    caches = {c: [zeros(), zeros()] for c in shards}   # donated: two buffers each
+    ys = []
+    for u in range(plan.units):
+      for t in range(plan.tp):
+        y = units[u]
+        for s in range(plan.stages):
+          y, *caches[s, t] = step(shards[s, t], y, *caches[s, t], q_starts[u])
+        ys.append(y)
+    return ys
+
+  variant.call = run
+  return variant

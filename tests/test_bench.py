@@ -22,7 +22,7 @@ def test_bench_layerwise_figures(tmp_path, capsys):
                    "--memory-seqs", "100")
   assert rc == 0
   names = [v["name"] for v in res["variants"]]
-  assert names == ["engine:layerwise", "reference", "gspmd-tp"]
+  assert names == ["engine:layerwise", "own-steps", "reference", "gspmd-tp"]
   tokens = res["run"]["batch"] * res["run"]["seq"]
   for v in res["variants"]:
     assert len(v["runs_s"]) == 2
@@ -31,9 +31,11 @@ def test_bench_layerwise_figures(tmp_path, capsys):
     assert v["time_per_token_s"] == pytest.approx(1 / v["tokens_per_s"])
     assert v["achieved_flops_per_s"] == pytest.approx(v["model_flops"] / v["median_s"])
     assert v["temp_bytes"] > 0 and v["argument_bytes"] > 0
-    # the benchmarked programs compute the model: bf16 rounding only
-    assert v["max_abs_err_vs_reference"] < 0.25
-  eng, ref, gspmd = res["variants"]
+    # the benchmarked programs compute the model: bf16 rounding only (own-steps does not: its
+    # tensor shards are never summed)
+    if v["name"] != "own-steps":
+      assert v["max_abs_err_vs_reference"] < 0.25
+  eng, own, ref, gspmd = res["variants"]
   assert eng["devices"] == 4 and ref["devices"] == 1 and gspmd["devices"] == 4
   assert sum(ref["collective_bytes"].values()) == 0
   assert gspmd["collective_bytes"]["all-reduce"] > 0
@@ -46,17 +48,40 @@ def test_bench_layerwise_figures(tmp_path, capsys):
   assert eng["compiled_flops_per_device"] * 4 >= 0.99 * eng["model_flops"]
   assert res["ratios"]["engine/reference"] == pytest.approx(eng["median_s"] / ref["median_s"])
   assert res["ratios"]["engine/gspmd"] == pytest.approx(eng["median_s"] / gspmd["median_s"])
+  assert res["ratios"]["engine/own-steps"] == pytest.approx(eng["median_s"] / own["median_s"])
   (mem,) = res["memory_by_seq"]
   assert mem["seq"] == 100 and mem["step_temp_bytes"] > 0 and mem["forward_temp_bytes"] > 0
   printed = capsys.readouterr().out
   assert "engine/reference" in printed and "predicted WS" in printed
 
 
-def test_bench_baseline_and_stdout_json(capsys):
+def test_bench_own_steps_does_the_engines_local_work(capsys):
+  """own-steps: every (stage, tensor shard) step of every unit on one device, no collectives;
+  with tp 2 its matmul FLOPs are the reference's (the same total work, nothing summed)."""
   require_devices(4)
   rc = cli.main(["bench", "--preset", "tiny", "--devices", "4", "--strategy", "baseline",
                  "--tp", "2", "--pp", "2", "--repeats", "1", "--warmup", "0", "--no-gspmd",
                  "--json"])
+  assert rc == 0
+  res = json.loads(capsys.readouterr().out)
+  eng, own, ref = res["variants"]
+  assert own["name"] == "own-steps" and own["devices"] == 1
+  plan = res["plan"]
+  assert own["steps"] == plan["derived"]["units"] * plan["stages"] * plan["tp"]
+  assert sum(own["collective_bytes"].values()) == 0
+  assert own["compiled_flops_per_device"] == pytest.approx(ref["compiled_flops_per_device"])
+  assert own["max_abs_err_vs_reference"] is None
+  for key in ("engine/own-steps", "engine/own-steps (cpu)", "own-steps/reference"):
+    assert res["ratios"][key] > 0
+  assert res["ratios"]["engine/own-steps (cpu)"] == pytest.approx(
+      eng["cpu_median_s"] / own["cpu_median_s"])
+
+
+def test_bench_baseline_and_stdout_json(capsys):
+  require_devices(4)
+  rc = cli.main(["bench", "--preset", "tiny", "--devices", "4", "--strategy", "baseline",
+                 "--tp", "2", "--pp", "2", "--repeats", "1", "--warmup", "0", "--no-gspmd",
+                 "--no-own-steps", "--json"])
   assert rc == 0
   res = json.loads(capsys.readouterr().out)
   assert [v["name"] for v in res["variants"]] == ["engine:baseline", "reference"]

@@ -54,6 +54,9 @@ def add_arguments(p):
   g.add_argument("--seed", type=int, default=0, help="parameter and input key")
   g.add_argument("--no-reference", action="store_true", help="skip the 1-device reference")
   g.add_argument("--no-gspmd", action="store_true", help="skip the plain-GSPMD comparison")
+  g.add_argument("--no-own-steps", action="store_true",
+                 help="skip own-steps: the engine's stage steps back to back on one device, "
+                      "without collectives or the scan (engine/own-steps is the pipeline's cost)")
   g.add_argument("--memory-seqs", default=None, metavar="S1,S2,...",
                  help="also compile (not run) the forward and one chunk step at these seq "
                       "lengths and print per-device temp bytes beside the predicted working set")
@@ -123,7 +126,8 @@ def bench_point(setup, plan, args, params_x=None, reference=None) -> dict:
   params, x = params_x or _inputs(setup, args.seed)
   variants = bench.build_variants(
       setup, plan, params, x, reference=reference or not args.no_reference,
-      gspmd=not args.no_gspmd and plan.devices > 1)
+      gspmd=not args.no_gspmd and plan.devices > 1,
+      own_steps=not getattr(args, "no_own_steps", False) and jax.process_count() == 1)
   total = (sum(v.stats is None for v in variants)
            + len(variants) * (args.warmup + args.repeats))
   before = load.start(f"bench {plan.strategy} on {plan.devices} devices:")

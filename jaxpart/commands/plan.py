@@ -1,8 +1,16 @@
-"""`jaxpart plan`: the Plan for a model on N devices, and the working set it predicts."""
+"""`jaxpart plan`: the Plan for a model on N devices, and the working set it predicts.
+
+With `--strategy auto --measure`, the cost model's top candidates are also compiled and timed
+here (jaxpart.autotune), and the measured best is the plan shown.
+"""
 
 from __future__ import annotations
 
-from jaxpart import memory, planner
+import sys
+
+from tqdm import tqdm
+
+from jaxpart import autotune, memory, planner
 from jaxpart.commands import _common
 from jaxpart.plan import PlanError
 
@@ -14,25 +22,64 @@ def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
   _common.add_plan_args(p)
   p.add_argument("--top", type=int, default=None,
-                 help="auto: how many ranked candidates to show (default 5)")
+                 help=f"auto: how many ranked candidates to show (default 5), or with --measure "
+                      f"to time (default {MEASURE_TOP})")
+  g = p.add_argument_group("measured autotuning (auto only)")
+  g.add_argument("--measure", action="store_true",
+                 help="compile and time the top candidates on the devices present, interleaved "
+                      "with the single-device reference; pick the measured best")
+  g.add_argument("--repeats", type=int, default=None, help="--measure: timed runs (default 5)")
+  g.add_argument("--warmup", type=int, default=None,
+                 help="--measure: untimed runs first (default 1)")
+  g.add_argument("--seed", type=int, default=None,
+                 help="--measure: parameter and input key (default 0)")
   add_new_tokens_arg(p)
   _common.add_json_arg(p)
 
 
+MEASURE_TOP = 8
+MEASURE_ONLY = ("repeats", "warmup", "seed")
+
+
+def _check_measure_flags(args) -> None:
+  if args.measure and args.strategy != "auto":
+    raise PlanError(f"--measure applies to --strategy auto only (got --strategy "
+                    f"{args.strategy}); time one placement with jaxpart bench")
+  given = [f"--{n}" for n in MEASURE_ONLY if getattr(args, n) is not None]
+  if given and not args.measure:
+    raise PlanError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                    f"without --measure")
+
+
 def _plan(args, setup):
   """The Plan, and for auto the ranked candidates and how they were ranked."""
+  _check_measure_flags(args)
   if args.strategy != "auto":
     if args.top is not None:
       raise PlanError(f"--top applies to --strategy auto only (got --strategy {args.strategy})")
     return _common.plan_from(args, setup), [], ""
   planner.check_options("auto", microbatches=args.microbatches, chunk_tokens=args.chunk_tokens,
                         chunk_rows=args.chunk_rows, kv_block=args.kv_block)
-  top = 5 if args.top is None else args.top
+  top = (MEASURE_TOP if args.measure else 5) if args.top is None else args.top
   if top < 1:
     raise PlanError(f"--top = {top}: must be at least 1")
   cache = None if args.cache_mb is None else args.cache_mb * 1e6
+  if args.measure:
+    ranked, how = autotune.top_candidates(setup, args.devices, top, cache, tp=args.tp,
+                                          pp=args.pp)
+    return ranked[0][1], ranked, how
   best, ranked, how = planner.plan_auto(setup, args.devices, cache, top, tp=args.tp, pp=args.pp)
   return best, ranked, how
+
+
+def _measure(args, setup, ranked) -> dict:
+  repeats = 5 if args.repeats is None else args.repeats
+  warmup = 1 if args.warmup is None else args.warmup
+  total = len(ranked) + 1 + (len(ranked) + 1) * (repeats + warmup)
+  with tqdm(total=total, desc=f"plan --measure {len(ranked)} candidates", unit="step",
+            file=sys.stderr, leave=False) as bar:
+    return autotune.measure(setup, ranked, repeats=repeats, warmup=warmup,
+                            seed=0 if args.seed is None else args.seed, progress=bar.update)
 
 
 def add_new_tokens_arg(p) -> None:
@@ -67,17 +114,26 @@ def breakdown(setup, plan, new_tokens: int = memory.DECODE_NEW_TOKENS) -> dict:
 def run(args) -> int:
   setup = _common.setup_from(args)
   plan, ranked, how = _plan(args, setup)
-  info = breakdown(setup, plan, new_tokens_from(args))
+  new_tokens = new_tokens_from(args)
+  measured = _measure(args, setup, ranked) if args.measure else None
+  if measured:
+    plan = ranked[measured["best"]][1]
+  info = breakdown(setup, plan, new_tokens)
   if args.json:
     out = {"preset": setup.preset, "hardware": setup.hardware.name, "plan": plan.to_dict(),
            **info}
-    if ranked:
+    if measured:
+      out.update(ranking=how, **measured)
+    elif ranked:
       out["ranking"] = how
       out["candidates"] = [{"score": s, "plan": p.to_dict()} for s, p in ranked]
     _common.emit_json(out)
     return 0
   print(render(setup, plan, info))
-  if ranked:
+  if measured:
+    print()
+    print(render_measured(measured, how))
+  elif ranked:
     print(f"\nauto: top {len(ranked)} candidates, ranked by {how}")
     rows = [[i + 1, f"{s:.6g}", p.strategy, f"{p.stages}x{p.tp}", f"{p.rows}x{p.chunk_tokens}",
              p.units, f"{p.bubble_fraction:.2%}", fmt(p.predicted_working_set_bytes),
@@ -151,4 +207,36 @@ def render(setup, plan, info) -> str:
       f"{'fits' if pd['generation_hbm_bytes'] <= hbm else 'DOES NOT FIT'}",
       "(1 MB = 10^6 bytes throughout)",
   ]
+  return "\n".join(lines)
+
+
+def render_measured(m: dict, how: str) -> str:
+  """Predicted and measured time side by side, the rank correlation, and the verdict."""
+  ms = lambda s: "-" if s is None else f"{s * 1e3:,.2f}"  # noqa: E731
+  rows = [[c["rank_predicted"], c["plan"].strategy, f"{c['plan'].stages}x{c['plan'].tp}",
+           f"{c['plan'].rows}x{c['plan'].chunk_tokens}", ms(c["predicted_s"]),
+           ms(c["measured_s"]), ms(c["measured_cpu_s"]), f"{c['rank_measured']:g}",
+           f"{c['measured_over_reference']:.3f}", f"{c['measured_cpu_over_reference']:.3f}"]
+          for c in m["candidates"]]
+  rho = lambda r: "undefined (all ties)" if r is None else f"{r:+.3f}"  # noqa: E731
+  best = m["candidates"][m["best"]]
+  lines = [f"auto --measure: the top {len(rows)} candidates by {how}, timed interleaved with the "
+           f"single-device reference (median of {m['repeats']} runs after {m['warmup']} warm-up)"]
+  if m["load"]["under_load"]:
+    lines.append(f"every time below was {m['load']['note']}")
+  lines += [
+      _common.table(rows, ["#", "strategy", "stages x tp", "chunk", "predicted ms",
+                           "measured ms", "cpu ms", "measured rank", "/ reference",
+                           "/ reference (cpu)"]),
+      f"reference (1 device): {ms(m['reference_s'])} ms, cpu {ms(m['reference_cpu_s'])} ms",
+      f"Spearman rank correlation, predicted vs measured: {rho(m['spearman'])} (wall), "
+      f"{rho(m['spearman_cpu'])} (cpu)",
+      f"measured best: #{best['rank_predicted']} {best['plan'].strategy} "
+      f"{best['plan'].stages}x{best['plan'].tp} {best['plan'].split}, "
+      f"{best['measured_over_reference']:.3f}x the reference"]
+  if m["model_agreed"]:
+    lines.append("the cost model agreed: its pick (#1) measured fastest")
+  else:
+    lines.append(f"the cost model disagreed: its pick (#1) measured "
+                 f"{m['model_pick_over_best']:.3f}x the measured best")
   return "\n".join(lines)
