@@ -289,6 +289,9 @@ def test_bad_sources_are_refused_and_change_nothing(base, tmp_path):
   import shutil  # noqa: PLC0415
   shutil.rmtree(swapped / ck.ORBAX_DIR)
   shutil.copytree(tmp_path / "other" / ck.ORBAX_DIR, swapped / ck.ORBAX_DIR)
+  doc = json.loads((swapped / ck.MANIFEST).read_text())   # the file list passes: only the
+  doc["files"] = other.files                                # checksums can tell
+  (swapped / ck.MANIFEST).write_text(json.dumps(doc))
   _refused(tmp_path, lambda: ck.convert(swapped, tmp_path / "out", lw),
            r"checksum mismatch.*attn/wq \(manifest")
 
@@ -372,7 +375,8 @@ def test_failure_before_commit_leaves_no_destination(base, tmp_path, monkeypatch
     raise OSError("disk full (injected)")
 
   monkeypatch.setattr(orbax_io, "_write_manifest", crash)
-  with pytest.raises(OSError, match="injected"):
+  with pytest.raises(CheckpointError, match=r"dst: writing failed: disk full \(injected\): "
+                     r".*\.dst\.partial was removed and nothing was written there"):
     ck.convert(base["path"], tmp_path / "dst", base["plans"]["lw16"])
   assert not (tmp_path / "dst").exists() and not list(tmp_path.iterdir())
   assert _snapshot(base["path"]) == src_before
