@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -429,6 +430,7 @@ def test_save_init_and_verify_commands(tmp_path, capsys):
   assert _cli("verify", dst) == 0
   out = capsys.readouterr().out
   assert "every checksum matches" in out and "P('stage', None, 'tensor')" in out
+  assert re.search(r"all \d+ files under orbax/ as recorded at save", out), out
   # save-init's values are Flax's initialiser's for seed 3, whatever the placement
   init = jax.jit(model.init_params, static_argnums=0)(_setup().model, jax.random.key(3))
   assert ck.checksums(ck.flatten(init)) == {p: e["checksum"]

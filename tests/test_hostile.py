@@ -672,6 +672,9 @@ FAULTS = [
     ("orbax manifest", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
     ("orbax data", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
     ("npz leaf", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
+    ("orbax data", ValueError("DATA_LOSS: Error writing local file \"/x/d/1\": [OS error 28: No "
+                              "space left on device]"), 2,
+     "writing failed: ValueError: DATA_LOSS: Error writing local file"),
     ("orbax manifest", OSError(errno.EACCES, "Permission denied"), 2,
      "writing failed: Permission denied (EACCES)"),
     ("orbax manifest", KeyboardInterrupt(), 130, "interrupted (Ctrl-C) before the write finished"),

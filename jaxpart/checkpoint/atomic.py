@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxpart.checkpoint.manifest import MANIFEST, SENTINEL, CheckpointError
+from jaxpart.errors import first_line
 
 def primary() -> bool:
   return jax.process_index() == 0
@@ -94,10 +95,14 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
   sync("jaxpart-checkpoint-committed")
 
 
-def write_failed(dst: Path, e: OSError) -> CheckpointError:
-  """One line for an OS error while writing dst, after the partial write was removed."""
-  code = errno.errorcode.get(e.errno, "") if e.errno else ""
-  cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
+def write_failed(dst: Path, e: Exception) -> CheckpointError:
+  """One line for an OS error (or orbax's report of one) while writing dst; the caller removes
+  the partial write."""
+  if isinstance(e, OSError):
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
+  else:
+    cause = first_line(e)
   kept = "it is as it was" if dst.exists() else "nothing was written there"
   return CheckpointError(f"{dst}: writing failed: {cause}: expected a writable destination "
                          f"with room for the checkpoint; {_partial_path(dst).name} was removed "

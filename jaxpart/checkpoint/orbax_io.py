@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpart.checkpoint.atomic import atomic_dir, check_destination, primary
+from jaxpart.checkpoint.atomic import atomic_dir, check_destination, primary, write_failed
 from jaxpart.checkpoint.bars import array_bytes, phase
 from jaxpart.checkpoint import inventory
 from jaxpart.checkpoint.digest import check_finite, checksums, verify
@@ -90,9 +90,7 @@ def save(path, params, cfg: ModelConfig, plan: Plan | None = None, *, opt_state=
       except OSError:
         raise                       # atomic_dir names the destination and the cause
       except Exception as e:  # tensorstore/orbax raise many types; all mean the write failed
-        raise CheckpointError(f"{path}: writing the orbax data failed ({first_line(e)}): "
-                              f"expected a writable destination with room for "
-                              f"{nbytes:,} bytes; nothing was written") from e
+        raise write_failed(path, e) from e   # atomic_dir removes the partial write
     files = inventory.record(tmp, ORBAX_DIR) if primary() else None
     manifest = Manifest(model=cfg, plan=plan, params=leaf_entries(flat, sums),
                         opt_state=opt_entries, run=run, hardware=hardware, created=now(),
