@@ -1,8 +1,10 @@
 """Non-finite numbers found where a result or a weight should be: said in one line naming which
 array, instead of a NaN that exits 0 or a checkpoint that verifies as fine.
 
-check_finite guards command outputs (run, compare, bench); check_finite_tree is for weights on
-import and in verify (checkpoint code calls it, with --allow-nonfinite to let them through).
+check_finite guards command outputs (run, compare, bench); check_finite_tree and
+check_finite_counts are for weights read from outside: every checkpoint, .npz and Hugging Face
+read (checkpoint/digest.py counts on the devices, then calls check_finite_counts), which
+--allow-nonfinite lets through.
 """
 
 from __future__ import annotations
@@ -54,7 +56,19 @@ def nonfinite_leaves(tree: Any) -> dict[str, str]:
 
 def check_finite_tree(what: str, tree: Any, allow_nonfinite: bool = False) -> dict[str, str]:
   """The non-finite leaves; NonFiniteError naming the first (and how many) unless allowed."""
-  bad = nonfinite_leaves(tree)
+  return _refuse_unless_allowed(what, nonfinite_leaves(tree), allow_nonfinite)
+
+
+def check_finite_counts(what: str, counts: dict[str, tuple[int, int, int]],
+                        allow_nonfinite: bool = False) -> dict[str, str]:
+  """As check_finite_tree, from {leaf name: (NaN, Inf, size)} counted elsewhere (on the devices
+  that hold a checkpoint's shards, so no leaf is gathered to check it)."""
+  bad = {name: _describe(*c) for name, c in counts.items() if c[0] or c[1]}
+  return _refuse_unless_allowed(what, bad, allow_nonfinite)
+
+
+def _refuse_unless_allowed(what: str, bad: dict[str, str],
+                           allow_nonfinite: bool) -> dict[str, str]:
   if bad and not allow_nonfinite:
     first, why = next(iter(bad.items()))
     more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""

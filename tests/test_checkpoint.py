@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,6 +290,9 @@ def test_bad_sources_are_refused_and_change_nothing(base, tmp_path):
   import shutil  # noqa: PLC0415
   shutil.rmtree(swapped / ck.ORBAX_DIR)
   shutil.copytree(tmp_path / "other" / ck.ORBAX_DIR, swapped / ck.ORBAX_DIR)
+  doc = json.loads((swapped / ck.MANIFEST).read_text())   # the file list passes: only the
+  doc["files"] = other.files                                # checksums can tell
+  (swapped / ck.MANIFEST).write_text(json.dumps(doc))
   _refused(tmp_path, lambda: ck.convert(swapped, tmp_path / "out", lw),
            r"checksum mismatch.*attn/wq \(manifest")
 
@@ -372,7 +376,8 @@ def test_failure_before_commit_leaves_no_destination(base, tmp_path, monkeypatch
     raise OSError("disk full (injected)")
 
   monkeypatch.setattr(orbax_io, "_write_manifest", crash)
-  with pytest.raises(OSError, match="injected"):
+  with pytest.raises(CheckpointError, match=r"dst: writing failed: disk full \(injected\): "
+                     r".*\.dst\.partial was removed and nothing was written there"):
     ck.convert(base["path"], tmp_path / "dst", base["plans"]["lw16"])
   assert not (tmp_path / "dst").exists() and not list(tmp_path.iterdir())
   assert _snapshot(base["path"]) == src_before
@@ -425,6 +430,7 @@ def test_save_init_and_verify_commands(tmp_path, capsys):
   assert _cli("verify", dst) == 0
   out = capsys.readouterr().out
   assert "every checksum matches" in out and "P('stage', None, 'tensor')" in out
+  assert re.search(r"all \d+ files under orbax/ as recorded at save", out), out
   # save-init's values are Flax's initialiser's for seed 3, whatever the placement
   init = jax.jit(model.init_params, static_argnums=0)(_setup().model, jax.random.key(3))
   assert ck.checksums(ck.flatten(init)) == {p: e["checksum"]

@@ -4,18 +4,26 @@ path, exit status 2, no traceback, nothing written; and sizes that used to hang 
 Called in-process through cli.main, as users call the CLI; nothing here compiles a model.
 """
 
+import dataclasses
+import errno
+import hashlib
 import io
+import json
 import os
+import shutil
 import signal
 import sys
 import time
 import types
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from jaxpart import cli, config, distributed, paths, runs, validate
+from jaxpart import checkpoint as ck
+from jaxpart import cli, config, distributed, hf, llama, model, paths, runs, validate
+from jaxpart.checkpoint.manifest import np_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -36,6 +44,18 @@ def _one_error(capsys, argv, needle, code=2):
   assert needle in lines[0], lines[0]
   assert "Traceback" not in err
   return lines[0]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+  """Every file (hidden ones too) under root with its content hash: 'changes nothing' = equal."""
+  out = {}
+  for dirpath, dirnames, files in os.walk(root):
+    for d in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+    for f in files:
+      full = os.path.join(dirpath, f)
+      out[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
+  return out
 
 
 def _toml(tmp_path, text, name="c.toml"):
@@ -295,8 +315,7 @@ def test_bench_fails_when_a_program_is_not_finite(capsys, monkeypatch):
 
 
 def test_nonfinite_weights_named_for_the_checkpoint_code():
-  """validate.check_finite_tree: for npz import and verify once checkpoint.py is split (to be
-  wired in with --allow-nonfinite)."""
+  """validate.check_finite_tree, the message the checkpoint reads below refuse with."""
   tree = {"attn": {"wq": np.ones((2, 2)), "wk": np.array([[np.nan, 1.0]])},
           "mlp": {"w_in": np.array([np.inf])}}
   with pytest.raises(validate.NonFiniteError) as e:
@@ -395,3 +414,327 @@ def test_launcher_says_which_process_exited_how(tmp_path):
   assert "launch_local: p0 killed by SIGABRT: JAX reports process 1 stopped sending " \
          "heartbeats" in text, text
   assert "launch_local: p1 exited with status 3" in text, text
+
+
+# --- checkpoints: non-finite weights, damage that reads back, manifest structure, write faults
+
+CKPT_TINY = ["--preset", "tiny"]
+
+
+def _tiny_params(nonfinite: bool = False) -> dict:
+  """Random tiny weights on the host (no compile); optionally 3 NaN in attn/wq, 2 Inf in
+  mlp/w_in."""
+  cfg = config.MODEL_PRESETS["tiny"]
+  rng = np.random.default_rng(0)
+  flat = {p: rng.standard_normal(s.shape, np.float32).astype(np_dtype(s.dtype))
+          for p, s in ck.flatten(model.param_shapes(cfg)).items()}
+  if nonfinite:
+    flat["attn/wq"].reshape(-1)[:3] = np.nan
+    flat["mlp/w_in"].reshape(-1)[5:7] = np.inf
+  return ck.unflatten(model.param_shapes(cfg), flat)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  """Unsharded tiny checkpoints and .npz files, finite and not; shared read-only."""
+  root = tmp_path_factory.mktemp("hostile_ckpt")
+  cfg = config.MODEL_PRESETS["tiny"]
+  run = config.to_dict(config.RUN_PRESETS["tiny"])
+  good, bad = _tiny_params(), _tiny_params(nonfinite=True)
+  ck.save(root / "good", good, cfg, run=run, hardware="h100")
+  ck.save(root / "nan", bad, cfg, run=run, hardware="h100")
+  ck.export_npz(root / "nan.npz", bad, cfg, run=run)
+  np.savez(root / "foreign_nan.npz", **{p: np.asarray(x).view(np.uint16)
+                                        for p, x in ck.flatten(bad).items()})
+  return root
+
+
+def _place(ckpts, tmp_path, name):
+  dst = tmp_path / name
+  (shutil.copytree if (ckpts / name).is_dir() else shutil.copy)(ckpts / name, dst)
+  return dst
+
+
+NONFINITE_WEIGHTS = [
+    (["verify", "{nan}"], "nan: weight attn/wq: 3 of 16,384 values are not finite (NaN 3, Inf 0) "
+     "(and 1 more leaves); pass --allow-nonfinite"),
+    (["verify", "{nan.npz}"], "nan.npz: weight attn/wq: 3 of 16,384"),
+    (["convert", "{nan}", "{out}", "--to-strategy", "unsharded"], "weight attn/wq"),
+    (["convert", "{nan}", "{out}.npz"], "weight attn/wq"),
+    (["convert", "{nan.npz}", "{out}", "--to-strategy", "unsharded"], "weight attn/wq"),
+    (["convert", "{foreign_nan.npz}", "{out}", "--to-strategy", "unsharded", *CKPT_TINY],
+     "foreign_nan.npz: weight attn/wq: 3 of 16,384"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", NONFINITE_WEIGHTS,
+                         ids=[" ".join(a[:2]) for a, _ in NONFINITE_WEIGHTS])
+def test_nonfinite_weights_refused(capsys, ckpts, tmp_path, argv, needle):
+  argv = [a.replace("{out}", str(tmp_path / "out")).replace("{", str(ckpts) + "/").replace(
+      "}", "") for a in argv]
+  before = _snapshot(tmp_path), _snapshot(ckpts)
+  _one_error(capsys, argv, needle)
+  assert (_snapshot(tmp_path), _snapshot(ckpts)) == before
+
+
+@pytest.mark.parametrize("src, dst", [("nan", "out"), ("nan.npz", "out.npz")])
+def test_nonfinite_weights_allowed(capsys, ckpts, tmp_path, src, dst):
+  argv = ["convert", str(ckpts / src), str(tmp_path / dst), "--allow-nonfinite"]
+  assert cli.main(argv + ([] if dst.endswith(".npz") else ["--to-strategy", "unsharded"])) == 0
+  out = capsys.readouterr().out
+  assert "note: 2 leaves hold NaN or Inf (allowed by --allow-nonfinite): attn/wq: 3 of" in out
+  _one_error(capsys, ["verify", str(tmp_path / dst)], "weight attn/wq")
+  assert cli.main(["verify", str(tmp_path / dst), "--allow-nonfinite"]) == 0
+  assert "mlp/w_in: 2 of 65,536 values are not finite (NaN 0, Inf 2)" in capsys.readouterr().out
+
+
+def test_nonfinite_hugging_face_import(capsys, tmp_path):
+  cfg = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], layers=1, dtype="float32")
+  tree = jax.tree.map(np.array, llama.init_params(cfg, jax.random.key(0)))   # writable copies
+  ck.flatten(tree)["mlp/w_down"].reshape(-1)[:4] = np.nan
+  hf.write_hf(tree, cfg, str(tmp_path / "hf"))
+  argv = ["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to-strategy", "unsharded"]
+  before = _snapshot(tmp_path)
+  _one_error(capsys, argv, "hf: weight mlp/w_down: 4 of")
+  assert _snapshot(tmp_path) == before
+  assert cli.main(argv + ["--allow-nonfinite"]) == 0
+  capsys.readouterr()
+
+
+def _orbax_files(path: Path) -> list[str]:
+  return sorted(p.relative_to(path).as_posix() for p in (path / "orbax").rglob("*")
+                if p.is_file())
+
+
+def _biggest_data_file(path: Path) -> str:
+  return max((f for f in _orbax_files(path) if "/d/" in f),
+             key=lambda f: (path / f).stat().st_size)
+
+
+# Each of these restores bit-exact with orbax 0.12 (found by trying every file): only the
+# manifest's list of files can tell.
+DAMAGE = [
+    ("delete", "orbax/0/_CHECKPOINT_METADATA", "orbax/0/_CHECKPOINT_METADATA is missing"),
+    ("delete", "orbax/0/commit_success.txt", "orbax/0/commit_success.txt is missing"),
+    ("delete", "orbax/0/params/commit_success.txt", "params/commit_success.txt is missing"),
+    ("delete", "orbax/0/params/_METADATA", "orbax/0/params/_METADATA is missing"),
+    ("delete", "orbax/0/params/_sharding", "orbax/0/params/_sharding is missing"),
+    ("delete", "orbax/0/params/array_metadatas/process_0", "process_0 is missing"),
+    ("delete", "orbax/0/params/ocdbt.process_0/manifest.ocdbt", "manifest.ocdbt is missing"),
+    ("short", "orbax/0/_CHECKPOINT_METADATA", "bytes, 274 were written (truncated)"),
+    ("short", "orbax/0/params/_sharding", "were written (truncated)"),
+    ("short", "orbax/0/params/ocdbt.process_0/manifest.ocdbt", "were written (truncated)"),
+    ("short", "{data}", "were written (truncated)"),
+    ("grow", "{data}", "were written (grown)"),
+    ("edit", "orbax/0/_CHECKPOINT_METADATA", "changed (sha256 differs from the one recorded"),
+    ("add", "orbax/0/params/d/stray", "orbax/0/params/d/stray is not one of the files written"),
+]
+
+
+@pytest.mark.parametrize("how, rel, needle", DAMAGE, ids=[f"{h} {r.split('/')[-1]}"
+                                                          for h, r, _ in DAMAGE])
+def test_damage_that_reads_back_is_reported(capsys, ckpts, tmp_path, how, rel, needle):
+  path = _place(ckpts, tmp_path, "good")
+  rel = rel.replace("{data}", _biggest_data_file(path))
+  f = path / rel
+  if how == "delete":
+    f.unlink()
+  elif how == "short":
+    f.write_bytes(f.read_bytes()[:-1])
+  elif how == "grow":
+    f.write_bytes(f.read_bytes() + b"\0")
+  elif how == "edit":
+    f.write_bytes(f.read_bytes().replace(b"metrics", b"METRICS"))
+  else:
+    f.write_bytes(b"x")
+  before = _snapshot(tmp_path)
+  line = _one_error(capsys, ["verify", str(path)], needle)
+  assert "the checkpoint is damaged or incomplete" in line and "recorded in the manifest" in line
+  assert _snapshot(tmp_path) == before
+  _one_error(capsys, ["convert", str(path), str(tmp_path / "out"), "--to-strategy",
+                      "unsharded"], needle)
+  assert _snapshot(tmp_path) == before
+
+
+def test_every_orbax_file_is_on_the_list(capsys, ckpts, tmp_path):
+  """Every file orbax wrote, deleted or one byte short in turn, is named by verify."""
+  good = ckpts / "good"
+  for rel in _orbax_files(good):
+    for how in ("delete", "short"):
+      path = _place(ckpts, tmp_path, "good")
+      f = path / rel
+      f.unlink() if how == "delete" else f.write_bytes(f.read_bytes()[:-1])
+      _one_error(capsys, ["verify", str(path)], rel)
+      shutil.rmtree(path)
+  assert cli.main(["verify", str(good)]) == 0
+  assert f"all {len(_orbax_files(good))} files under orbax/ as recorded" in \
+      capsys.readouterr().out
+
+
+def test_checkpoint_without_a_file_list_still_verifies(capsys, ckpts, tmp_path):
+  """Saved before the list existed: read as before, and verify says the files went unchecked."""
+  path = _place(ckpts, tmp_path, "good")
+  doc = json.loads((path / "manifest.json").read_text())
+  del doc["files"]
+  (path / "manifest.json").write_text(json.dumps(doc))
+  assert cli.main(["verify", str(path)]) == 0
+  assert "files not checked (no list recorded" in capsys.readouterr().out
+
+
+DELETE = object()   # the key is removed instead of set
+LEAF = "params['attn/wq']"
+MANIFEST_CASES = [
+    ("params|attn/wq", "x", f"manifest key {LEAF} = 'x': expected an object {{shape, dtype, "
+     "checksum}"),
+    ("layout_stages", "abc", "manifest key layout_stages = 'abc': expected a positive integer"),
+    ("layout_stages", 0, "manifest key layout_stages = 0: expected a positive integer"),
+    ("layout_stages", True, "manifest key layout_stages = True: expected a positive integer"),
+    ("layout", 5, "manifest key layout = 5: expected one of stacked, per_layer, per_stage"),
+    ("layout", DELETE, "manifest key layout is missing: expected one of stacked"),
+    ("container", "zip", "manifest key container = 'zip': expected 'orbax' or 'npz'"),
+    ("params", DELETE, "manifest key params is missing: expected an object of leaf path"),
+    ("params", [1], "manifest key params = [1]: expected an object of leaf path"),
+    ("params|attn/wq|shape", "4x128x32", f"manifest key {LEAF}.shape = '4x128x32': expected a "
+     "list of non-negative integers"),
+    ("params|attn/wq|shape", [4, -1, 32], f"{LEAF}.shape = [4, -1, 32]: expected a list"),
+    ("params|attn/wq|dtype", 16, f"manifest key {LEAF}.dtype = 16: expected a dtype name"),
+    ("params|attn/wq|checksum", 5, f"manifest key {LEAF}.checksum = 5: expected 16 lowercase "
+     "hex digits"),
+    ("params|attn/wq|checksum", DELETE, f"manifest key {LEAF}.checksum is missing"),
+    ("params|attn/wq|stored_as", "int8", f"{LEAF}.stored_as = 'int8': expected 'uint16'"),
+    ("opt_state", "x", "manifest key opt_state = 'x': expected an object of leaf path"),
+    ("model", DELETE, "manifest key model is missing: expected an object of ModelConfig fields"),
+    ("model", 5, "manifest key model = 5: expected an object of ModelConfig fields"),
+    ("model|layers", DELETE, "manifest key model.layers is missing: expected every one of"),
+    ("model|colour", "red", "manifest key model.colour: unknown field; ModelConfig has layers"),
+    ("model|layers", "4", "ModelConfig.layers = '4'"),
+    ("run", "x", "manifest key run = 'x': expected an object of RunShape fields"),
+    ("run|seq", DELETE, "manifest key run.seq is missing"),
+    ("plan", "x", "manifest key plan = 'x': expected a Plan object or null"),
+    ("hardware", 5, "manifest key hardware = 5: expected a hardware name (string)"),
+    ("created", 5, "manifest key created = 5: expected a time stamp (string)"),
+    ("files", "x", "manifest key files = 'x': expected an object of relative path"),
+    ("files|orbax/0/_CHECKPOINT_METADATA|bytes", -1,
+     "manifest key files['orbax/0/_CHECKPOINT_METADATA'].bytes = -1: expected a non-negative"),
+    ("files|orbax/0/_CHECKPOINT_METADATA|sha256", "abc", "sha256 = 'abc': expected 64 "),
+    ("version", 2, "manifest version 2; this jaxpart reads version 1"),
+]
+
+
+@pytest.mark.parametrize("key, value, needle", MANIFEST_CASES,
+                         ids=[f"{k}={v if v is not DELETE else 'missing'}"
+                              for k, v, _ in MANIFEST_CASES])
+def test_manifest_structure(capsys, ckpts, tmp_path, key, value, needle):
+  path = _place(ckpts, tmp_path, "good")
+  doc = json.loads((path / "manifest.json").read_text())
+  node, parts = doc, key.split("|")
+  for p in parts[:-1]:
+    node = node[p]
+  if value is DELETE:
+    del node[parts[-1]]
+  else:
+    node[parts[-1]] = value
+  (path / "manifest.json").write_text(json.dumps(doc))
+  before = _snapshot(tmp_path)
+  line = _one_error(capsys, ["verify", str(path)], needle)
+  assert str(path) in line
+  assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"\xff\xfe{}", "manifest.json is not UTF-8 text (byte 0xff at offset 0)"),
+    ("{\"format\": \"jaxpart-checkpoint\", \u00e9}".encode("latin-1"),
+     "manifest.json is not UTF-8 text (byte 0xe9 at offset 33)"),
+    (b"{\"format\": ", "manifest.json is not valid JSON"),
+    (b"[1, 2]", "not a jaxpart manifest (format is 'list'"),
+    (b"{}", "not a jaxpart manifest (format is None"),
+], ids=["utf16 bom", "latin-1", "cut json", "a list", "empty object"])
+def test_manifest_bytes(capsys, ckpts, tmp_path, data, needle):
+  path = _place(ckpts, tmp_path, "good")
+  (path / "manifest.json").write_bytes(data)
+  _one_error(capsys, ["verify", str(path)], needle)
+
+
+def test_npz_embedded_manifest_structure(capsys, ckpts, tmp_path):
+  with np.load(ckpts / "nan.npz") as z:
+    arrays = {k: z[k] for k in z.files}
+  doc = json.loads(str(arrays[ck.NPZ_MANIFEST_KEY][()]))
+  doc["params"]["mlp/w_in"] = "x"
+  arrays[ck.NPZ_MANIFEST_KEY] = np.array(json.dumps(doc))
+  np.savez(tmp_path / "m.npz", **arrays)
+  _one_error(capsys, ["verify", str(tmp_path / "m.npz")],
+             "m.npz: manifest key params['mlp/w_in'] = 'x': expected an object")
+
+
+# Write faults: (where the fault strikes, what it raises, the exit status, what the line says)
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+FAULTS = [
+    ("orbax manifest", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
+    ("orbax data", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
+    ("npz leaf", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
+    ("orbax data", ValueError("DATA_LOSS: Error writing local file \"/x/d/1\": [OS error 28: No "
+                              "space left on device]"), 2,
+     "writing failed: ValueError: DATA_LOSS: Error writing local file"),
+    ("orbax manifest", OSError(errno.EACCES, "Permission denied"), 2,
+     "writing failed: Permission denied (EACCES)"),
+    ("orbax manifest", KeyboardInterrupt(), 130, "interrupted (Ctrl-C) before the write finished"),
+    ("orbax data", KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
+    ("npz leaf", KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
+]
+
+
+class _FailingManager:
+  """Stands in for orbax's CheckpointManager: the data write fails part way."""
+
+  def __init__(self, exc):
+    self.exc = exc
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+  def save(self, *a, **k):
+    raise self.exc
+
+
+def _strike(monkeypatch, where, exc):
+  from jaxpart.checkpoint import npz, orbax_io  # noqa: PLC0415
+  if where == "orbax manifest":
+    monkeypatch.setattr(orbax_io, "_write_manifest", lambda *a: (_ for _ in ()).throw(exc))
+  elif where == "orbax data":
+    real = orbax_io._manager
+    monkeypatch.setattr(orbax_io, "_manager", lambda root, items, read_only: (
+        real(root, items, read_only) if read_only else _FailingManager(exc)))
+  else:
+    real, calls = npz._write_npy, []
+
+    def second_leaf_fails(zf, key, a):
+      calls.append(key)
+      if len(calls) == 2:
+        raise exc
+      real(zf, key, a)
+    monkeypatch.setattr(npz, "_write_npy", second_leaf_fails)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize("where, exc, code, needle", FAULTS,
+                         ids=[f"{w} {type(e).__name__} {getattr(e, 'errno', '')}"
+                              for w, e, _, _ in FAULTS])
+def test_write_fault_during_convert(capsys, ckpts, tmp_path, monkeypatch, where, exc, code,
+                                    needle, existing):
+  """One line naming DST and the cause; the hidden .NAME.partial gone; DST as it was."""
+  dst = tmp_path / ("out.npz" if where == "npz leaf" else "out")
+  extra = [] if dst.suffix == ".npz" else ["--to-strategy", "unsharded"]
+  if existing:
+    assert cli.main(["convert", str(ckpts / "good"), str(dst), *extra]) == 0
+    capsys.readouterr()
+  before = _snapshot(tmp_path), _snapshot(ckpts)
+  _strike(monkeypatch, where, exc)
+  line = _one_error(capsys, ["convert", str(ckpts / "good"), str(dst), *extra, "--overwrite"],
+                    needle, code=code)
+  assert f"{dst}: " in line and f".{dst.name}.partial was removed and " in line
+  assert line.endswith("it is as it was" if existing else "nothing was written there")
+  assert (_snapshot(tmp_path), _snapshot(ckpts)) == before
+  assert not list(tmp_path.glob(".out*"))

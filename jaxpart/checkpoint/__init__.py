@@ -3,14 +3,18 @@ placements, and npz import and export.
 
 A checkpoint is a directory:
   manifest.json  model config, run shape, the Plan it was saved under (null: unsharded), the
-                 layout, and per leaf its shape, dtype and checksum.
+                 layout, per leaf its shape, dtype and checksum, and the files under orbax/
+                 with their sizes (and the metadata files' sha256) as written.
   orbax/         an orbax CheckpointManager root: step 0 with the items `params` and, when
                  saved, `opt_state`.
 
 One job per module, lowest first:
+  schema      CheckpointError, and the manifest's structure checked key by key
+  inventory   the files orbax wrote: recorded at save, checked before every read
   manifest    leaf paths, layouts (stacked, per_layer, per_stage), the manifest and its reading
   bars        progress bars
-  digest      sharding-independent checksums and the check of restored leaves against them
+  digest      sharding-independent checksums and the check of restored leaves against them;
+              NaN/Inf counted on the devices (refused unless allow_nonfinite)
   placement   the target Plan's shardings, and the rules a Plan must meet for this model
   atomic      write into a hidden sibling, rename into place at the end
   npz         npz import and export

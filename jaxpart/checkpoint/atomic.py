@@ -1,11 +1,16 @@
 """Atomic destinations: a checkpoint is written into a hidden sibling (.NAME.partial, marked
 by a sentinel file) and renamed into place at the end, so an interrupted write never leaves a
 directory that restores as valid. Across processes, process 0 does the file work and every
-process meets at the same barriers."""
+process meets at the same barriers.
+
+Whatever ends a write early (a full disk, a read-only folder, Ctrl-C, a bug) removes the hidden
+sibling and leaves the destination as it was; an OSError becomes one CheckpointError line naming
+the destination and the cause (write_failed), anything else is re-raised as it came."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxpart.checkpoint.manifest import MANIFEST, SENTINEL, CheckpointError
+from jaxpart.errors import first_line
 
 def primary() -> bool:
   return jax.process_index() == 0
@@ -69,9 +75,11 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
   try:
     yield tmp
     sync("jaxpart-checkpoint-written")
-  except BaseException:
+  except BaseException as e:
     if primary():
       shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise write_failed(dst, e) from e
     raise
   if primary():
     # With --overwrite the old checkpoint steps aside first: a kill between the two renames
@@ -85,6 +93,20 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
     _fsync_dir(dst.parent)
     _remove(old)
   sync("jaxpart-checkpoint-committed")
+
+
+def write_failed(dst: Path, e: Exception) -> CheckpointError:
+  """One line for an OS error (or orbax's report of one) while writing dst; the caller removes
+  the partial write."""
+  if isinstance(e, OSError):
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
+  else:
+    cause = first_line(e)
+  kept = "it is as it was" if dst.exists() else "nothing was written there"
+  return CheckpointError(f"{dst}: writing failed: {cause}: expected a writable destination "
+                         f"with room for the checkpoint; {_partial_path(dst).name} was removed "
+                         f"and {kept}")
 
 
 def _remove(path: Path) -> None:

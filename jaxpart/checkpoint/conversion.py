@@ -20,14 +20,17 @@ from jaxpart.config import ModelConfig
 from jaxpart.plan import Plan
 
 def load(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
-         opt_state: Any = False, progress: bool = False) -> Restored:
-  """Restore a checkpoint directory or an .npz into `plan`'s shardings."""
+         opt_state: Any = False, progress: bool = False,
+         allow_nonfinite: bool = False) -> Restored:
+  """Restore a checkpoint directory or an .npz into `plan`'s shardings; NaN or Inf weights are
+  refused unless allow_nonfinite."""
   path = Path(path).absolute()   # orbax wants absolute paths
   if path.suffix == ".npz" and path.is_file():
     if opt_state not in (False, None):
       raise CheckpointError(f"{path}: an .npz holds parameters only, no optimizer state")
-    return load_npz(path, cfg, plan, progress=progress)
-  return restore(path, cfg, plan, opt_state=opt_state, progress=progress)
+    return load_npz(path, cfg, plan, progress=progress, allow_nonfinite=allow_nonfinite)
+  return restore(path, cfg, plan, opt_state=opt_state, progress=progress,
+                 allow_nonfinite=allow_nonfinite)
 
 
 def source_plan_if_present(m: Manifest) -> Plan | None:
@@ -39,12 +42,14 @@ def source_plan_if_present(m: Manifest) -> Plan | None:
 
 def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = None,
             overwrite: bool = False, npz_layout: str = "stacked", progress: bool = False,
-            run: dict | None = None, hardware: str | None = None) -> dict:
+            run: dict | None = None, hardware: str | None = None,
+            allow_nonfinite: bool = False) -> dict:
   """src (directory or .npz) -> dst (directory placed as `plan`, or .npz), verified bit-exact.
 
   Everything that can be refused is refused before anything is written: the source's manifest,
   the model, the target plan, the destination. The source is only read. run and hardware are
-  recorded when the source has none (a foreign .npz).
+  recorded when the source has none (a foreign .npz). NaN or Inf in the source is refused
+  unless allow_nonfinite.
   """
   t0 = time.perf_counter()
   src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -67,7 +72,8 @@ def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = Non
 
   read_plan = source_plan_if_present(src_m) if to_npz and src_m is not None else plan
   carry_opt = src_m is not None and src_m.opt_state is not None and not to_npz
-  r = load(src, cfg, read_plan, opt_state=carry_opt, progress=progress)
+  r = load(src, cfg, read_plan, opt_state=carry_opt, progress=progress,
+           allow_nonfinite=allow_nonfinite)
   run = r.manifest.run or run
   hw = r.manifest.hardware or hardware
   stages = 1
@@ -91,7 +97,7 @@ def convert(src, dst, plan: Plan | None = None, *, cfg: ModelConfig | None = Non
       "leaves": len(out_m.params), "param_bytes": out_m.param_bytes,
       "opt_state_leaves": len(out_m.opt_state or {}),
       "opt_state_dropped": bool(src_m and src_m.opt_state and to_npz),
-      "checksums_verified": True,
+      "checksums_verified": True, "nonfinite": r.nonfinite,
       "bit_exact_vs_source": (not src_sums or
                               all(src_sums[p] == e["checksum"] for p, e in out_m.params.items())),
       "checksums": {p: e["checksum"] for p, e in out_m.params.items()},

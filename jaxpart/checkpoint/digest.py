@@ -10,12 +10,16 @@ is never gathered to compute it. It detects damage, not tampering.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jaxpart import validate
 from jaxpart.checkpoint.bars import array_bytes, phase
 from jaxpart.checkpoint.manifest import CheckpointError, dtype_name
 
@@ -109,3 +113,61 @@ def verify(flat: dict[str, Any], entries: dict[str, dict], where: str, progress:
     raise CheckpointError(f"{where}: checksum mismatch, the array data is corrupted: "
                           f"{'; '.join(bad)}")
   return sums
+
+
+# --- non-finite values ---------------------------------------------------------------------
+
+_INT32_LIMIT = 2**31
+
+
+def _kept_axes(shape: tuple[int, ...]) -> int:
+  """Leading axes kept by the count so each partial count (an int32) cannot overflow."""
+  k = 0
+  while k < len(shape) and math.prod(shape[k:]) >= _INT32_LIMIT:
+    k += 1
+  return k
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nonfinite_parts(kept: tuple[int, ...], leaves: list):
+  out = []
+  for k, x in zip(kept, leaves):
+    axes = tuple(range(k, x.ndim))
+    out.append((jnp.sum(jnp.isnan(x), axis=axes, dtype=jnp.int32),
+                jnp.sum(jnp.isinf(x), axis=axes, dtype=jnp.int32)))
+  return out
+
+
+def _host_total(part: jax.Array) -> int:
+  """Exact total of int32 partial counts (x64 is off on the device, so summed here)."""
+  a = part if part.is_fully_addressable else multihost_utils.process_allgather(part, tiled=True)
+  return int(np.asarray(a, dtype=np.int64).sum())
+
+
+def nonfinite(flat: dict[str, Any], progress: bool = False,
+              desc: str = "check finite") -> dict[str, tuple[int, int, int]]:
+  """{leaf: (NaN count, Inf count, size)} for the floating leaves holding any, counted where
+  the shards live (one jitted call, like the checksums): no leaf is gathered to check it."""
+  floats = {p: x if isinstance(x, jax.Array) else jnp.asarray(x) for p, x in flat.items()
+            if jnp.issubdtype(x.dtype, jnp.inexact)}
+  if not floats:
+    return {}
+  leaves = list(floats.values())
+  kept = tuple(_kept_axes(tuple(x.shape)) for x in leaves)
+  with phase(desc, progress, sum(array_bytes(x) for x in leaves)):
+    parts = _nonfinite_parts(kept, leaves)
+  out = {}
+  for (p, x), (nan, inf) in zip(floats.items(), parts):
+    counts = (_host_total(nan), _host_total(inf), math.prod(x.shape))
+    if counts[0] or counts[1]:
+      out[p] = counts
+  return out
+
+
+def check_finite(flat: dict[str, Any], where: str, allow_nonfinite: bool, progress: bool = False,
+                 prefix: str = "") -> dict[str, str]:
+  """NonFiniteError naming the first leaf with NaN or Inf (and counting them) unless allowed;
+  the non-finite leaves either way, for `verify` to list."""
+  counts = nonfinite(flat, progress, f"check finite {prefix or 'params'}".strip("/"))
+  return validate.check_finite_counts(where, {prefix + p: c for p, c in counts.items()},
+                                      allow_nonfinite)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from jaxpart import hf
-from jaxpart.checkpoint.atomic import check_destination
-from jaxpart.checkpoint.digest import checksums
+from jaxpart.checkpoint.atomic import check_destination, write_failed
+from jaxpart.checkpoint.digest import check_finite, checksums
 from jaxpart.checkpoint.manifest import CheckpointError, flatten, placement_name, read_manifest
 from jaxpart.checkpoint.orbax_io import restore, save
 from jaxpart.config import ModelConfig
@@ -35,8 +35,9 @@ def is_hf_dir(path) -> bool:
 
 def import_hf(src, dst, plan: Plan | None, *, cfg: ModelConfig | None = None,
               overwrite: bool = False, progress: bool = False, run: dict | None = None,
-              hardware: str | None = None) -> dict[str, Any]:
-  """HF directory -> jaxpart checkpoint placed as `plan` (None: unsharded)."""
+              hardware: str | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
+  """HF directory -> jaxpart checkpoint placed as `plan` (None: unsharded); NaN or Inf in the
+  safetensors is refused before anything is written, unless allow_nonfinite."""
   t0 = time.perf_counter()
   src, dst = Path(src).absolute(), Path(dst).absolute()
   hf_cfg = hf.read_config(str(src))
@@ -46,6 +47,7 @@ def import_hf(src, dst, plan: Plan | None, *, cfg: ModelConfig | None = None,
                           f"{', '.join(diff)}; leave --preset/--set out to take the file's")
   check_destination(dst, overwrite)
   cfg, tree = hf.read_hf(str(src))
+  check_finite(flatten(tree), str(src), allow_nonfinite, progress)
   read_sums = checksums(flatten(tree), progress, "checksum read")
   m = save(dst, tree, cfg, plan, run=run, hardware=hardware, overwrite=overwrite,
            progress=progress)
@@ -54,7 +56,7 @@ def import_hf(src, dst, plan: Plan | None, *, cfg: ModelConfig | None = None,
 
 
 def export_hf(src, dst, *, overwrite: bool = False, progress: bool = False,
-              model_type: str | None = None) -> dict[str, Any]:
+              model_type: str | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
   """jaxpart checkpoint (any placement) -> HF directory, read back and checked."""
   t0 = time.perf_counter()
   src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -63,7 +65,8 @@ def export_hf(src, dst, *, overwrite: bool = False, progress: bool = False,
     raise CheckpointError(f"{src}: model arch {m.model.arch!r}; Hugging Face export takes the "
                           f"llama family (the seed's dense block has no transformers class)")
   check_destination(dst, overwrite)
-  r = restore(src, m.model, None, progress=progress)   # verified against its checksums
+  r = restore(src, m.model, None, progress=progress,   # verified against its checksums
+              allow_nonfinite=allow_nonfinite)
   tree = _host(r.params)
   # Written beside DST under a hidden name and renamed when checked: DST is never half there.
   tmp = dst.with_name(f".{dst.name}.partial")
@@ -73,9 +76,14 @@ def export_hf(src, dst, *, overwrite: bool = False, progress: bool = False,
     _, back = hf.read_hf(str(tmp))
     report = _report(src, dst, placement_name(m.plan), "huggingface", r.checksums,
                      checksums(flatten(back), progress, "checksum written"), m, t0)
+    old = dst.with_name(f".{dst.name}.replaced")   # an old DST steps aside, then goes
     if dst.exists():
-      shutil.rmtree(dst)
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(dst, old)
     os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+  except OSError as e:   # a full disk, a read-only folder: one line; finally removes the copy
+    raise write_failed(dst, e) from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return report

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,8 +24,10 @@ import ml_dtypes
 import numpy as np
 
 from jaxpart import config
+from jaxpart.checkpoint import schema
+from jaxpart.checkpoint.schema import CheckpointError
 from jaxpart.config import ConfigError, ModelConfig
-from jaxpart.errors import UserError, first_line
+from jaxpart.errors import first_line
 from jaxpart.families import param_shapes
 from jaxpart.llama import EDGE_KEYS
 from jaxpart.plan import Plan, PlanError
@@ -40,10 +42,6 @@ LAYOUTS = ("stacked", "per_layer", "per_stage")
 ORBAX_LAYOUTS = ("stacked",)
 CHECKSUM_ALGO = "ix64-v1"             # two uint32 lanes of sum(lowbias32(index, bits))
 UNSHARDED = "unsharded"
-
-
-class CheckpointError(UserError):
-  """A checkpoint that cannot be read, written or converted; the message says why."""
 
 
 # --- leaf paths ----------------------------------------------------------------------------
@@ -163,6 +161,7 @@ class Manifest:
   hardware: str | None = None
   container: str = "orbax"                 # or "npz"
   created: str = ""
+  files: dict[str, dict] | None = None     # orbax/ files as written (inventory.py); None: npz
 
   @property
   def placement(self) -> str:
@@ -180,11 +179,12 @@ class Manifest:
         "checksum_algo": CHECKSUM_ALGO, "model": config.to_dict(self.model),
         "run": self.run, "hardware": self.hardware, "placement": self.placement,
         "plan": None if self.plan is None else self.plan.to_dict(),
-        "params": self.params, "opt_state": self.opt_state,
+        "params": self.params, "opt_state": self.opt_state, "files": self.files,
     }
 
   @classmethod
   def from_dict(cls, d: Any, where: str) -> "Manifest":
+    """Structure first (schema.py: every key, one line naming a wrong one), then meaning."""
     if not isinstance(d, dict) or d.get("format") != FORMAT:
       raise CheckpointError(f"{where}: not a jaxpart manifest (format is "
                             f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
@@ -195,32 +195,36 @@ class Manifest:
     if d.get("checksum_algo") != CHECKSUM_ALGO:
       raise CheckpointError(f"{where}: checksum_algo {d.get('checksum_algo')!r}; this jaxpart "
                             f"computes {CHECKSUM_ALGO!r}")
-    layout = d.get("layout")
-    check_layout(layout)
+    container = schema.require(d, "container", where, lambda v: v in ("orbax", "npz"),
+                               "'orbax' or 'npz'")
+    layout = schema.require(d, "layout", where, lambda v: v in LAYOUTS,
+                            f"one of {', '.join(LAYOUTS)}")
+    stages = schema.optional(d, "layout_stages", where, schema.positive_int,
+                             "a positive integer (the stage count of a per_stage layout)")
+    created = schema.optional(d, "created", where, schema.is_str, "a time stamp (string)")
+    hardware = schema.optional(d, "hardware", where, schema.is_str, "a hardware name (string)")
+    params = schema.leaf_table(d, "params", where, required=True)
+    opt_state = schema.leaf_table(d, "opt_state", where, required=False)
+    files = schema.file_table(d, where)
+    schema.optional(d, "plan", where, lambda v: isinstance(v, dict), "a Plan object or null")
     try:
-      model = ModelConfig(**d["model"])
+      model = schema.build(ModelConfig, d, "model", where)
       plan = None if d.get("plan") is None else Plan.from_dict(d["plan"])
       if d.get("run") is not None:
-        config.RunShape(**d["run"])
-    except (KeyError, TypeError, ConfigError, PlanError) as e:
+        schema.build(config.RunShape, d, "run", where)
+    except (TypeError, ConfigError, PlanError) as e:
       raise CheckpointError(f"{where}: manifest model/plan/run is invalid: {e}") from None
-    params = d.get("params")
-    if not isinstance(params, dict):
-      raise CheckpointError(f"{where}: manifest has no params table")
     want = spec_table(model)
     if set(params) != set(want):
       raise CheckpointError(f"{where}: manifest leaves {sorted(params)} are not the model's "
                             f"{sorted(want)}")
     for p, e in params.items():
-      if e.get("shape") != want[p]["shape"] or e.get("dtype") != want[p]["dtype"]:
-        raise CheckpointError(f"{where}: manifest says {p} is {e.get('dtype')}{e.get('shape')}, "
+      if e["shape"] != want[p]["shape"] or e["dtype"] != want[p]["dtype"]:
+        raise CheckpointError(f"{where}: manifest says {p} is {e['dtype']}{e['shape']}, "
                               f"the model has {want[p]['dtype']}{want[p]['shape']}")
-      if not isinstance(e.get("checksum"), str):
-        raise CheckpointError(f"{where}: manifest has no checksum for {p}")
-    return cls(model=model, plan=plan, params=params, opt_state=d.get("opt_state"),
-               layout=layout, layout_stages=int(d.get("layout_stages") or 1), run=d.get("run"),
-               hardware=d.get("hardware"), container=d.get("container", "orbax"),
-               created=d.get("created", ""))
+    return cls(model=model, plan=plan, params=params, opt_state=opt_state, layout=layout,
+               layout_stages=stages or 1, run=d.get("run"), hardware=hardware,
+               container=container, created=created or "", files=files)
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ class Restored:
   opt_state: Any
   manifest: Manifest
   checksums: dict[str, str]        # recomputed from the restored arrays, equal to the manifest's
+  nonfinite: dict[str, str] = field(default_factory=dict)   # allowed by allow_nonfinite
+  files_checked: int = 0           # orbax/ files matched against the manifest's list
 
 
 def placement_name(plan: Plan | None) -> str:
@@ -251,10 +257,19 @@ def check_model(requested: ModelConfig, manifest: Manifest, where: str) -> None:
 
 def _read_json(path: Path, where: str) -> Any:
   try:
-    return json.loads(path.read_text())
+    data = path.read_bytes()
+  except OSError as e:
+    raise CheckpointError(f"{where}: {MANIFEST} cannot be read ({e.strerror or first_line(e)}): "
+                          f"expected a readable file") from None
+  try:
+    return json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{where}: {MANIFEST} is not UTF-8 text (byte {data[e.start]:#04x} at "
+                          f"offset {e.start}): expected the JSON jaxpart writes; the checkpoint "
+                          f"is damaged") from None
   except json.JSONDecodeError as e:
-    raise CheckpointError(f"{where}: manifest.json is not valid JSON ({e}); the checkpoint is "
-                          f"damaged") from None
+    raise CheckpointError(f"{where}: {MANIFEST} is not valid JSON ({e}): expected the JSON "
+                          f"jaxpart writes; the checkpoint is damaged") from None
 
 
 def read_manifest(path) -> Manifest:

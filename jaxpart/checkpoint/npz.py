@@ -18,9 +18,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxpart.checkpoint.atomic import check_destination
+from jaxpart.checkpoint.atomic import check_destination, write_failed
 from jaxpart.checkpoint.bars import leaf_bar
-from jaxpart.checkpoint.digest import checksums, verify
+from jaxpart.checkpoint.digest import check_finite, checksums, verify
 from jaxpart.checkpoint.manifest import (NPZ_MANIFEST_KEY, CheckpointError, Manifest, Restored,
                                          check_layout, check_model, check_tree, dtype_name,
                                          flatten, infer_layout, join_leaf, leaf_entries,
@@ -92,16 +92,20 @@ def export_npz(path, params, cfg: ModelConfig, *, layout: str = "stacked", stage
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:   # a full disk, Ctrl-C: the hidden file goes, path is as it was
     tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError):
+      raise write_failed(path, e) from e
     raise
   return manifest
 
 
 def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
-             layout: str | None = None, progress: bool = False) -> Restored:
+             layout: str | None = None, progress: bool = False,
+             allow_nonfinite: bool = False) -> Restored:
   """Read an .npz (jaxpart's, or another framework's named by parameter path) into `plan`'s
-  shardings. Each leaf is read, checked and placed shard by shard before the next is read."""
+  shardings. Each leaf is read, checked and placed shard by shard before the next is read;
+  NaN or Inf anywhere is refused unless allow_nonfinite."""
   path = Path(path).absolute()   # orbax wants absolute paths
   if not path.is_file():
     raise CheckpointError(f"{path}: no such .npz file")
@@ -149,5 +153,6 @@ def load_npz(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
     sums = checksums(out, progress)
     m = Manifest(model=cfg, plan=None, params=leaf_entries(out, sums), layout=layout,
                  container="npz")
+  bad = check_finite(out, where, allow_nonfinite, progress)
   return Restored(params=unflatten(param_shapes(cfg), out), opt_state=None, manifest=m,
-                  checksums=sums)
+                  checksums=sums, nonfinite=bad)

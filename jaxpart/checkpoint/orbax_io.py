@@ -1,5 +1,6 @@
 """Save and restore a checkpoint directory with orbax: each device writes and reads its own
-shard, into any target Plan's shardings; every restore is checked against the manifest."""
+shard, into any target Plan's shardings; every restore is checked against the manifest: the
+files orbax wrote (inventory.py), then every leaf's checksum, then that every value is finite."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpart.checkpoint.atomic import atomic_dir, check_destination, primary
+from jaxpart.checkpoint.atomic import atomic_dir, check_destination, primary, write_failed
 from jaxpart.checkpoint.bars import array_bytes, phase
-from jaxpart.checkpoint.digest import checksums, verify
+from jaxpart.checkpoint import inventory
+from jaxpart.checkpoint.digest import check_finite, checksums, verify
 from jaxpart.checkpoint.manifest import (MANIFEST, ORBAX_DIR, CheckpointError, Manifest,
                                          Restored, check_model, check_tree, flatten,
                                          leaf_entries, now, read_manifest)
@@ -81,17 +83,25 @@ def save(path, params, cfg: ModelConfig, plan: Plan | None = None, *, opt_state=
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     nbytes = sum(array_bytes(x) for x in jax.tree.leaves((params, opt_state)))
     with _quiet_orbax(), phase("orbax save", progress, nbytes):
-      with _manager(tmp / ORBAX_DIR, tuple(items), read_only=False) as mngr:
-        mngr.save(0, args=ocp.args.Composite(**items))
-        mngr.wait_until_finished()
-    manifest = Manifest(model=cfg, plan=plan, params=leaf_entries(flat, sums), opt_state=opt_entries,
-                        run=run, hardware=hardware, created=now())
+      try:
+        with _manager(tmp / ORBAX_DIR, tuple(items), read_only=False) as mngr:
+          mngr.save(0, args=ocp.args.Composite(**items))
+          mngr.wait_until_finished()
+      except OSError:
+        raise                       # atomic_dir names the destination and the cause
+      except Exception as e:  # tensorstore/orbax raise many types; all mean the write failed
+        raise write_failed(path, e) from e   # atomic_dir removes the partial write
+    files = inventory.record(tmp, ORBAX_DIR) if primary() else None
+    manifest = Manifest(model=cfg, plan=plan, params=leaf_entries(flat, sums),
+                        opt_state=opt_entries, run=run, hardware=hardware, created=now(),
+                        files=files)
     _write_manifest(tmp, manifest)
   return manifest
 
 
 def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
-            opt_state: Any = False, progress: bool = False) -> Restored:
+            opt_state: Any = False, progress: bool = False,
+            allow_nonfinite: bool = False) -> Restored:
   """Read a checkpoint directory into `plan`'s shardings (None: one device) and verify it.
 
   opt_state: False skips it; True restores it in the stored structure with shardings derived
@@ -101,13 +111,14 @@ def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
   path = Path(path).absolute()   # orbax wants absolute paths
   m = read_manifest(path)
   if m.container == "npz":
-    return load_npz(path, cfg, plan, progress=progress)
+    return load_npz(path, cfg, plan, progress=progress, allow_nonfinite=allow_nonfinite)
   cfg = cfg or m.model
   check_model(cfg, m, str(path))
   check_plan(cfg, plan)
   want_opt = opt_state is not False and opt_state is not None
   if want_opt and m.opt_state is None:
     raise CheckpointError(f"{path}: holds no optimizer state")
+  files_checked = inventory.check(path, ORBAX_DIR, m.files, str(path))
   root = path / ORBAX_DIR
   try:
     with _quiet_orbax(), phase("orbax restore", progress, m.param_bytes):
@@ -131,8 +142,11 @@ def restore(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
                           f"or incomplete ({first_line(e)})") from e
   params = out["params"]
   sums = verify(flatten(params), m.params, str(path), progress)
+  bad = check_finite(flatten(params), str(path), allow_nonfinite, progress)
   opt = None
   if want_opt:
     opt = out["opt_state"]
     verify(flatten(opt), m.opt_state, str(path), progress, prefix="opt_state/")
-  return Restored(params=params, opt_state=opt, manifest=m, checksums=sums)
+    bad |= check_finite(flatten(opt), str(path), allow_nonfinite, progress, prefix="opt_state/")
+  return Restored(params=params, opt_state=opt, manifest=m, checksums=sums, nonfinite=bad,
+                  files_checked=files_checked)

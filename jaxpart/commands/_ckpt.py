@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jaxpart import config
 from jaxpart.checkpoint import CheckpointError
@@ -25,6 +26,29 @@ def add_target_args(p: argparse.ArgumentParser, flag: str, default: str | None) 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                  help="progress bars on stderr (default: when stderr is a terminal)")
+
+
+def add_nonfinite_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="accept weights holding NaN or Inf (listed, not refused)")
+
+
+def nonfinite_note(bad: dict[str, str]) -> str | None:
+  """The line saying which leaves hold NaN or Inf, when --allow-nonfinite let them through."""
+  if not bad:
+    return None
+  return (f"  note: {len(bad)} leaves hold NaN or Inf (allowed by --allow-nonfinite): "
+          + "; ".join(f"{p}: {why}" for p, why in bad.items()))
+
+
+def interrupted(command: str, dst) -> int:
+  """Ctrl-C while writing dst: one line on stderr and the shell's status for SIGINT (130). The
+  writers have removed their hidden .NAME.partial by the time this runs; dst is as it was."""
+  dst = Path(dst)
+  kept = "it is as it was" if dst.exists() else "nothing was written there"
+  print(f"jaxpart {command}: error: {dst}: interrupted (Ctrl-C) before the write finished: "
+        f".{dst.name}.partial was removed and {kept}", file=sys.stderr)
+  return 130
 
 
 def progress_from(args) -> bool:

@@ -7,7 +7,9 @@ path: then name the model with --preset/--config/--set), or a Hugging Face model
 or with --to-format hf a Hugging Face directory.
 The source's checksums are verified on read and must come out unchanged: the conversion is
 bit-exact or it fails. Nothing is written until every check has passed, and DST appears only
-complete (written to a hidden sibling, then renamed).
+complete (written to a hidden sibling, then renamed): a full disk ends in one line (exit 2),
+Ctrl-C in one line (exit 130), each with the hidden sibling removed and DST as it was. Weights
+holding NaN or Inf are refused unless --allow-nonfinite.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ def add_arguments(p):
                  help="hf: write DST as a Hugging Face model directory (config.json and "
                       "safetensors) from a jaxpart checkpoint of the Llama family")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  _ckpt.add_nonfinite_arg(p)
   _ckpt.add_progress_arg(p)
   _common.add_setup_args(p)
   _common.add_json_arg(p)
 
 
 def run(args) -> int:
+  try:
+    return _run(args)
+  except KeyboardInterrupt:
+    return _ckpt.interrupted(NAME, args.dst)
+
+
+def _run(args) -> int:
   src, dst = Path(args.src), Path(args.dst)
   if not src.exists():
     raise checkpoint.CheckpointError(f"{src}: no such checkpoint (the path does not exist)")
@@ -59,7 +69,8 @@ def run(args) -> int:
   plan = _ckpt.target_plan(args, setup)
   report = checkpoint.convert(src, dst, plan, cfg=setup.model, overwrite=args.overwrite,
                               npz_layout=args.npz_layout, progress=_ckpt.progress_from(args),
-                              run=config.to_dict(setup.run), hardware=setup.hardware.name)
+                              run=config.to_dict(setup.run), hardware=setup.hardware.name,
+                              allow_nonfinite=args.allow_nonfinite)
   ok = report["bit_exact_vs_source"]
   if not distributed.is_main():
     return 0 if ok else 1
@@ -79,6 +90,8 @@ def run(args) -> int:
            else "")
         + f"; checksums verified on read; bit-exact vs source: "
         + ("yes" if report["bit_exact_vs_source"] else "NO") + f"; {report['seconds']:.1f} s")
+  if note := _ckpt.nonfinite_note(report["nonfinite"]):
+    print(note)
   if report["opt_state_dropped"]:
     print("  note: the source's optimizer state is not exported (an .npz holds parameters only)")
   print(_common.table(_ckpt.leaf_rows(out), ["leaf", "shape", "dtype", "checksum"]))
@@ -97,7 +110,8 @@ def _huggingface(args, src: Path, dst: Path) -> int:
       raise config.ConfigError("--to-format hf writes the checkpoint's own model unsharded: "
                                "--to-strategy, --devices and model flags do not apply")
     report = checkpoint.export_hf(src, dst, overwrite=args.overwrite,
-                                  progress=_ckpt.progress_from(args))
+                                  progress=_ckpt.progress_from(args),
+                                  allow_nonfinite=args.allow_nonfinite)
   else:
     if args.strategy is None:
       raise checkpoint.CheckpointError(
@@ -110,7 +124,8 @@ def _huggingface(args, src: Path, dst: Path) -> int:
     plan = _ckpt.target_plan(args, setup)
     report = checkpoint.import_hf(src, dst, plan, overwrite=args.overwrite,
                                   progress=_ckpt.progress_from(args),
-                                  run=config.to_dict(setup.run), hardware=setup.hardware.name)
+                                  run=config.to_dict(setup.run), hardware=setup.hardware.name,
+                                  allow_nonfinite=args.allow_nonfinite)
   if not distributed.is_main():
     return 0
   if args.json:
