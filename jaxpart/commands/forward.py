@@ -33,16 +33,25 @@ def add_arguments(p):
                                                   "(default h100)")
   p.add_argument("--f32", action="store_true", help="run in float32 instead of the model dtype")
   p.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
+  add_model_args(p)
   _common.add_json_arg(p)
 
 
-def load_model(model_dir: str):
-  """(config, host parameter tree) of a Hugging Face directory or a jaxpart checkpoint."""
+def add_model_args(p) -> None:
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="accept NaN or Inf weights (refused by default, naming the leaf)")
+
+
+def load_model(model_dir: str, allow_nonfinite: bool = False):
+  """(config, host parameter tree) of a Hugging Face directory or a jaxpart checkpoint; NaN or
+  Inf weights are refused unless allowed."""
   path = Path(model_dir)
   if checkpoint.is_hf_dir(path):
-    return hf.read_hf(str(path))
+    cfg, tree = hf.read_hf(str(path))
+    validate.check_finite_tree(str(path), tree, allow_nonfinite)
+    return cfg, tree
   if (path / checkpoint.MANIFEST).is_file():
-    r = checkpoint.load(path)
+    r = checkpoint.load(path, allow_nonfinite=allow_nonfinite)
     return r.manifest.model, jax.tree.map(np.asarray, r.params)
   raise config.ConfigError(f"--model-dir = {model_dir!r}: neither a Hugging Face directory "
                            f"(config.json and safetensors) nor a jaxpart checkpoint "
@@ -64,7 +73,7 @@ def load_ids(path: str, vocab: int) -> np.ndarray:
 
 
 def run(args) -> int:
-  cfg, params = load_model(args.model_dir)
+  cfg, params = load_model(args.model_dir, args.allow_nonfinite)
   if cfg.arch != "llama":
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
                              f"forward takes token ids, the llama family")

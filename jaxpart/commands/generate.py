@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxpart import config, distributed, families, generate, runs
 from jaxpart.commands import _common
-from jaxpart.commands.forward import load_model
+from jaxpart.commands.forward import add_model_args, load_model
 from jaxpart.decode import Sampling
 
 NAME = "generate"
@@ -40,6 +40,7 @@ def add_arguments(p):
   p.add_argument("--memory", action="store_true",
                  help="also report the compiled per-device memory of prefill and of a decode "
                       "cycle")
+  add_model_args(p)
   _common.add_setup_args(p)
   _common.add_plan_args(p)
   _common.add_json_arg(p)
@@ -54,7 +55,7 @@ def run(args) -> int:
                                "apply")
     if not args.input_ids:
       raise config.ConfigError("--model-dir needs --input-ids (the prompts)")
-    cfg, params = load_model(args.model_dir)
+    cfg, params = load_model(args.model_dir, args.allow_nonfinite)
     ids, lens = generate.split_prompts(np.load(args.input_ids, allow_pickle=False), cfg.vocab)
     setup = config.Setup(model=cfg, run=config.RunShape(*ids.shape),
                          hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
