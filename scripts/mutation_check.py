@@ -7,12 +7,19 @@ failed. Survived: they passed, i.e. the suite is blind to that bug. A snippet th
 in its file is an ERROR (the code moved: re-target the mutation), never counted as killed.
 The working tree is never touched: everything happens in a temporary copy.
 
-  python scripts/mutation_check.py            # all of them (~5 minutes on 2 cores)
+  python scripts/mutation_check.py            # all 30: ~5.5 minutes on 2 shared CPU cores
+  python scripts/mutation_check.py --baseline # first the 26 test nodes unmutated (+2 minutes)
   python scripts/mutation_check.py --only ln_no_bias --only kv_write_offset
   python scripts/mutation_check.py --list
 
-Run it after changing a test that guards the math, the engine, the checkpoint verifier or the
-cost model, and after moving code that a mutation targets. Exit status 1 if any mutation
+Each line shows the tests' summary and their first error line: an assertion means the bug was
+seen; an exception raised by the mutant itself (a shape error while tracing) is a weaker kill.
+
+When to run it: before merging a change to a test that guards the block's math, the engine and
+its streams, blocked attention, the Llama family or its HF name map, decoding, the checkpoint
+verifier, the cost or memory model or the planner (a weakened test shows up as SURVIVED); and
+after moving or rewriting code a mutation targets (its snippet is then not found: re-target
+it, same bug, current code). Not part of .ci/run. Exit status 1 if any mutation
 survived or could not be applied.
 """
 
@@ -211,8 +218,12 @@ def _run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int,
     p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return -1, "timed out"
-  last = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
-  return p.returncode, last[-1] if last else ""
+  lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+  summary = lines[-1] if lines else ""
+  # The first error line says why the tests failed: an assertion (the bug was seen) reads
+  # differently from an exception the mutant raised while tracing.
+  why = next((ln[1:].strip() for ln in lines if ln.startswith("E ")), "")
+  return p.returncode, f"{summary}: {why[:110]}" if why else summary
 
 
 def check(m: Mutation, copy: Path, timeout: float) -> tuple[str, str]:
