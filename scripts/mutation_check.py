@@ -7,7 +7,7 @@ failed. Survived: they passed, i.e. the suite is blind to that bug. A snippet th
 in its file is an ERROR (the code moved: re-target the mutation), never counted as killed.
 The working tree is never touched: everything happens in a temporary copy.
 
-  python scripts/mutation_check.py            # all 30: ~5.5 minutes on 2 shared CPU cores
+  python scripts/mutation_check.py            # all 31: ~4-6 minutes on 2 shared CPU cores
   python scripts/mutation_check.py --baseline # first the 26 test nodes unmutated (+2 minutes)
   python scripts/mutation_check.py --only ln_no_bias --only kv_write_offset
   python scripts/mutation_check.py --list
@@ -156,6 +156,10 @@ LLAMA = [
              '(("attn", "wq"), "self_attn.q_proj.weight", False)',
              ("tests/test_hf.py::test_logits_equal_transformers[llama-gqa-untied]",),
              "q_proj read as [in, out] (square here, so no shape check sees it)"),
+    Mutation("prefill_cache_rows_at_0", "jaxpart/engine.py",
+             "row0=row0 if keep else 0)", "row0=0)",
+             ("tests/test_generate.py::test_greedy_tokens_equal_transformers_generate[baseline]",),
+             "prefill writes every microbatch's K/V into the whole-batch cache at row 0"),
     Mutation("decode_feedback_wrong_microbatch", "jaxpart/decode.py",
              "pending.at[m_a].set(fb.astype(pending.dtype))",
              "pending.at[m].set(fb.astype(pending.dtype))", (DENSE_DECODE,),
@@ -222,7 +226,8 @@ def _run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int,
   summary = lines[-1] if lines else ""
   # The first error line says why the tests failed: an assertion (the bug was seen) reads
   # differently from an exception the mutant raised while tracing.
-  why = next((ln[1:].strip() for ln in lines if ln.startswith("E ")), "")
+  errs = [ln[1:].strip() for ln in lines if ln.startswith("E ")]
+  why = " ".join(errs[:2]) if errs and errs[0].endswith(":") else (errs or [""])[0]
   return p.returncode, f"{summary}: {why[:110]}" if why else summary
 
 
