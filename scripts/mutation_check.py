@@ -7,12 +7,19 @@ failed. Survived: they passed, i.e. the suite is blind to that bug. A snippet th
 in its file is an ERROR (the code moved: re-target the mutation), never counted as killed.
 The working tree is never touched: everything happens in a temporary copy.
 
-  python scripts/mutation_check.py            # all of them (~5 minutes on 2 cores)
+  python scripts/mutation_check.py            # all 31: ~4-6 minutes on 2 shared CPU cores
+  python scripts/mutation_check.py --baseline # first the 26 test nodes unmutated (+2 minutes)
   python scripts/mutation_check.py --only ln_no_bias --only kv_write_offset
   python scripts/mutation_check.py --list
 
-Run it after changing a test that guards the math, the engine, the checkpoint verifier or the
-cost model, and after moving code that a mutation targets. Exit status 1 if any mutation
+Each line shows the tests' summary and their first error line: an assertion means the bug was
+seen; an exception raised by the mutant itself (a shape error while tracing) is a weaker kill.
+
+When to run it: before merging a change to a test that guards the block's math, the engine and
+its streams, blocked attention, the Llama family or its HF name map, decoding, the checkpoint
+verifier, the cost or memory model or the planner (a weakened test shows up as SURVIVED); and
+after moving or rewriting code a mutation targets (its snippet is then not found: re-target
+it, same bug, current code). Not part of .ci/run. Exit status 1 if any mutation
 survived or could not be applied.
 """
 
@@ -41,11 +48,17 @@ class Mutation:
   why: str = ""
 
 
-ENGINE = "tests/test_engine.py::test_both_placements_on_16_devices"
+E = "tests/test_engine.py::"
+ENGINE_LW = E + "test_both_placements_on_16_devices[layerwise-kw0]"   # 4 stages x tp 4, ragged
+ENGINE_BASE = E + "test_both_placements_on_16_devices[baseline-kw1]"   # tp 8 x 2 stages
+RAGGED = E + "test_ragged_chunks[24]"
 ORACLE_REF = "tests/test_oracle.py::test_reference_float64_equals_oracle"
+BLOCKED = "tests/test_streams.py::test_blocked_attention_matches_full"
+HF_LW = "tests/test_hf_engine.py::test_engine_logits_equal_transformers[llama-gqa-untied-layerwise]"
+DENSE_DECODE = "tests/test_generate.py::test_dense_decode_feeds_its_own_output"
 
-# Targets outside the files being rewritten (model, cost model, checkpoint, planner-independent).
-STABLE = [
+# The block's math (model.py), checked against the independent float64 oracle.
+MATH = [
     Mutation("ln_var_without_mean", "jaxpart/model.py",
              "var = jnp.square(xa - mean).mean(-1, keepdims=True)",
              "var = jnp.square(xa).mean(-1, keepdims=True)", (ORACLE_REF,),
@@ -62,14 +75,111 @@ STABLE = [
              "preferred_element_type=jnp.float32)", (ORACLE_REF,),
              "matmul accumulation forced to float32 (float64 checks become float32)"),
     Mutation("dropped_psum", "jaxpart/model.py",
-             "return jax.lax.psum(partial, tp_axis) if tp_axis else partial",
-             "return partial", (ENGINE,), "row-parallel partial sums never all-reduced"),
-    Mutation("checksum_skips_first_leaf", "jaxpart/checkpoint.py",
+             "return jax.lax.psum(partial, tp_axis)", "return partial", (ENGINE_BASE,),
+             "row-parallel partial sums never all-reduced"),
+    Mutation("reference_mask_allows_future", "jaxpart/attention.py",
+             "mask_QxK = jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :]",
+             "mask_QxK = jnp.arange(n_q)[:, None] + 1 >= jnp.arange(n_k)[None, :]",
+             (ORACLE_REF,), "the reference lets each token see the next one"),
+]
+
+# The pipeline engine (engine.py, families.py): schedule, streams, KV cache.
+ENGINE = [
+    Mutation("ln1_params_for_ln2", "jaxpart/families.py",
+             "return model.block_apply(p, x_BxTxD,",
+             'return model.block_apply({**p, "ln2": p["ln1"]}, x_BxTxD,', (ENGINE_LW,),
+             "the engine's dense block feeds ln1's parameters to ln2"),
+    Mutation("remat_dots_saves_everything", "jaxpart/engine.py",
+             "policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable",
+             "policy=jax.checkpoint_policies.everything_saveable",
+             ("tests/test_grad.py::test_remat_keeps_grads_and_cuts_temp_bytes",),
+             "remat 'dots' keeps every intermediate"),
+    Mutation("bubble_compute_then_select", "jaxpart/engine.py",
+             "y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start, row0))",
+             "y, kc, vc = jax.tree.map(lambda a, b: jnp.where(valid, a, b), "
+             "run((x, kc, vc, q_start, row0)), skip((x, kc, vc, q_start, row0)))",
+             (E + "test_bubble_ticks_are_skipped_by_cond",),
+             "bubble ticks compute the stage step and select the result away"),
+    Mutation("reversed_ppermute", "jaxpart/engine.py", "perm = [(s, s + 1) for s in range(S - 1)]",
+             "perm = [(s + 1, s) for s in range(S - 1)]", (ENGINE_LW,),
+             "activations sent to the previous stage"),
+    Mutation("kv_write_offset", "jaxpart/engine.py", "at = (l, row0, q_start, 0, 0)",
+             "at = (l, row0, q_start + 1, 0, 0)", (RAGGED,), "a chunk's K/V written one position late"),
+    Mutation("skipped_ragged_chunk", "jaxpart/engine.py",
+             "(u_out >= 0) & (u_out < U))",
+             "(u_out >= 0) & (u_out < U) & (u_out % plan.n_chunks < plan.n_chunks - 1))",
+             (RAGGED,), "the last (ragged) chunk's output is never written"),
+    Mutation("output_write_row_offset", "jaxpart/engine.py",
+             "(jnp.where(valid, row0, spare), tok0, 0)", "(jnp.where(valid, 0, spare), tok0, 0)",
+             (E + "test_microbatches_and_chunks_together",),
+             "output stream: every microbatch's slice written at row 0 (its row offset dropped)"),
+    Mutation("input_gather_drops_a_slice", "jaxpart/engine.py",
+             "jax.lax.ppermute(piece, STAGE_AXIS, [(k, 0)]) for k in range(1, S)]",
+             "jax.lax.ppermute(piece, STAGE_AXIS, [(k - 1, 0)]) for k in range(1, S)]",
+             (ENGINE_LW,),
+             "input stream: stage 0 gathers blocks from stages 0..S-2, the last stage's is lost"),
+]
+
+# Blocked attention (attention.py): the causal mask, the online softmax, query tiles.
+ATTENTION = [
+    Mutation("causal_mask_strict", "jaxpart/attention.py",
+             "seen_BxQxK = (q_pos_BxQ[:, :, None] >= k_pos_K[None, None, :])",
+             "seen_BxQxK = (q_pos_BxQ[:, :, None] > k_pos_K[None, None, :])", (BLOCKED,),
+             "blocked attention masks the diagonal: a token cannot see itself"),
+    Mutation("online_softmax_unrescaled", "jaxpart/attention.py",
+             "acc_new = acc_BxQxGxRxE * jnp.moveaxis(correction, 3, 1)[..., None] + pv",
+             "acc_new = acc_BxQxGxRxE + pv", (BLOCKED,),
+             "running output not rescaled when the running max grows"),
+    Mutation("query_tile_one_block_short", "jaxpart/attention.py",
+             "jax.lax.cond(j * kv_block <= last_q, visit,",
+             "jax.lax.cond((j + 1) * kv_block <= last_q, visit,", (BLOCKED,),
+             "a query tile skips the KV block holding its last query"),
+]
+
+# The Llama family (llama.py, hf_names.py) and generation (decode.py).
+LLAMA = [
+    Mutation("rope_offset_ignored", "jaxpart/engine.py",
+             "pos = (q_start[:, None] if per_row else q_start) + jnp.arange(c)",
+             "pos = (q_start[:, None] if per_row else 0) + jnp.arange(c)", (HF_LW,),
+             "a chunk's RoPE positions start at 0, not at the chunk's first token"),
+    Mutation("dropped_v_bias", "jaxpart/llama.py",
+             "v_BxTxHxE = _proj(h_BxTxD, wv, bv)", "v_BxTxHxE = _proj(h_BxTxD, wv)",
+             ("tests/test_hf.py::test_logits_equal_transformers[qwen2-qkv-bias]",),
+             "the v projection's bias (Qwen2) dropped"),
+    Mutation("replicated_kv_head_interleaved", "jaxpart/llama.py",
+             "return (first // g)[None]", "return (first % cfg.kv_heads)[None]",
+             ("tests/test_llama_tp.py::test_sharded_layer_embed_and_head_equal_the_unsharded"
+              "[bias-tied-tp4-replicated]",),
+             "K/V replicated over tp: shard reads K/V head (i mod kv_heads), not its group's"),
+    Mutation("hf_import_untransposed_q", "jaxpart/hf_names.py",
+             '(("attn", "wq"), "self_attn.q_proj.weight", True)',
+             '(("attn", "wq"), "self_attn.q_proj.weight", False)',
+             ("tests/test_hf.py::test_logits_equal_transformers[llama-gqa-untied]",),
+             "q_proj read as [in, out] (square here, so no shape check sees it)"),
+    Mutation("prefill_cache_rows_at_0", "jaxpart/engine.py",
+             "row0=row0 if keep else 0)", "row0=0)",
+             ("tests/test_generate.py::test_greedy_tokens_equal_transformers_generate[baseline]",),
+             "prefill writes every microbatch's K/V into the whole-batch cache at row 0"),
+    Mutation("decode_feedback_wrong_microbatch", "jaxpart/decode.py",
+             "pending.at[m_a].set(fb.astype(pending.dtype))",
+             "pending.at[m].set(fb.astype(pending.dtype))", (DENSE_DECODE,),
+             "a finished token fed back to the microbatch stage 0 is on, not the one it belongs to"),
+    Mutation("decode_kv_write_late", "jaxpart/engine.py",
+             "kc = kc.at[l, rows_R[:, None], pos].set(k)\n"
+             "        vc = vc.at[l, rows_R[:, None], pos].set(v)",
+             "kc = kc.at[l, rows_R[:, None], pos + 1].set(k)\n"
+             "        vc = vc.at[l, rows_R[:, None], pos + 1].set(v)", (DENSE_DECODE,),
+             "decode writes each row's K/V one position past its token"),
+]
+
+# Checkpoints, the cost model, the memory model, the planner, the run checks.
+ACCOUNTING = [
+    Mutation("checksum_skips_first_leaf", "jaxpart/checkpoint/digest.py",
              'for p, s in sums.items() if s != entries[p]["checksum"]]',
              'for p, s in list(sums.items())[1:] if s != entries[p]["checksum"]]',
              ("tests/test_checkpoint.py::test_every_leaf_corruption_is_caught",),
-             "verification ignores the first leaf (checkpoint.py is being split: re-target)"),
-    Mutation("transposed_weight_in_conversion", "jaxpart/checkpoint.py",
+             "verification ignores the first leaf"),
+    Mutation("transposed_weight_in_conversion", "jaxpart/checkpoint/manifest.py",
              'return [(f"layers/{i}/{path}", arr[i]) for i in range(arr.shape[0])]',
              'return [(f"layers/{i}/{path}", arr[i].T) for i in range(arr.shape[0])]',
              ("tests/test_checkpoint.py::test_npz_layouts_and_foreign_files",),
@@ -78,6 +188,20 @@ STABLE = [
              "allreduce_s = 2 * allreduce_seconds(", "allreduce_s = 1 * allreduce_seconds(",
              ("tests/test_costmodel.py::test_step_time_equals_a_hand_computed_figure",),
              "cost model charges one Megatron all-reduce per layer, not two"),
+    Mutation("visit_sum_off_by_one", "jaxpart/counts.py",
+             "(n - 1) * n // 2 + (n - 1) + last // kb + 1", "(n - 1) * n // 2 + last // kb + 1",
+             ("tests/test_costmodel.py::test_visit_sum_closed_form_equals_the_tiles",),
+             "closed-form tile visits: each full tile counted one KV block short"),
+    Mutation("program_bytes_drops_loop_buffer", "jaxpart/memory.py",
+             '      "output_loop_buffer": (',
+             '      "output_loop_buffer": 0 * (',
+             ("tests/test_paper_memory.py::test_paper_fits_an_h100_and_matches_the_planner[layerwise]",),
+             "memory model forgets the output loop buffer (a term of program_bytes)"),
+    Mutation("chunk_over_budget", "jaxpart/planner.py",
+             "if working_set(cfg, rows, mid, tp, kv_block) <= budget:",
+             "if working_set(cfg, rows, mid, tp, kv_block) <= 2 * budget:",
+             ("tests/test_planner.py::test_budget_shapes_the_chunk",),
+             "the planner picks chunks up to twice the cache budget"),
     Mutation("f32_bound_back_to_1e-5", "jaxpart/runs.py", "F32_REL_TOL = 2e-6",
              "F32_REL_TOL = 1e-5",
              ("tests/test_run_precision.py::"
@@ -85,55 +209,7 @@ STABLE = [
              "a float32 bound loose enough to pass LayerNorm eps 1e-6 for 1e-5"),
 ]
 
-# Targets in jaxpart/engine.py, attention.py and planner.py, which the lead is rewriting: expect
-# "snippet not found" after that rewrite and re-target each one at the new code.
-ENGINE_REWRITE = [
-    Mutation("ln1_params_for_ln2", "jaxpart/engine.py",
-             "y, (kc, vc) = block_apply(p, x, cfg.head_dim",
-             'y, (kc, vc) = block_apply({**p, "ln2": p["ln1"]}, x, cfg.head_dim', (ENGINE,),
-             "the engine feeds ln1's parameters to ln2"),
-    Mutation("remat_dots_saves_everything", "jaxpart/engine.py",
-             "policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable",
-             "policy=jax.checkpoint_policies.everything_saveable",
-             ("tests/test_grad.py::test_remat_keeps_grads_and_cuts_temp_bytes",),
-             "remat 'dots' keeps every intermediate"),
-    Mutation("bubble_compute_then_select", "jaxpart/engine.py",
-             "y, kc, vc = jax.lax.cond(valid, run, skip, (inp, kc, vc, q_start))",
-             "y, kc, vc = jax.tree.map(lambda a, b: jnp.where(valid, a, b), "
-             "run((inp, kc, vc, q_start)), skip((inp, kc, vc, q_start)))",
-             ("tests/test_engine.py::test_bubble_ticks_are_skipped_by_cond",),
-             "bubble ticks compute the stage step and select the result away"),
-    Mutation("reversed_ppermute", "jaxpart/engine.py", "perm = [(s, s + 1) for s in range(S - 1)]",
-             "perm = [(s + 1, s) for s in range(S - 1)]", (ENGINE,),
-             "activations sent to the previous stage"),
-    Mutation("kv_write_offset", "jaxpart/engine.py", "at = (l, 0, q_start, 0, 0)",
-             "at = (l, 0, q_start + 1, 0, 0)",
-             ("tests/test_engine.py::test_ragged_chunks",), "K/V written one position late"),
-    Mutation("skipped_ragged_chunk", "jaxpart/engine.py",
-             "slot = jnp.where(valid & is_last, u_c, U)",
-             "slot = jnp.where(valid & is_last & (u_c % plan.n_chunks < plan.n_chunks - 1), u_c, U)",
-             ("tests/test_engine.py::test_ragged_chunks",),
-             "the last (ragged) chunk's output is never written"),
-    Mutation("causal_mask_strict", "jaxpart/attention.py",
-             "s = jnp.where(q_pos_Q[:, None] >= k_pos_K[None, :], s, _NEG)",
-             "s = jnp.where(q_pos_Q[:, None] > k_pos_K[None, :], s, _NEG)", (ENGINE,),
-             "blocked attention masks the diagonal: a token cannot see itself"),
-    Mutation("reference_mask_allows_future", "jaxpart/attention.py",
-             "mask_QxK = jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :]",
-             "mask_QxK = jnp.arange(n_q)[:, None] + 1 >= jnp.arange(n_k)[None, :]",
-             (ORACLE_REF,), "the reference lets each token see the next one"),
-    Mutation("online_softmax_unrescaled", "jaxpart/attention.py",
-             "acc_new = acc_BxQxHxE * jnp.moveaxis(correction, 1, 2)[..., None] + pv",
-             "acc_new = acc_BxQxHxE + pv", ("tests/test_engine.py::test_ragged_chunks",),
-             "running output not rescaled when the running max grows"),
-    Mutation("chunk_over_budget", "jaxpart/planner.py",
-             "if working_set(cfg, rows, mid, tp, kv_block) <= budget:",
-             "if working_set(cfg, rows, mid, tp, kv_block) <= 2 * budget:",
-             ("tests/test_planner.py::test_budget_shapes_the_chunk",),
-             "the planner picks chunks up to twice the cache budget"),
-]
-
-MUTATIONS = STABLE + ENGINE_REWRITE
+MUTATIONS = MATH + ENGINE + ATTENTION + LLAMA + ACCOUNTING
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info",
                                  ".ruff_cache")
 
@@ -146,8 +222,13 @@ def _run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int,
     p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return -1, "timed out"
-  last = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
-  return p.returncode, last[-1] if last else ""
+  lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+  summary = lines[-1] if lines else ""
+  # The first error line says why the tests failed: an assertion (the bug was seen) reads
+  # differently from an exception the mutant raised while tracing.
+  errs = [ln[1:].strip() for ln in lines if ln.startswith("E ")]
+  why = " ".join(errs[:2]) if errs and errs[0].endswith(":") else (errs or [""])[0]
+  return p.returncode, f"{summary}: {why[:110]}" if why else summary
 
 
 def check(m: Mutation, copy: Path, timeout: float) -> tuple[str, str]:
@@ -186,7 +267,7 @@ def main(argv=None) -> int:
     return 2
   if args.list:
     for m in chosen:
-      print(f"{m.name:32s} {m.file:22s} {m.why}\n{'':32s} caught by {', '.join(m.tests)}")
+      print(f"{m.name:32s} {m.file:30s} {m.why}\n{'':32s} caught by {', '.join(m.tests)}")
     return 0
   with tempfile.TemporaryDirectory(prefix="jaxpart-mutants-") as tmp:
     copy = Path(tmp) / "repo"
@@ -204,10 +285,9 @@ def main(argv=None) -> int:
       rows.append((m, result, time.monotonic() - t0, detail))
       print(f"{result:9s} {m.name:32s} {time.monotonic() - t0:6.1f} s  {detail}", flush=True)
   print()
-  print(f"{'mutation':32s} {'file':22s} result")
+  print(f"{'mutation':32s} {'file':30s} result")
   for m, result, secs, _ in rows:
-    group = " (engine rewrite)" if m in ENGINE_REWRITE else ""
-    print(f"{m.name:32s} {m.file:22s} {result}{group}")
+    print(f"{m.name:32s} {m.file:30s} {result}")
   counts = {k: sum(r == k for _, r, _, _ in rows) for k in ("killed", "SURVIVED", "ERROR")}
   print(f"\n{counts['killed']} killed, {counts['SURVIVED']} survived, {counts['ERROR']} errors "
         f"of {len(rows)} mutations in {time.monotonic() - start:.0f} s")
