@@ -7,6 +7,7 @@ model first.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,24 @@ def global_array(host, shard):
 
 def host_params(setup: Setup, seed: int) -> dict:
   """Parameters as numpy arrays (same on every process for the same seed), LayerNorm scales and
-  biases random (model.randomize_norms) so that every check built on them can see a norm bug."""
-  return jax.tree.map(np.asarray, _init(setup.model, jax.random.key(seed)))
+  biases random (model.randomize_norms) so that every check built on them can see a norm bug.
+
+  Made one layer at a time into preallocated stacked arrays: initialising the paper preset's
+  3.2B weights in one program needs ~32 GB of temporaries (random bits, float32 draws), one
+  layer's ~8 GB. Layer l is drawn from fold_in(key, l), the edges from the first call."""
+  cfg = setup.model
+  fam = families.of(cfg)
+  one = dataclasses.replace(cfg, layers=1)
+  key = jax.random.key(seed)
+  out = None
+  for layer in range(cfg.layers):
+    p_layers, p_edges = fam.split(jax.tree.map(np.asarray, _init(one, jax.random.fold_in(key,
+                                                                                       layer))))
+    if out is None:
+      out = jax.tree.map(lambda a: np.empty((cfg.layers,) + a.shape[1:], a.dtype), p_layers)
+      edges = p_edges
+    jax.tree.map(lambda dst, src: dst.__setitem__(layer, src[0]), out, p_layers)
+  return {**out, **edges}
 
 
 @functools.partial(jax.jit, static_argnums=0)
