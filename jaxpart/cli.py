@@ -2,7 +2,8 @@
 
 A command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`. Modules are
 found by listing the package, so adding a command touches no shared file. A module that sets
-DISTRIBUTED = True gets the multi-host flags, and jax.distributed is started before its run.
+DISTRIBUTED = True gets the multi-host flags, and jax.distributed is started before its run; as
+one of several processes it runs under a supervisor (supervise.py) that says how it ended.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import pkgutil
 import sys
 
-from jaxpart import argcheck, commands, distributed
+from jaxpart import argcheck, commands, distributed, supervise
 from jaxpart.errors import UserError
 
 DEFAULT_CPU_DEVICES = 16
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     argcheck.check(args.command, args, argv)
+    if args._distributed and supervise.needed(argv):   # one of several: a parent reports ends
+      return supervise.run(args.command, argv)
     if args._distributed:
       distributed.initialize(args)
     return int(args._run(args) or 0)

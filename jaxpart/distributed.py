@@ -21,6 +21,7 @@ import atexit
 import faulthandler
 import inspect
 import os
+import re
 import signal
 import socket
 import sys
@@ -119,6 +120,18 @@ def process_count_hint(argv: Sequence[str], environ: Mapping[str, str] = os.envi
     value = environ["OMPI_COMM_WORLD_SIZE"]
   n = _int_or_none(value) if value is not None else None
   return n if n is not None and n > 0 else 1
+
+
+def process_id_hint(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> str:
+  """This process's number as the flags, the environment or the cluster give it, for messages
+  written before (or without) jax.distributed; "?" when none says."""
+  for value in (_flag_value(argv, "--process-id"), environ.get(ENV_PROCESS_ID),
+                environ.get("SLURM_PROCID") if detected_cluster(environ) == "slurm" else None,
+                environ.get("OMPI_COMM_WORLD_RANK") if detected_cluster(environ) == "openmpi"
+                else None):
+    if value:
+      return value
+  return "?"
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -300,6 +313,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
 
 
 _UNHEALTHY = "The following tasks are unhealthy (stopped sending heartbeats):"
+_GLOO_LOST = re.compile(r"Gloo.*(Connection (?:reset|closed) by peer|Broken pipe)")
 
 
 def explain_end(returncode: int | None, stderr_lines: Sequence[str]) -> str:
@@ -320,7 +334,17 @@ def explain_end(returncode: int | None, stderr_lines: Sequence[str]) -> str:
   for i, line in enumerate(text):
     if _UNHEALTHY in line:
       dead = text[i + 1].strip() if i + 1 < len(text) else "?"
+      task = re.search(r"task:(\d+)$", dead)     # or /job:jax_worker/replica:0/task:1
+      dead = task.group(1) if task else dead
       cause = f"JAX reports process {dead} stopped sending heartbeats (it died or hung)"
+    elif "RegisterTask" in line and any("DEADLINE_EXCEEDED" in t for t in text[:i]):
+      cause = ("not every process joined within --init-timeout (each must be started, with the "
+               "same --coordinator and --num-processes)")
+    elif gloo := _GLOO_LOST.search(line):
+      peer = re.search(r"\[([^\]]+)\]:(\d+)", line)
+      at = f" at {peer.group(1)}:{peer.group(2)}" if peer else ""
+      cause = (f"a collective lost its connection to another process{at} (gloo: "
+               f"{gloo.group(1)}): that process died or cannot be reached")
     elif cause is None and "another task died" in line:
       cause = "JAX's coordination service reports that another process died"
     elif cause is None and ("Connection reset by peer" in line or "failed to connect to all "
