@@ -313,7 +313,10 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
 
 
 _UNHEALTHY = "The following tasks are unhealthy (stopped sending heartbeats):"
-_GLOO_LOST = re.compile(r"Gloo.*(Connection (?:reset|closed) by peer|Broken pipe)")
+# gloo, when a peer dies mid-collective, or when a collective's new connection to a dead peer
+# is refused ("context initialization failed: ... Connection refused").
+_GLOO_LOST = re.compile(r"Gloo.*(Connection (?:reset|closed) by peer|Broken pipe|"
+                        r"Connection refused)")
 
 
 def explain_end(returncode: int | None, stderr_lines: Sequence[str]) -> str:

@@ -37,7 +37,8 @@ _DUMP = re.compile(rb"F\d{4} \d\d:\d\d:\d\d|\*\*\* Check failure stack trace|\s+
 
 # What a process that lost a peer or the coordinator writes (JAX's coordination service, gloo).
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "another task died",
-              "stopped sending heartbeats", "failed to connect to all addresses")
+              "stopped sending heartbeats", "failed to connect to all addresses",
+              "Gloo context initialization failed")
 
 
 def needed(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> bool:

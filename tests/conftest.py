@@ -1,6 +1,8 @@
 """16 simulated CPU devices for every test; set before JAX is imported anywhere."""
 
+import hashlib
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=16").strip()
@@ -23,3 +25,15 @@ def fresh_key(request):
   seed = int(os.environ.get("JAXPART_TEST_SEED", time.time_ns() % 2**31))
   print(f"{request.node.name}: JAXPART_TEST_SEED={seed}")
   return jax.random.key(seed)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+  """Every file (hidden ones too) under root with its content hash: 'changes nothing' = equal."""
+  out = {}
+  for dirpath, dirnames, files in os.walk(root):
+    for d in dirnames:
+      out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+    for f in files:
+      full = os.path.join(dirpath, f)
+      out[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
+  return out

@@ -2,7 +2,6 @@
 without changing anything; survive a kill mid-write."""
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import require_devices
+from conftest import require_devices, snapshot
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, engine, model, planner, sharding
 from jaxpart.checkpoint import CheckpointError, orbax_io
@@ -56,16 +55,6 @@ def _assert_same_bits(a_tree, b_tree):
     np.testing.assert_array_equal(_bits(a[p]), _bits(b[p]), err_msg=p)
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-  """Every file (hidden ones too) under root with its content hash: 'changes nothing' = equal."""
-  out = {}
-  for dirpath, dirnames, files in os.walk(root):
-    for d in dirnames:
-      out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-    for f in files:
-      full = os.path.join(dirpath, f)
-      out[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
-  return out
 
 
 def _plans(setup):
@@ -254,10 +243,10 @@ def test_optimizer_state_moves_with_the_parameters(base, tmp_path, fresh_key):
 # --- bad inputs change nothing -------------------------------------------------------------
 
 def _refused(root: Path, fn, match: str, exc=CheckpointError):
-  before = _snapshot(root)
+  before = snapshot(root)
   with pytest.raises(exc, match=match):
     fn()
-  assert _snapshot(root) == before
+  assert snapshot(root) == before
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -325,7 +314,7 @@ def test_other_model_and_unsplittable_plans_are_refused(base, tmp_path, capsys):
            r"different model: d_model = 512 \(checkpoint has 128\); head_dim = 16 "
            r"\(checkpoint has 4\); d_ff = 512 \(checkpoint has 128\)")
   out = tmp_path / "out"
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   cases = [
       (["--preset", "small", "--to-strategy", "layerwise", "--devices", 16], "d_model = 512"),
       (["--to-strategy", "layerwise", "--devices", 16, "--tp", 3], "tp = 3"),
@@ -342,7 +331,7 @@ def test_other_model_and_unsplittable_plans_are_refused(base, tmp_path, capsys):
     assert _cli("convert", src, out, *flags) == 2, flags
     err = capsys.readouterr().err
     assert "jaxpart convert: error:" in err and match in err, (flags, err)
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
   wrong_layers = replace(base["plans"]["lw16"], stages=2, tp=8, stage_layers=((0,), (1,)))
   with pytest.raises(PlanError, match="plan holds 2 layers"):
     ck.check_plan(cfg, wrong_layers)
@@ -370,7 +359,7 @@ def test_destination_rules(base, tmp_path):
 # --- interrupted writes --------------------------------------------------------------------
 
 def test_failure_before_commit_leaves_no_destination(base, tmp_path, monkeypatch):
-  src_before = _snapshot(base["path"])
+  src_before = snapshot(base["path"])
 
   def crash(*a, **k):
     raise OSError("disk full (injected)")
@@ -380,14 +369,14 @@ def test_failure_before_commit_leaves_no_destination(base, tmp_path, monkeypatch
                      r".*\.dst\.partial was removed and nothing was written there"):
     ck.convert(base["path"], tmp_path / "dst", base["plans"]["lw16"])
   assert not (tmp_path / "dst").exists() and not list(tmp_path.iterdir())
-  assert _snapshot(base["path"]) == src_before
+  assert snapshot(base["path"]) == src_before
 
 
 @pytest.mark.slow
 def test_killed_conversion_leaves_nothing_valid(base, tmp_path):
   """SIGKILL a `jaxpart convert` once it is writing orbax data; then it runs clean again."""
   src, dst = base["path"], tmp_path / "dst"
-  src_before = _snapshot(src)
+  src_before = snapshot(src)
   partial = tmp_path / ".dst.partial"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
              JAX_PLATFORMS="cpu")
@@ -411,7 +400,7 @@ def test_killed_conversion_leaves_nothing_valid(base, tmp_path):
     ck.restore(dst)
   with pytest.raises(CheckpointError, match="interrupted write"):
     ck.restore(partial)
-  assert _snapshot(src) == src_before
+  assert snapshot(src) == src_before
   ck.convert(src, dst, base["plans"]["lw16"])   # a rerun clears the stale partial write
   assert not partial.exists()
   _assert_same_bits(base["params"], ck.restore(dst, plan=base["plans"]["lw16"]).params)

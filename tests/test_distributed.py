@@ -354,6 +354,14 @@ def test_supervisor_holds_back_the_fatal_dump(lines, forwarded):
      "jaxpart run: error: process 1: exited with status 1: a collective lost its connection to "
      "another process at 127.0.0.1:11405 (gloo: Connection closed by peer): that process died "
      "or cannot be reached"),
+    # seen in a CI run: the dead peer's socket refused a collective's new connection
+    (1, [GLOO[0], b"jax.errors.JaxRuntimeError: INTERNAL: Error dispatching computation: Gloo "
+                  b"context initialization failed: [external/gloo/gloo/transport/tcp/pair.cc:152]"
+                  b" timed out connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:39329"
+                  b"$32\n", GLOO[3]],
+     "jaxpart run: error: process 1: exited with status 1: a collective lost its connection to "
+     "another process at 127.0.0.1:39329 (gloo: Connection refused): that process died or "
+     "cannot be reached"),
     (-signal.SIGKILL, [], "jaxpart run: error: process 1: killed by SIGKILL"),
     (7, [], "jaxpart run: error: process 1: exited with status 7"),
     (-signal.SIGINT, GLOO[:1], "jaxpart run: error: process 1: interrupted (SIGINT, Ctrl-C)"),

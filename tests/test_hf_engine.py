@@ -5,8 +5,6 @@ and a Hugging Face -> layer-wise -> baseline -> Hugging Face round trip, bit for
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

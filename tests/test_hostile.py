@@ -6,7 +6,6 @@ Called in-process through cli.main, as users call the CLI; nothing here compiles
 
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import snapshot
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, distributed, hf, llama, model, paths, runs, validate
 from jaxpart.checkpoint.manifest import np_dtype
@@ -46,16 +46,6 @@ def _one_error(capsys, argv, needle, code=2):
   return lines[0]
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-  """Every file (hidden ones too) under root with its content hash: 'changes nothing' = equal."""
-  out = {}
-  for dirpath, dirnames, files in os.walk(root):
-    for d in dirnames:
-      out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-    for f in files:
-      full = os.path.join(dirpath, f)
-      out[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
-  return out
 
 
 def _toml(tmp_path, text, name="c.toml"):
@@ -472,9 +462,9 @@ NONFINITE_WEIGHTS = [
 def test_nonfinite_weights_refused(capsys, ckpts, tmp_path, argv, needle):
   argv = [a.replace("{out}", str(tmp_path / "out")).replace("{", str(ckpts) + "/").replace(
       "}", "") for a in argv]
-  before = _snapshot(tmp_path), _snapshot(ckpts)
+  before = snapshot(tmp_path), snapshot(ckpts)
   _one_error(capsys, argv, needle)
-  assert (_snapshot(tmp_path), _snapshot(ckpts)) == before
+  assert (snapshot(tmp_path), snapshot(ckpts)) == before
 
 
 @pytest.mark.parametrize("src, dst", [("nan", "out"), ("nan.npz", "out.npz")])
@@ -494,9 +484,9 @@ def test_nonfinite_hugging_face_import(capsys, tmp_path):
   ck.flatten(tree)["mlp/w_down"].reshape(-1)[:4] = np.nan
   hf.write_hf(tree, cfg, str(tmp_path / "hf"))
   argv = ["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to-strategy", "unsharded"]
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   _one_error(capsys, argv, "hf: weight mlp/w_down: 4 of")
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
   assert cli.main(argv + ["--allow-nonfinite"]) == 0
   capsys.readouterr()
 
@@ -547,13 +537,13 @@ def test_damage_that_reads_back_is_reported(capsys, ckpts, tmp_path, how, rel, n
     f.write_bytes(f.read_bytes().replace(b"metrics", b"METRICS"))
   else:
     f.write_bytes(b"x")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   line = _one_error(capsys, ["verify", str(path)], needle)
   assert "the checkpoint is damaged or incomplete" in line and "recorded in the manifest" in line
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
   _one_error(capsys, ["convert", str(path), str(tmp_path / "out"), "--to-strategy",
                       "unsharded"], needle)
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_every_orbax_file_is_on_the_list(capsys, ckpts, tmp_path):
@@ -635,10 +625,10 @@ def test_manifest_structure(capsys, ckpts, tmp_path, key, value, needle):
   else:
     node[parts[-1]] = value
   (path / "manifest.json").write_text(json.dumps(doc))
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   line = _one_error(capsys, ["verify", str(path)], needle)
   assert str(path) in line
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("data, needle", [
@@ -730,11 +720,11 @@ def test_write_fault_during_convert(capsys, ckpts, tmp_path, monkeypatch, where,
   if existing:
     assert cli.main(["convert", str(ckpts / "good"), str(dst), *extra]) == 0
     capsys.readouterr()
-  before = _snapshot(tmp_path), _snapshot(ckpts)
+  before = snapshot(tmp_path), snapshot(ckpts)
   _strike(monkeypatch, where, exc)
   line = _one_error(capsys, ["convert", str(ckpts / "good"), str(dst), *extra, "--overwrite"],
                     needle, code=code)
   assert f"{dst}: " in line and f".{dst.name}.partial was removed and " in line
   assert line.endswith("it is as it was" if existing else "nothing was written there")
-  assert (_snapshot(tmp_path), _snapshot(ckpts)) == before
+  assert (snapshot(tmp_path), snapshot(ckpts)) == before
   assert not list(tmp_path.glob(".out*"))

@@ -4,7 +4,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 
 from conftest import require_devices
 from jaxpart import cli, load

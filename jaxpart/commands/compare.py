@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpart import bench, config, distributed, model, planner, runs, sizeguard, validate
+from jaxpart import bench, config, distributed, planner, runs, sizeguard, validate
 from jaxpart.commands import _common
 
 NAME = "compare"

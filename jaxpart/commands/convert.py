@@ -88,7 +88,7 @@ def _run(args) -> int:
   print(f"  {report['leaves']} leaves, {_common.fmt_bytes(report['param_bytes'])} of parameters"
         + (f", {report['opt_state_leaves']} optimizer-state leaves" if report["opt_state_leaves"]
            else "")
-        + f"; checksums verified on read; bit-exact vs source: "
+        + "; checksums verified on read; bit-exact vs source: "
         + ("yes" if report["bit_exact_vs_source"] else "NO") + f"; {report['seconds']:.1f} s")
   if note := _ckpt.nonfinite_note(report["nonfinite"]):
     print(note)
