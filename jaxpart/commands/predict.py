@@ -35,8 +35,8 @@ def run(args) -> int:
   print(f"  {plan.reason}")
   print(_common.table(rows(pred), ["modelled figure", "value"]))
   if not pred.fits_device_memory:
-    print(f"NOTE: the engine would hold {_common.fmt_bytes(pred.device_memory_bytes['total'])} "
-          f"per device (input and output streams kept whole on every device), more than the "
+    print(f"NOTE: the forward would hold {_common.fmt_bytes(pred.device_memory_bytes['total'])} "
+          f"per device (memory.program_bytes), more than the "
           f"{_common.fmt_bytes(setup.hardware.hbm_bytes)} of device memory")
   return 0
 
