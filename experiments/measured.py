@@ -55,8 +55,8 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
       collective_loop_static=static_loop,
       flops_executed=hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan)),
       flops_static=hlo.hlo_flops(hlo_text),
-      # as compiled: 4 where CPU XLA promoted bf16 to f32; 0 if the loop holds none
-      collective_element_bytes=int(loop["element_bytes"] or 0))
+      # per kind, as compiled: 4 where CPU XLA promoted bf16 to f32; 0 if the loop holds none
+      collective_element_bytes={k: int(v or 0) for k, v in loop["element_bytes"].items()})
   return out
 
 

@@ -20,11 +20,11 @@ def tiny_plans() -> tuple[config.Setup, dict]:
 
 def compare(setup, plan, m) -> dict:
   """Model vs compiled HLO for one plan: collective bytes (loop, executed and static), FLOPs."""
-  eb = m["collective_element_bytes"] or setup.model.dtype_bytes
-  model = costmodel.collective_bytes(setup.model, plan, element_bytes=eb)
+  eb = {k: m["collective_element_bytes"][k] or setup.model.dtype_bytes for k in KINDS}
   fl = costmodel.plan_flops(setup.model, plan)
   out = {"element_bytes": eb, "kinds": {}}
   for k in KINDS:
+    model = costmodel.collective_bytes(setup.model, plan, element_bytes=eb[k])
     out["kinds"][k] = {
         "model_executed": model["executed"][k], "hlo_executed": m["collective_loop_executed"][k],
         "model_static": model["static"][k], "hlo_static": m["collective_loop_static"][k]}
@@ -118,9 +118,11 @@ def run(ctx: common.Context) -> common.Result:
                              vrows + prows))
     eb = data["paper_compiled"]["layerwise"]["element_bytes"]
     lw_flops = data["paper_compiled"]["layerwise"]["flops"]
-    res.add(f"The paper preset is bf16, but CPU XLA promotes bf16 all-reduces and permutes to "
-            f"float32 ({eb}-byte elements as compiled), so its rows use the model at {eb} bytes "
-            f"per element; on a GPU the same program moves 2-byte elements, as the first table "
+    sizes = ", ".join(f"{k} {v}" for k, v in eb.items())
+    res.add(f"The paper preset is bf16, but CPU XLA promotes bf16 all-reduces to float32, while "
+            f"the forward-only engine sends and gathers bit patterns of the model's width "
+            f"(element bytes as compiled: {sizes}), so each row uses the model at its kind's "
+            f"compiled size; on a GPU the same program moves 2-byte elements, as the first table "
             f"assumes. XLA's own cost_analysis() counts each loop body once "
             f"(paper layer-wise: {lw_flops['xla_cost_analysis']:.3g}"
             f" FLOPs against {lw_flops['hlo_executed']:.3g} "

@@ -53,7 +53,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
   and a step never holds more than a q_block x kv_block score tile. The last tile is padded
   with zero queries and its padded rows are dropped. Keys after the chunk's last real query are
   masked and their values zeroed, so stale or padded cache slots (even NaN) never reach an
-  output or a gradient.
+  output or a gradient. The caches may hold bit patterns (see `values`).
   """
   b, n_q, h, e = q_BxQxHxE.shape
   n_cache, g = kcache_BxCxGxE.shape[-3], kcache_BxCxGxE.shape[-2]
@@ -80,7 +80,8 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
 
     def visit(carry, j):
       m_BxGxRxQ, l_BxGxRxQ, acc_BxQxGxRxE = carry
-      k_BxKxGxE, v_BxKxGxE = (_block(c, j * kv_block, kv_block, layer, row0, b)
+      k_BxKxGxE, v_BxKxGxE = (values(_block(c, j * kv_block, kv_block, layer, row0, b),
+                                     q_BxQxHxE.dtype)
                               for c in (kcache_BxCxGxE, vcache_BxCxGxE))
       k_pos_K = j * kv_block + jnp.arange(kv_block)
       real_BxK = k_pos_K[None, :] <= last_real_B[:, None]
@@ -115,6 +116,15 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
                                     (jnp.arange(n_tiles), q_NxBxQxGxRxE))
   o = jnp.moveaxis(o_NxBxQxGxRxE, 0, 1).reshape(b, n_tiles * q_block, h, e)
   return o[:, :n_q] if pad else o
+
+
+def values(a, dtype):
+  """A cache block as values of `dtype`: a cache may hold their bit patterns (unsigned
+  integers of the same width), which XLA:CPU updates in place where it would widen a bf16
+  cache to float32 and rewrite all of it for every chunk's K/V."""
+  if a.dtype == dtype or not jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+    return a
+  return jax.lax.bitcast_convert_type(a, dtype)
 
 
 def _block(cache, start, size: int, layer, row0=0, rows: int | None = None):

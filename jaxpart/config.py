@@ -99,15 +99,25 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         link_latency=5e-6,      # as h100; a modelling assumption
     ),
     "cpu": Hardware(
+        # This CI machine with XLA:CPU's simulated devices: 2 cores (Xeon VM, AVX-512), 24 GiB.
+        # The rates were measured by `jaxpart calibrate` on it on 2026-12-01 (load 0.7, 16
+        # simulated devices, bf16, process CPU time); run it again on another machine and load
+        # the file it writes with --config.
         name="cpu",
-        peak_flops=1.0e11,      # nominal: 2 x86 cores x ~2.5 GHz x 2 FMA x 8 f32 lanes x 2;
-                                # bf16 runs no faster on these CPUs. Order of magnitude only.
+        peak_flops=1.66e11,     # calibrate: fitted GEMM rate 1.25e11 FLOP/s / gemm_fraction
         hbm_bytes=24e9,         # this CI machine's RAM (env: 24 GiB)
-        hbm_bw=2.0e10,          # nominal DDR bandwidth for 2 cores; order of magnitude only
-        l2_bytes=2e6,           # nominal per-core L2 of a current x86 server core
-        l2_bw=2.0e11,           # nominal; order of magnitude only
-        link_bw=1.0e10,         # simulated devices share memory: a memcpy, nominal
-        link_latency=2e-6,      # nominal host-side collective overhead; order of magnitude
+        hbm_bw=4.3e9,           # calibrate: bf16 elementwise pass over 64 MB (with its float32
+                                # converts), read + write, / hbm_fraction
+        l2_bytes=2097152.0,     # the per-core L2 Linux reports (2048K)
+        l2_bw=1.69e10,          # calibrate: the same pass over 128 kB, in the L2
+        link_bw=6.14e9,         # calibrate: ppermute among 16 devices, per device's share of
+                                # the cores, / link_fraction
+        link_latency=5.0e-5,    # calibrate: ppermute fit intercept, per device
+        host_cores=2,           # the simulated devices share this machine's 2 cores
+        gemm_call_s=0.0,        # calibrate: the fit's per-call term came out 0
+        gemm_element_s=3.3e-10,       # calibrate: per GEMM operand/result element, in the L2
+        gemm_spill_element_s=6.2e-10,  # calibrate: the same beyond the L2
+        score_element_s=2.27e-9,      # calibrate: attention, per score element beyond FLOPs
     ),
 }
 

@@ -36,6 +36,15 @@ def _positive(obj: Any, *names: str) -> None:
           f"{type(obj).__name__}.{name} = {value!r}: must be a positive finite number")
 
 
+def _non_negative(obj: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        or not math.isfinite(value) or value < 0):
+      raise ConfigError(
+          f"{type(obj).__name__}.{name} = {value!r}: must be a non-negative finite number")
+
+
 def _positive_int(obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
@@ -255,12 +264,28 @@ class Hardware:
   l2_bw: float             # L2 read bandwidth, bytes/s
   link_bw: float           # per-direction device-to-device bandwidth, bytes/s
   link_latency: float      # per-collective latency, s
+  # Simulated devices (XLA:CPU's --xla_force_host_platform_device_count) share one host's
+  # cores: 0 means every device is its own chip. Measured by `jaxpart calibrate`; 0 = not
+  # modelled for the costs below, which matter only where kernels are tiny.
+  host_cores: int = 0
+  gemm_call_s: float = 0.0        # fixed cost of one GEMM call, s
+  gemm_element_s: float = 0.0     # per element of a GEMM's operands and result (converts,
+                                  # packing) for an array that fits the L2, s
+  gemm_spill_element_s: float = 0.0   # the same for an array larger than the L2, s
+  score_element_s: float = 0.0    # attention: per score element beyond its FLOPs (mask, exp), s
+  attention_visit_s: float = 0.0  # attention: per (query tile, KV block) pair visited, s
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
       raise ConfigError(f"Hardware.name = {self.name!r}: must be a non-empty string")
     _positive(self, "peak_flops", "hbm_bytes", "hbm_bw", "l2_bytes", "l2_bw", "link_bw",
               "link_latency")
+    _non_negative(self, "gemm_call_s", "gemm_element_s", "gemm_spill_element_s",
+                  "score_element_s", "attention_visit_s")
+    if (not isinstance(self.host_cores, int) or isinstance(self.host_cores, bool)
+        or self.host_cores < 0):
+      raise ConfigError(f"Hardware.host_cores = {self.host_cores!r}: must be a non-negative "
+                        f"integer (0: each device is its own chip)")
 
   @property
   def ridge_flop_per_byte(self) -> float:

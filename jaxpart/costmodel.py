@@ -27,13 +27,15 @@ from typing import Any
 import numpy as np
 
 from jaxpart import memory
-from jaxpart.config import ConfigError, ModelConfig, Setup
+from jaxpart.config import ModelConfig, Setup
+from jaxpart.costparams import DEFAULT, ModelParams  # noqa: F401  (re-exported)
 from jaxpart.plan import Plan, PlanError
 from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
     hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
-    ring_allreduce_link_bytes, stream_collective_bytes, stream_slices, tile_visits, unit_bytes,
-    n_tiles, visit_sum)
+    ring_allreduce_link_bytes, attention_visits, score_elements, step_gemm_arrays, step_gemms,
+    stream_collective_bytes, stream_slices, tick_move_bytes, tile_visits, unit_bytes, n_tiles,
+    visit_sum)
 
 # predict models one layer step per token chunk (about 30 us each) and every tick of the
 # pipeline as an array element: beyond these it would run for minutes, so it refuses and says
@@ -46,96 +48,54 @@ def _too_big(plan: Plan) -> bool:
   return plan.n_chunks > MAX_MODELLED_CHUNKS or plan.units > MAX_MODELLED_UNITS
 
 
-@dataclass(frozen=True)
-class ModelParams:
-  """Every constant the model uses beyond the Hardware spec, each with where it comes from."""
-
-  # Fraction of peak a large bf16 GEMM sustains. Published cuBLAS measurements on H100 SXM
-  # reach roughly 600-750 of the 989 dense TFLOP/s on large GEMMs: 0.75 is an assumption of
-  # that order (the sensitivity table in experiments/results/VERDICT.md varies it).
-  gemm_fraction: float = 0.75
-  # Fraction of HBM bandwidth a streaming kernel reaches: ~90% in STREAM-like copies on H100
-  # (Chips and Cheese, "Nvidia's H100", 2023). Assumption.
-  hbm_fraction: float = 0.90
-  # NCCL ring all-reduce bus bandwidth on 8 x H100 NVLink4 is of order 360 GB/s of the
-  # 450 GB/s per direction (nccl-tests results as published by cloud vendors): 0.8. Assumption.
-  link_fraction: float = 0.80
-  # GEMM tile (M x N) of the CUTLASS/cuBLAS Hopper bf16 kernels (CUTLASS 3 default
-  # 128 x 256 x 64 warp-specialised tile): how often each operand is re-read from L2.
-  tile_m: int = 128
-  tile_n: int = 256
-  # Energy. The board bound: 700 W TDP / 989e12 FLOP/s = 0.71 pJ/FLOP for everything at once,
-  # so the FLOP itself costs less; 0.4 pJ per bf16 FLOP is an assumption below that bound.
-  pj_per_flop: float = 0.4
-  # HBM access energy: 3.9 pJ/bit for HBM2 (O'Connor et al., "Fine-Grained DRAM", MICRO 2017)
-  # = 31.2 pJ/byte; HBM3 is of the same order. Assumption.
-  pj_per_hbm_byte: float = 31.2
-  # An L2 access: SRAM read plus the on-chip wires to a far slice, which Keckler et al. ("GPUs
-  # and the future of parallel computing", IEEE Micro 2011) put at picojoules per bit over
-  # millimetres: ~0.6 pJ/bit = 5 pJ/byte is an order-of-magnitude assumption.
-  pj_per_l2_byte: float = 5.0
-  # Off-package SerDes links are of order 1-2 pJ/bit: ~10 pJ/byte, an order-of-magnitude
-  # assumption (links are under 1% of the modelled energy either way).
-  pj_per_link_byte: float = 10.0
-  # Power drawn whatever the work (idle H100 SXM draws ~70-100 W per nvidia-smi): 90 W.
-  static_watts: float = 90.0
-  # The engine sends the unit after the step; set True to model a fully hidden transfer.
-  overlap_pipeline: bool = False
-  # Bandwidth of the slowest stage boundary, bytes/s; 0 means the hardware's link_bw (the seed
-  # puts all 16 GPUs on NVLink). 16 H100s are two 8-GPU nodes in practice, where a pipeline
-  # boundary between nodes runs on one 400 Gb/s InfiniBand NDR port per GPU (DGX H100:
-  # 8 x ConnectX-7) = 50e9 B/s; the lock-step ticks then wait for that transfer.
-  pipeline_link_bw: float = 0.0
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if f.name == "overlap_pipeline":
-        continue
-      fraction = f.name.endswith("_fraction")
-      zero_ok = f.name in ("static_watts", "pipeline_link_bw") or f.name.startswith("pj_")
-      number = isinstance(v, (int, float)) and not isinstance(v, bool)
-      if not number or v < 0 or (v == 0 and not zero_ok) or (fraction and v > 1):
-        valid = "in (0, 1]" if fraction else "non-negative" if zero_ok else "positive"
-        raise ConfigError(f"ModelParams.{f.name} = {v!r}: must be {valid}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-DEFAULT = ModelParams()
-
-
 # --- time of the counted work ------------------------------------------------------------
 
-def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT) -> float:
-  """One ppermute of `payload` bytes across the slowest stage boundary."""
+def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT,
+                     latency: bool = True) -> float:
+  """One ppermute of `payload` bytes across the slowest stage boundary (latency=False: the
+  bytes' time alone, what a host's cores spend on it)."""
   bw = params.pipeline_link_bw or hw.link_bw
-  return payload / (bw * params.link_fraction) + hw.link_latency
+  return payload / (bw * params.link_fraction) + (hw.link_latency if latency else 0.0)
 
 
 
-def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT) -> float:
+def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT,
+                      latency: bool = True) -> float:
   if tp <= 1:
     return 0.0
   return (ring_allreduce_link_bytes(payload, tp) / (hw.link_bw * params.link_fraction)
-          + hw.link_latency)
+          + (hw.link_latency if latency else 0.0))
 
 
 
-def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
+def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams",
+                   latency: bool = True) -> float:
   """One tick's stream traffic: S - 1 input slices into stage 0 and S - 1 output slices out of
   the last stage, one after another over the stage boundary, then the all-gather inside stage
   0's group (counts.stream_slices: Llama has no input traffic and float32 logit slices out)."""
   sl = stream_slices(cfg, plan)
   s = 0.0
   if plan.stages > 1:
-    s += (plan.stages - 1) * sum(transfer_seconds(sl[k], hw, params)
+    s += (plan.stages - 1) * sum(transfer_seconds(sl[k], hw, params, latency)
                                  for k in ("in", "out") if sl[k])
   if sl["gather"]:
     s += ((plan.tp - 1) * sl["gather"] / (hw.link_bw * params.link_fraction)
-          + hw.link_latency)
+          + (hw.link_latency if latency else 0.0))
   return s
+
+
+def cache_bytes(hw, devices: int) -> float:
+  """The L2 one device can count on: all of it on a chip; on a host whose cores `devices`
+  simulated devices share, its share (they take turns on a core and evict each other)."""
+  if not hw.host_cores:
+    return hw.l2_bytes
+  return hw.l2_bytes * min(1.0, hw.host_cores / devices)
+
+
+def move_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
+  """One tick's local unit copies (counts.tick_move_bytes), from the L2 when a unit fits it."""
+  fits = unit_bytes(cfg, plan) <= cache_bytes(hw, plan.devices)
+  return tick_move_bytes(cfg, plan) / (hw.l2_bw if fits else hw.hbm_bw * params.hbm_fraction)
 
 
 def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dict[str, float]:
@@ -150,12 +110,26 @@ def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dic
   embed_s = (2 * payload / (hw.hbm_bw * params.hbm_fraction)
              + allreduce_seconds(payload, plan.tp, hw, params))
   flops = head_flops(cfg, n, plan.tp)
+  v_local = memory.vocab_local(cfg, plan.tp)
   hbm = (edges["lm_head"] or edges["embedding"]) + n * memory.vocab_local(cfg, plan.tp) * (
       memory.LOGIT_BYTES) + n * cfg.d_model * cfg.dtype_bytes
-  head_s = max(flops / (hw.peak_flops * params.gemm_fraction),
+  head_s = max(flops / (hw.peak_flops * params.gemm_fraction)
+               + gemm_overhead_seconds(1, (n * cfg.d_model, cfg.d_model * v_local, n * v_local),
+                                       cfg.dtype_bytes, hw, cache_bytes(hw, plan.devices)),
                hbm / (hw.hbm_bw * params.hbm_fraction))
   return {"embed_s": embed_s, "head_s": head_s, "head_flops": float(flops),
           "head_hbm": float(hbm)}
+
+
+def gemm_overhead_seconds(calls: int, arrays, element_bytes: int, hw, cache: float) -> float:
+  """What GEMMs cost beyond their FLOPs: a fixed cost per call, and per element of the arrays
+  they read and write (dtype converts, packing), dearer for an array larger than `cache`
+  (cache_bytes).
+  All 0 for the GPU presets, whose kernels are large; `jaxpart calibrate` measures them, and
+  on a CPU host they decide whether many small GEMMs beat a few large ones."""
+  return calls * hw.gemm_call_s + sum(
+      n * (hw.gemm_element_s if n * element_bytes <= cache else hw.gemm_spill_element_s)
+      for n in arrays)
 
 
 # --- traffic: HBM and L2 of one layer step -------------------------------------------------
@@ -202,7 +176,8 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
              + n * b * (4 * D + g * F))                        # LN, residual, GELU inputs
   return {"hbm_read": float(hbm_read), "hbm_write": float(hbm_write), "l2_read": float(l2_read),
           "weights_resident": weights_resident, "working_set_fits": fits,
-          "weight_bytes": float(0 if weights_resident else w_layer)}
+          "weight_bytes": float(0 if weights_resident else w_layer),
+          "intermediate_bytes": float(inter)}
 
 
 def plan_working_set(cfg: ModelConfig, plan: Plan) -> int:
@@ -271,23 +246,79 @@ def layer_step(setup: Setup, plan: Plan, positions: int,
   """One layer on one unit on one device, attending to `positions` keys: time and bytes.
 
   step_s = max(compute, HBM, L2) + the layer's two all-reduces (not overlapped: the next op
-  reads the reduced sum).
+  reads the reduced sum); on a host (hw.host_cores) the kernels' times added (host_s).
   """
   cfg, hw = setup.model, setup.hardware
   n = plan.rows * plan.chunk_tokens
-  tr = layer_step_traffic(cfg, plan, positions, hw.l2_bytes, params)
+  cache = cache_bytes(hw, plan.devices)
+  tr = layer_step_traffic(cfg, plan, positions, cache, params)
   flops = matmul_flops(cfg, n, plan.tp) + attention_flops(cfg, plan.rows, plan.chunk_tokens,
                                                           positions, plan.tp)
   hbm = tr["hbm_read"] + tr["hbm_write"]
-  compute_s = flops / (hw.peak_flops * params.gemm_fraction)
+  compute_s = (flops / (hw.peak_flops * params.gemm_fraction)
+               + gemm_overhead_seconds(len(step_gemms(cfg, n, plan.tp)),
+                                       step_gemm_arrays(cfg, n, plan.tp), cfg.dtype_bytes, hw,
+                                       cache)
+               + score_elements(cfg, plan.rows, plan.chunk_tokens, positions, plan.tp)
+               * hw.score_element_s
+               + attention_visits(plan, positions) * hw.attention_visit_s)
   hbm_s = hbm / (hw.hbm_bw * params.hbm_fraction)
   l2_s = tr["l2_read"] / hw.l2_bw
-  allreduce_s = 2 * allreduce_seconds(allreduce_payload_bytes(cfg, plan), plan.tp, hw, params)
+  # On a host one core runs the step's kernels one after another: the GEMMs and attention
+  # (compute_s, whose calibrated costs include their operands' bytes), then the elementwise
+  # passes (norms, residuals, activation) that read and write each intermediate once, from
+  # the L2 when the step's working set fits it.
+  host_s = compute_s + 2 * tr["intermediate_bytes"] / (
+      hw.l2_bw if tr["working_set_fits"] else hw.hbm_bw * params.hbm_fraction)
+  payload = allreduce_payload_bytes(cfg, plan)
+  allreduce_s = 2 * allreduce_seconds(payload, plan.tp, hw, params)
   bound = max((("compute", compute_s), ("hbm", hbm_s), ("l2", l2_s)), key=lambda kv: kv[1])[0]
   return {**tr, "flops": float(flops), "hbm_bytes": float(hbm), "compute_s": compute_s,
           "hbm_s": hbm_s, "l2_s": l2_s, "allreduce_s": allreduce_s,
-          "step_s": max(compute_s, hbm_s, l2_s) + allreduce_s, "bound": bound,
+          "step_s": (host_s if hw.host_cores else max(compute_s, hbm_s, l2_s)) + allreduce_s,
+          # What a host's cores spend on the step: a collective's latency is waiting, which
+          # other devices' work fills.
+          "work_s": host_s + 2 * allreduce_seconds(payload, plan.tp, hw, params, False),
+          "bound": bound,
           "intensity": flops / hbm if hbm else math.inf}
+
+
+def tick_seconds(unit_s: np.ndarray, plan: Plan, hw, pipe_s: float, params: ModelParams,
+                 embed_s: float = 0.0, head_s: float = 0.0, unit_work_s: np.ndarray | None = None,
+                 pipe_work_s: float = 0.0) -> np.ndarray:
+  """Each tick's time, from each unit's stage step (per device) and the tick's transfers.
+
+  Lock-step: tick t costs the slowest active stage's step (stage s holds unit t-s; stage 0
+  adds the embedding, the last stage the head), then the ppermute and stream transfers, which
+  every device makes every tick, bubble or not (hidden behind the step with
+  params.overlap_pipeline). Where the simulated devices share a host's cores
+  (hw.host_cores > 0) a tick also takes at least what the cores spend on it: every busy
+  device's work (unit_work_s) and every device's transfers without their latencies
+  (pipe_work_s), spread over the cores. There a bubble tick is cheap, a collective's latency
+  hides behind other devices' work, and tensor parallelism buys no speed.
+  """
+  S, tp = plan.stages, plan.tp
+
+  def windows(per_unit):
+    padded = np.concatenate([np.full(S - 1, -np.inf), per_unit, np.full(S - 1, -np.inf)])
+    window = np.lib.stride_tricks.sliding_window_view(padded, S)    # ticks x S (stage S-1-j)
+    ticks = window.shape[0]
+    return window, padded[S - 1:S - 1 + ticks], padded[:ticks]      # all, stage 0, last stage
+
+  window, first, last = windows(unit_s)
+  busy = window.max(axis=1)
+  if embed_s or head_s:
+    if S == 1:
+      busy = first + embed_s + head_s
+    else:
+      busy = np.maximum(busy, np.maximum(first + embed_s, last + head_s))
+  tick = np.maximum(busy, pipe_s) if params.overlap_pipeline else busy + pipe_s
+  if not hw.host_cores:
+    return tick
+  window, first, last = windows(unit_s if unit_work_s is None else unit_work_s)
+  work = tp * (np.where(np.isfinite(window), window, 0.0).sum(axis=1)
+               + embed_s * np.isfinite(first) + head_s * np.isfinite(last))
+  return np.maximum(tick, (work + plan.devices * pipe_work_s) / hw.host_cores)
 
 
 def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Prediction:
@@ -308,24 +339,17 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   # One layer step per chunk index (the attention prefix differs); every microbatch repeats them.
   steps = [layer_step(setup, plan, kv_positions(plan, k), params) for k in range(nc)]
   stage_s = lps * np.array([st["step_s"] for st in steps])           # per chunk index
-  pipe_s = ((0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params))
-            + stream_seconds(cfg, plan, hw, params))
+  def pipe(latency):
+    return ((0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params, latency))
+            + stream_seconds(cfg, plan, hw, params, latency) + move_seconds(cfg, plan, hw, params))
 
-  # Lock-step ticks: tick t costs the slowest active stage's step (stage s holds unit t-s),
-  # then the ppermute, which the engine issues after the step on every tick.
+  pipe_s = pipe(True)
+
   unit_s = np.tile(stage_s, m)                                       # U
-  padded = np.concatenate([np.full(S - 1, -np.inf), unit_s, np.full(S - 1, -np.inf)])
-  tick_busy = np.lib.stride_tricks.sliding_window_view(padded, S).max(axis=1)   # ticks
   edge = edge_seconds(cfg, plan, hw, params)
-  if edge["embed_s"] or edge["head_s"]:   # stage 0 holds unit t, the last stage unit t-S+1
-    ticks = len(tick_busy)
-    first, last = padded[S - 1:S - 1 + ticks], padded[:ticks]
-    if S == 1:
-      tick_busy = first + edge["embed_s"] + edge["head_s"]
-    else:
-      tick_busy = np.maximum(tick_busy, np.maximum(first + edge["embed_s"],
-                                                   last + edge["head_s"]))
-  tick_s = np.maximum(tick_busy, pipe_s) if params.overlap_pipeline else tick_busy + pipe_s
+  unit_work_s = np.tile(lps * np.array([st["work_s"] for st in steps]), m)
+  tick_s = tick_seconds(unit_s, plan, hw, pipe_s, params, edge["embed_s"], edge["head_s"],
+                        unit_work_s, pipe(False))
   total_s = float(tick_s.sum())
   csum = np.concatenate([[0.0], np.cumsum(tick_s)])
   first = np.arange(m) * nc                                          # a microbatch's first tick

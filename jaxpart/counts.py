@@ -22,6 +22,35 @@ def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   return 2 * tokens * memory.projection_params_local(cfg, tp, held=False)
 
 
+def step_gemms(cfg: ModelConfig, tokens: int, tp: int) -> list[tuple[int, int, int]]:
+  """The (m, k, n) of each GEMM one layer step runs on one tensor shard: Q, K, V (the shard's
+  own K/V heads), O, the MLP in-projection(s) and out-projection. 2 m k n summed over them is
+  matmul_flops."""
+  D, A, F = cfg.d_model, cfg.attn_dim // tp, cfg.d_ff // tp
+  K = memory.kv_dim_local(cfg, tp)
+  return ([(tokens, D, A), (tokens, D, K), (tokens, D, K), (tokens, A, D)]
+          + [(tokens, D, F)] * memory.mlp_in_projections(cfg) + [(tokens, F, D)])
+
+
+def step_gemm_arrays(cfg: ModelConfig, tokens: int, tp: int) -> list[int]:
+  """Element counts of the arrays one layer step's GEMMs read and write: each input once (Q,
+  K and V read the same normed input, and so do the MLP's in-projections), every weight shard
+  and every result."""
+  gemms = step_gemms(cfg, tokens, tp)
+  inputs = {(m, k, tag): m * k for (m, k, _), tag in zip(gemms, _GEMM_INPUTS[len(gemms)])}
+  return list(inputs.values()) + [k * n for _, k, n in gemms] + [m * n for m, _, n in gemms]
+
+
+# Which input each GEMM of step_gemms reads (dense: 6 GEMMs; SwiGLU: 7).
+_GEMM_INPUTS = {6: ("h1", "h1", "h1", "o", "h2", "u"), 7: ("h1", "h1", "h1", "o", "h2", "h2", "u")}
+
+
+def score_elements(cfg: ModelConfig, rows: int, tokens: int, positions: float, tp: int) -> float:
+  """Attention scores one step computes (and masks, exponentiates, sums): rows x tokens queries
+  x `positions` keys (kv_positions: padded tiles included) x the shard's query heads."""
+  return rows * tokens * positions * (cfg.n_heads // tp)
+
+
 def head_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   """The LM head on the last stage: `tokens` x D @ D x V/tp (the local vocab shard); the
   embedding is a lookup (no FLOPs). 0 for dense."""
@@ -72,6 +101,11 @@ def visit_sum(plan: Plan, chunk_index: int) -> int:
   return (n - 1) * ((q0 - 1) // kb) + (n - 1) * n // 2 + (n - 1) + last // kb + 1
 
 
+def attention_visits(plan: Plan, positions: float) -> float:
+  """(query tile, KV block) pairs a step visits, from its kv_positions (their inverse)."""
+  return positions * plan.chunk_tokens / (plan.kv_block * q_block(plan))
+
+
 def kv_positions(plan: Plan, chunk_index: int) -> float:
   """Keys per query a chunk's step computes against: every visited (tile, block) pair in full,
   padded queries of a ragged last tile included, spread over the chunk's queries."""
@@ -87,6 +121,17 @@ def allreduce_payload_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | N
 def unit_bytes(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> int:
   """What the ppermute carries each tick: one unit of activations."""
   return plan.rows * plan.chunk_tokens * cfg.d_model * (element_bytes or cfg.dtype_bytes)
+
+
+# Unit-sized buffers every device writes each tick outside its stage step, bubble or not: the
+# all-gathered input unit, its copy into row-major layout, and the pipeline send's buffer
+# (tests/test_costmodel_host.py counts them in the compiled tick loop).
+TICK_UNIT_WRITES = 3
+
+
+def tick_move_bytes(cfg: ModelConfig, plan: Plan) -> int:
+  """Bytes each device reads and writes per tick moving units (TICK_UNIT_WRITES of them)."""
+  return 2 * TICK_UNIT_WRITES * unit_bytes(cfg, plan)
 
 
 def stream_slices(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None) -> dict[str, int]:

@@ -105,6 +105,8 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
   is_last = stage == S - 1
   p_stage, p_edges = fam.split(params)
   out, logits_out = out[0], logits_out[0]
+  cache_dt = kc.dtype
+  kc, vc = engine.narrow_as_bits(kc), engine.narrow_as_bits(vc)   # bf16: updated as integers
   keep_logits = fam.tokens_in and logits_out.shape[-1] == cfg.vocab
   step = functools.partial(engine.stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis)
 
@@ -170,7 +172,8 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
   ticks = t0 + jnp.arange(sched.period)
   (recv, pending, kc, vc, out, logits_out), _ = jax.lax.scan(
       tick, (recv, pending, kc, vc, out, logits_out), ticks)
-  return kc, vc, recv, pending, out[None], logits_out[None]
+  return (engine.from_bits(kc, cache_dt), engine.from_bits(vc, cache_dt), recv, pending,
+          out[None], logits_out[None])
 
 
 def make_cycle(plan: Plan, cfg: ModelConfig, mesh, sched: Schedule, sampling: Sampling):

@@ -31,7 +31,9 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
   (layer, ...): slicing one layer's cache out and stacking it back would copy it every step.
   Positions are absolute (q_start + i), so RoPE and the cache agree for every chunk; q_start is
   one position for the unit, or one per row (R,) for a decode step of sequences of different
-  lengths.
+  lengths. The caches hold values, or the bit patterns of 16-bit floats (narrow_as_bits) in
+  the forward-only engine and while decoding: XLA:CPU would rewrite a whole bf16 cache for
+  every update.
   """
   block = families.of(cfg).block
   r, c = x_RxCxD.shape[:2]
@@ -45,6 +47,7 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
 
     def attend(q, k, v, state):
       kc, vc = state
+      k, v = _like(k, kc), _like(v, vc)   # a cache of bit patterns stores them as such
       if per_row:   # each row's token at its own position (c == 1 while decoding)
         kc = kc.at[l, rows_R[:, None], pos].set(k)
         vc = vc.at[l, rows_R[:, None], pos].set(v)
@@ -86,12 +89,24 @@ def _unit_origin(u, plan: Plan):
   return (u // plan.n_chunks) * plan.rows, (u % plan.n_chunks) * plan.chunk_tokens
 
 
-def _as_bits(a):
+def _like(a, cache):
+  """a as the cache stores it: values, or their bit patterns (forward-only engines)."""
+  return a if a.dtype == cache.dtype else jax.lax.bitcast_convert_type(a, cache.dtype)
+
+
+def narrow_as_bits(a):
+  """as_bits for a 16-bit float array (which XLA:CPU widens to float32 to update), else a: a
+  float32 cache is updated in place as it is, and a bitcast at the boundary of a loop would
+  cost it a copy."""
+  return as_bits(a) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4 else a
+
+
+def as_bits(a):
   """The same bytes as unsigned integers (see make_forward's `differentiable`)."""
   return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
 
 
-def _from_bits(a, dtype):
+def from_bits(a, dtype):
   return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
 
 
@@ -114,8 +129,9 @@ def _write_piece(out_BpxTpxW, piece_RxCxW, row0, tok0, valid):
                                       (jnp.where(valid, row0, spare), tok0, 0))
 
 
-def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan, dtype):
-  """The whole width of one input unit at stage 0, from the stream sharded over every device.
+def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan):
+  """The whole width of one input unit at stage 0, from the stream sharded over every device
+  (in the stream's own element type: values, or their bit patterns).
 
   Device (s, t) holds width block t*S + s (sharding.SPECS.stream). Each stage s > 0 sends its
   block of the unit to stage 0 (S - 1 one-pair ppermutes: nothing goes anywhere else), stage 0
@@ -123,7 +139,7 @@ def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan, dtype):
   completes the width. Other stages run the same all-gather on their own blocks and discard it.
   """
   S = plan.stages
-  piece = _from_bits(_read_piece(x_BxTxWn, row0, tok0, plan.rows, plan.chunk_tokens), dtype)
+  piece = _read_piece(x_BxTxWn, row0, tok0, plan.rows, plan.chunk_tokens)
   with jax.named_scope("input_gather"):
     pieces = [piece] + [jax.lax.ppermute(piece, STAGE_AXIS, [(k, 0)]) for k in range(1, S)]
     slab = jnp.concatenate(pieces, axis=-1) if S > 1 else piece
@@ -159,7 +175,7 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   p_stage, p_edges = fam.split(params)
   dt = jax.tree.leaves(p_stage)[0].dtype              # activations: the weights' dtype
   out_dt = fam.out_dtype(cfg) if fam.tokens_in else dt
-  store = (lambda a: a) if differentiable else _as_bits
+  store = (lambda a: a) if differentiable else as_bits
   in_dt = inp.dtype
   inp = inp if fam.tokens_in else store(inp)
   unit_shape = (plan.rows, plan.chunk_tokens, cfg.d_model)
@@ -173,14 +189,21 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
+  # Units move between ticks, stages and devices as `store` keeps them (bit patterns in the
+  # forward-only engine): every device selects, sends and receives a unit every tick, bubble or
+  # not, and on XLA:CPU a bf16 select or send is widened to float32 and back. Only a stage that
+  # has a unit turns it into values, inside its cond.
+  bubble = store(jnp.asarray(bubble_fill, dt))
+
   def run(operands):
     x, kc, vc, q_start, row0 = operands
     with jax.named_scope("stage_step"):
-      return step(p_stage, x, kc, vc, q_start, row0=row0 if keep else 0)
+      y, kc, vc = step(p_stage, from_bits(x, dt), kc, vc, q_start, row0=row0 if keep else 0)
+      return store(y), kc, vc
 
   def skip(operands):
     x, kc, vc, _, _ = operands
-    return jnp.zeros_like(x), kc, vc
+    return jnp.full_like(x, bubble), kc, vc   # what a bubble tick sends on
 
   def first_unit(t):
     """Unit t as stage 0 takes it (every device joins; on bubble ticks past the last unit it
@@ -189,12 +212,13 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
     if fam.tokens_in:
       ids_RxC = _read_piece(inp, *origin, plan.rows, plan.chunk_tokens)
       with jax.named_scope("embed"):
-        return fam.embed(p_edges, ids_RxC, cfg, tp_axis)
-    return _gather_unit(inp, *origin, plan, in_dt).astype(dt)
+        return store(fam.embed(p_edges, ids_RxC, cfg, tp_axis))
+    unit = _gather_unit(inp, *origin, plan)
+    return unit if in_dt == dt else store(from_bits(unit, in_dt).astype(dt))
 
   def head(y):
     with jax.named_scope("head"):
-      return fam.head(p_edges, y, cfg, tp_axis).astype(out_dt)
+      return store(fam.head(p_edges, from_bits(y, dt), cfg, tp_axis).astype(out_dt))
 
   perm = [(s, s + 1) for s in range(S - 1)]
 
@@ -204,25 +228,27 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
     valid = (u >= 0) & (u < U)
     row0, q_start = _unit_origin(jnp.clip(u, 0, U - 1), plan)
     x = jnp.where(stage == 0, first_unit(t), recv)
-    x = jnp.where(valid, x, jnp.asarray(bubble_fill, dt))
     y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start, row0))
     # The last stage finished unit t - (S-1): its head gives each tensor shard its slice of
     # the output, and every device stores its block of that.
-    y_out = jax.lax.cond(is_last & valid, head, lambda _: jnp.zeros(out_local, out_dt), y)
+    y_out = jax.lax.cond(is_last & valid, head,
+                         lambda _: store(jnp.zeros(out_local, out_dt)), y)
     u_out = t - (S - 1)
-    out = _write_piece(out, store(_scatter_unit(y_out, plan)),
+    out = _write_piece(out, _scatter_unit(y_out, plan),
                        *_unit_origin(jnp.clip(u_out, 0, U - 1), plan), (u_out >= 0) & (u_out < U))
     with jax.named_scope("pipeline_send"):
       recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
     return (recv, kc, vc, out), None
 
   fill = store(jnp.asarray(out_fill, out_dt))
-  init = (jnp.zeros(unit_shape, dt), jnp.zeros(cache_shape, dt), jnp.zeros(cache_shape, dt),
+  cache_store = (lambda a: a) if differentiable else narrow_as_bits
+  init = (store(jnp.zeros(unit_shape, dt)), cache_store(jnp.zeros(cache_shape, dt)),
+          cache_store(jnp.zeros(cache_shape, dt)),
           jnp.full((plan.batch + plan.rows, plan.padded_seq, out_local[2] // S), fill,
                    fill.dtype))
   (_, kc, vc, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  out = _from_bits(out[:plan.batch, :plan.seq], out_dt)
-  return (out, kc, vc) if keep else out
+  out = from_bits(out[:plan.batch, :plan.seq], out_dt)
+  return (out, from_bits(kc, dt), from_bits(vc, dt)) if keep else out
 
 
 def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
@@ -250,8 +276,9 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
   of it per device; integers are left alone. Integers carry no gradient, so that forward
   refuses jax.grad; leave it True to differentiate.
 
-  bubble_fill is what a stage sees as input on ticks it has no unit; out_fill what the output
-  buffer holds before units are written. Tests set both to NaN to prove neither leaks.
+  bubble_fill is what a stage sends on ticks it has no unit (so what the next stage receives
+  then); out_fill what the output buffer holds before units are written. Tests set both to
+  NaN to prove neither leaks.
   """
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
   fam = families.of(cfg)

@@ -75,27 +75,29 @@ def engine_loop_bytes(hlo_text: str, plan) -> dict[str, Any]:
   """Measured per-device collective bytes of a compiled engine forward, split into the
   pipeline loop (ops inside the tick loop, weighted by costmodel.hlo_cond_weights) and the rest
   (outside every loop: GSPMD's gather of the last stage's output to all devices), with the
-  element size the loop's collectives were compiled with."""
+  element size each kind of loop collective was compiled with (None: none, or mixed sizes).
+  On XLA:CPU a bf16 all-reduce is promoted to float32 (4 bytes), while the forward-only
+  engine's sends and gathers move bit patterns of the model's own width."""
   ops = collective_ops(hlo_text, costmodel.hlo_cond_weights(plan))
   loop = {k: 0.0 for k in COLLECTIVE_KINDS}
   rest = {k: 0.0 for k in COLLECTIVE_KINDS}
-  sizes = set()
+  sizes: dict[str, set] = {k: set() for k in COLLECTIVE_KINDS}
   for o in ops:
     (loop if o.loop_depth else rest)[o.kind] += o.bytes * o.count
     if o.loop_depth and o.element_type:
-      sizes.add(element_bytes(o.element_type))
+      sizes[o.kind].add(element_bytes(o.element_type))
   return {"loop": loop, "outside_loops": rest,
-          "element_bytes": sizes.pop() if len(sizes) == 1 else None}
+          "element_bytes": {k: (v.pop() if len(v) == 1 else None) for k, v in sizes.items()}}
 
 
 def megatron_comparison(hlo_text: str, plan, cfg) -> dict[str, Any]:
   """engine_loop_bytes beside the cost model's executed bytes (Megatron's accounting: two
-  all-reduces of the unit per layer per unit, one permute per tick) at the compiled element
-  size."""
+  all-reduces of the unit per layer per unit, one permute per tick) at each kind's compiled
+  element size."""
   m = engine_loop_bytes(hlo_text, plan)
-  eb = m["element_bytes"] or cfg.dtype_bytes
-  executed = costmodel.collective_bytes(cfg, plan, eb)["executed"]
-  want = {k: executed.get(k, 0.0) for k in COLLECTIVE_KINDS}
+  eb = {k: int(v or cfg.dtype_bytes) for k, v in m["element_bytes"].items()}
+  want = {k: costmodel.collective_bytes(cfg, plan, eb[k])["executed"].get(k, 0.0)
+          for k in COLLECTIVE_KINDS}
   return {"element_bytes": eb, "measured_loop": m["loop"], "formula": want,
           "outside_loops": m["outside_loops"],
           "ratio": {k: (m["loop"][k] / want[k]) if want[k] else None for k in want}}

@@ -2,11 +2,12 @@
 
 import json
 import math
+import os
 
 import pytest
 
 from conftest import require_devices
-from jaxpart import autotune, cli, config
+from jaxpart import autotune, cli, config, costmodel
 
 
 def test_ranks_average_ties():
@@ -79,14 +80,17 @@ def test_calibrate_writes_a_hardware_toml_that_config_loads(tmp_path, capsys):
                  "--dtype", "float32", "--repeats", "1", "--json"])
   assert rc == 0
   res = json.loads(capsys.readouterr().out)
-  assert [g["n"] for g in res["gemm"]] == [16, 32]
-  best = max(g["flops_per_s"] for g in res["gemm"])
-  assert res["hardware"]["peak_flops"] == best > 0
-  assert res["copy"]["bytes_per_s"] > 0 and res["base"] == "cpu"
+  assert [g["m"] for g in res["gemm"]] == [16] * 5 + [32] * 5
+  assert all(g["median_s"] > 0 for g in res["gemm"] + res["attention"])
+  hw = res["hardware"]
+  fit = res["gemm_fit"]
+  assert hw["peak_flops"] == pytest.approx(fit["flops_per_s"] / costmodel.DEFAULT.gemm_fraction)
+  assert min(hw["gemm_call_s"], hw["gemm_element_s"], hw["score_element_s"]) >= 0
+  assert res["base"] == "cpu" and hw["host_cores"] == len(os.sched_getaffinity(0))
   setup = config.load_setup("tiny", config_file=str(out))
-  assert setup.hardware.peak_flops == pytest.approx(best, rel=1e-6)
-  assert setup.hardware.hbm_bw == pytest.approx(res["hardware"]["hbm_bw"], rel=1e-6)
-  assert setup.hardware.l2_bytes == config.HARDWARE_PRESETS["cpu"].l2_bytes
+  for name, value in hw.items():                 # every measured field lands in the file
+    assert getattr(setup.hardware, name) == pytest.approx(value, rel=1e-5), name
+  assert setup.hardware.hbm_bytes == config.HARDWARE_PRESETS["cpu"].hbm_bytes
   assert cli.main(["predict", "--preset", "tiny", "--config", str(out), "--devices", "4",
                    "--json"]) == 0
 

@@ -123,9 +123,12 @@ def test_compiled_engine_figures_match_the_model():
   setup = config.load_setup("tiny")     # bf16: CPU XLA promotes its collectives to f32
   plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=32)
   m = measured.compile_engine(setup, plan)
-  assert m["collective_element_bytes"] == 4
-  model = costmodel.collective_bytes(setup.model, plan, element_bytes=4)
-  for kind in ("all-reduce", "collective-permute"):
+  # all-reduces promoted to f32 by CPU XLA; sends and gathers as the model's 2-byte bits
+  assert m["collective_element_bytes"] == {"all-reduce": 4, "collective-permute": 2,
+                                           "all-gather": 2, "reduce-scatter": 0, "all-to-all": 0}
+  for kind in ("all-reduce", "collective-permute", "all-gather"):
+    model = costmodel.collective_bytes(setup.model, plan,
+                                       element_bytes=m["collective_element_bytes"][kind])
     assert m["collective_loop_executed"][kind] == pytest.approx(model["executed"][kind],
                                                                 rel=0.05)
   assert m["flops_executed"] == pytest.approx(costmodel.plan_flops(setup.model, plan)["executed"],

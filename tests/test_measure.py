@@ -80,7 +80,7 @@ def test_engine_collectives_bf16_counts_element_size_as_compiled():
   s = config.load_setup("tiny")
   plan = planner.make_plan(s, 16, "layerwise", chunk_tokens=25)
   cmp = measure.megatron_comparison(_engine_hlo(plan, s.model, None), plan, s.model)
-  assert cmp["element_bytes"] in (2, 4)
+  assert set(cmp["element_bytes"].values()) <= {2, 4}
   for kind in hlo.COLLECTIVE_KINDS:
     assert cmp["measured_loop"][kind] == pytest.approx(cmp["formula"][kind], rel=0.05), kind
   assert cmp["formula"]["all-reduce"] > 0

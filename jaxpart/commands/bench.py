@@ -194,10 +194,12 @@ def print_point(result: dict) -> None:
                if m["formula"][k] or m["measured_loop"][k] or m["outside_loops"][k]],
               ["engine collectives", "in tick loop", "Megatron formula", "measured/formula",
                "outside loops"]))
-  print(f"per device per forward, {m['element_bytes']}-byte elements as compiled (XLA on CPU "
-        "promotes bf16 collectives to f32). Formula: TP 2 all-reduces of a unit per layer per "
-        "unit; pipeline one unit per tick (units + bubble ticks). Outside loops: the output's "
-        "gather from the last stage.")
+  sizes = ", ".join(f"{KIND_ABBREV[k]} {m['element_bytes'][k]}" for k in hlo.COLLECTIVE_KINDS
+                    if m["formula"][k] or m["measured_loop"][k])
+  print(f"per device per forward, at the element bytes compiled ({sizes}: XLA on CPU promotes "
+        "bf16 all-reduces to f32; the forward-only engine sends bit patterns). Formula: TP 2 "
+        "all-reduces of a unit per layer per unit; pipeline one unit per tick (units + bubble "
+        "ticks). Outside loops: the output's gather from the last stage.")
   print()
   print(table([[k, f"{v:.3f}"] for k, v in result["ratios"].items()], ["ratio of medians", "x"]))
 

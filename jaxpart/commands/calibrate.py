@@ -1,26 +1,29 @@
-"""`jaxpart calibrate`: measure this device's GEMM rate and copy bandwidth and write them as a
-hardware TOML for `--config`, so predictions use measured rates (jaxpart.calibrate)."""
+"""`jaxpart calibrate`: microbenchmarks (GEMMs, attention, copy, psum) on the
+devices present, written as a hardware TOML for `--config`, so predictions use measured rates
+(jaxpart.calibrate)."""
 
 from __future__ import annotations
 
 import sys
 
-from jaxpart import calibrate, paths
+from jaxpart import calibfit, calibrate, paths
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 
 NAME = "calibrate"
-HELP = "measure GEMM rate and memory bandwidth and write a hardware TOML that --config loads"
+HELP = ("measure GEMM, attention, memory and collective costs and write a hardware TOML that "
+        "--config loads")
 
 
 def add_arguments(p):
   p.add_argument("--out", required=True, metavar="HW.toml", help="the TOML file to write")
   p.add_argument("--hardware", default=None,
                  help="base preset for the fields not measured (default: the device's own)")
-  p.add_argument("--sizes", default="256,512,1024,2048", metavar="N1,N2,...",
-                 help="square matmul sizes to time")
-  p.add_argument("--copy-mb", type=float, default=256.0,
-                 help="array size of the bandwidth test, MB (10^6 bytes)")
+  p.add_argument("--sizes", default="64,256,1024,4096", metavar="M1,M2,...",
+                 help="GEMM rows m to time, each against (k, n) of "
+                 + ", ".join(f"{k}x{n}" for k, n in calibrate.GEMM_KN))
+  p.add_argument("--copy-mb", type=float, default=64.0,
+                 help="array size of the memory bandwidth test, MB (10^6 bytes)")
   p.add_argument("--dtype", default="bfloat16", choices=calibrate.DTYPES)
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
   _common.add_json_arg(p)
@@ -45,15 +48,27 @@ def run(args) -> int:
   if args.json:
     _common.emit_json({**result, "out": args.out})
     return 0
-  rows = [[g["n"], f"{g['median_s'] * 1e3:,.3f}", f"{g['flops_per_s'] / 1e9:,.2f}"]
-          for g in result["gemm"]]
-  print(_common.table(rows, ["n (n^3 matmul)", "median ms", f"GFLOP/s ({args.dtype})"]))
-  c = result["copy"]
-  print(f"copy: {c['bytes'] / 1e6:,.1f} MB in {c['median_s'] * 1e3:,.3f} ms, "
-        f"{c['bytes_per_s'] / 1e9:,.2f} GB/s (read + write)")
-  hw = result["hardware"]
-  print(f"{args.out}: base {result['base']}, peak_flops {hw['peak_flops']:.3e}, hbm_bw "
-        f"{hw['hbm_bw']:.3e}; use it with --config {args.out}")
+  fit = result["gemm_fit"]
+  rows = [[f"{g['m']}x{g['k']}x{g['n']}", f"{g['median_s'] * 1e6:,.1f}",
+           f"{calibfit.gemm_model(fit, g['features']) * 1e6:,.1f}",
+           f"{g['flops_per_s'] / 1e9:,.2f}"] for g in result["gemm"]]
+  print(f"GEMMs ({args.dtype}, {result['timed']}): fit t = {fit['call_s'] * 1e6:.2f} us + "
+        f"elements x {fit['element_s'] * 1e9:.3f} ns (beyond the L2: "
+        f"{fit['spill_element_s'] * 1e9:.3f} ns) + FLOPs / {fit['flops_per_s'] / 1e9:.1f} "
+        f"GFLOP/s (worst residual {fit['worst_rel_residual']:.0%})")
+  print(_common.table(rows, ["m x k x n", "measured us", "fitted us", "GFLOP/s"]))
+  print(f"attention: {result['hardware']['score_element_s'] * 1e9:.3f} ns per score element "
+        f"beyond its FLOPs")
+  for key, where in (("stream_near", "in the L2"), ("stream", "beyond it")):
+    if result[key]:
+      c = result[key]
+      print(f"elementwise pass ({where}): {c['bytes'] / 1e6:,.2f} MB in "
+            f"{c['median_s'] * 1e6:,.1f} us, {c['bytes_per_s'] / 1e9:,.2f} GB/s (read + write)")
+  if result["ppermute"]:
+    p = result["ppermute"]
+    print(f"ppermute among {p['devices']} devices: link_bw {p['link_bw']:.3e} B/s, latency "
+          f"{p['link_latency'] * 1e6:.1f} us (per device)")
+  print(f"{args.out}: base {result['base']}; use it with --config {args.out}")
   if result["load"]["under_load"]:
     print(f"every figure above was {result['load']['note']}")
   return 0
