@@ -222,8 +222,8 @@ def own_steps_variant(cfg, plan, placed_params, mesh, x_BxTxD) -> Variant:
   cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len,
                  families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
 
-  def zeros():
-    return jnp.zeros(cache_shape, dt, device=dev0)
+  def zeros():   # the caches as the forward-only engine keeps them (bit patterns for bf16)
+    return engine.narrow_as_bits(jnp.zeros(cache_shape, dt, device=dev0))
 
   variant = Variant(OWN_STEPS, 1, measure.jit_stage_step(cfg, plan),
                     (shards[0, 0], units[0], zeros(), zeros(), q_starts[0]),

@@ -1,15 +1,17 @@
 """Calibration: microbenchmarks on the devices present, written as a hardware TOML that
 `--config` loads, so the cost model predicts with this machine's measured rates instead of a
-datasheet's (the presets' CPU figures are nominal otherwise).
+datasheet's.
 
-Measured, each by a kernel unrelated to any one plan:
-- GEMMs of a grid of (m, k, n) shapes, fitted as t = call + elements x per-element + FLOPs / rate
-  (calibfit.gemm_fit): the rate sets peak_flops, the other two gemm_call_s and gemm_element_s,
-  which is why small matmuls run far below the peak;
-- flash attention over a KV cache (attention.blocked_causal): score_element_s, the time per
-  score element beyond its FLOPs (mask, running max, exp);
-- an on-device copy: hbm_bw; a psum over the tensor axis at two payloads: link_bw, link_latency;
-- with simulated CPU devices, the cores they share (host_cores).
+Measured, each by a kernel unrelated to any one plan, inside a compiled loop (_looped):
+- GEMMs of a grid of (m, k, n) shapes, fitted as t = call + elements x per-element (dearer for
+  an array beyond the L2) + FLOPs / rate (calibfit.gemm_fit): the rate sets peak_flops, the
+  rest gemm_call_s, gemm_element_s and gemm_spill_element_s: why small matmuls run far below
+  the peak;
+- flash attention over a KV cache (attention.blocked_causal) at query tiles of 128, 64 and 32:
+  score_element_s (mask, running max, exp per score) and attention_visit_s (per tile and block);
+- an elementwise pass over an array beyond the L2 (hbm_bw) and, on a host, one inside it (l2_bw);
+- a ppermute among every device at two payloads: link_bw, link_latency;
+- with simulated CPU devices, the cores they share (host_cores) and the L2 Linux reports.
 
 On a CPU host a device's work is timed as process CPU time (the simulated devices share the
 cores, so CPU time is what they compete for); on accelerators, wall time. The fitted rates are
@@ -225,9 +227,10 @@ def ppermute_times(repeats: int, cores: int, warmup: int = 1) -> dict[str, Any] 
           **calibfit.link_fit(PPERMUTE_BYTES, wall, share, DEFAULT.link_fraction)}
 
 
-def calibrate(sizes: Sequence[int], copy_bytes: int, dtype: str = "bfloat16",
+def calibrate(sizes: Sequence[int], copy_bytes: int | None, dtype: str = "bfloat16",
               repeats: int = 5, base: str | None = None) -> dict[str, Any]:
-  """The measurements, the hardware fields they set, and the load they were taken under."""
+  """The measurements, the hardware fields they set, and the load they were taken under.
+  copy_bytes None: 8 times the L2 (beyond it, about the size of a large step's arrays)."""
   if dtype not in DTYPES:
     raise ConfigError(f"--dtype = {dtype!r}: valid: {', '.join(DTYPES)}")
   base = base_hardware(base)
@@ -246,7 +249,7 @@ def calibrate(sizes: Sequence[int], copy_bytes: int, dtype: str = "bfloat16",
                                 [a["flops"] for a in att], [a["median_s"] for a in att],
                                 fit["flops_per_s"])
   near = stream_bandwidth(IN_L2_BYTES, dtype, repeats, cpu) if cpu else None
-  far = stream_bandwidth(copy_bytes, dtype if cpu else "float32", repeats, cpu)
+  far = stream_bandwidth(copy_bytes or int(8 * l2), dtype if cpu else "float32", repeats, cpu)
   link = ppermute_times(repeats, cores)
   hw = {"peak_flops": fit["flops_per_s"] / DEFAULT.gemm_fraction,
         "hbm_bw": far["bytes_per_s"] / DEFAULT.hbm_fraction,

@@ -100,24 +100,25 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
     ),
     "cpu": Hardware(
         # This CI machine with XLA:CPU's simulated devices: 2 cores (Xeon VM, AVX-512), 24 GiB.
-        # The rates were measured by `jaxpart calibrate` on it on 2026-12-01 (load 0.7, 16
-        # simulated devices, bf16, process CPU time); run it again on another machine and load
-        # the file it writes with --config.
+        # The rates are `jaxpart calibrate` on it, 2026-12-01 18:47 UTC, load 0.5, 16 simulated
+        # devices, bf16, process CPU time (experiments/results/calibrate-cpu.toml); on another
+        # machine run calibrate and load the file it writes with --config.
         name="cpu",
-        peak_flops=1.66e11,     # calibrate: fitted GEMM rate 1.25e11 FLOP/s / gemm_fraction
+        peak_flops=1.91e11,     # fitted GEMM rate 1.43e11 FLOP/s / gemm_fraction
         hbm_bytes=24e9,         # this CI machine's RAM (env: 24 GiB)
-        hbm_bw=4.3e9,           # calibrate: bf16 elementwise pass over 64 MB (with its float32
-                                # converts), read + write, / hbm_fraction
+        hbm_bw=1.34e10,         # bf16 elementwise pass over 16.8 MB (8 x the L2, with its
+                                # float32 converts), read + write, / hbm_fraction
         l2_bytes=2097152.0,     # the per-core L2 Linux reports (2048K)
-        l2_bw=1.69e10,          # calibrate: the same pass over 128 kB, in the L2
-        link_bw=6.14e9,         # calibrate: ppermute among 16 devices, per device's share of
-                                # the cores, / link_fraction
-        link_latency=5.0e-5,    # calibrate: ppermute fit intercept, per device
+        l2_bw=1.70e10,          # the same pass over 128 kB, in the L2
+        link_bw=6.03e9,         # ppermute among 16 devices: a device's share of the cores'
+                                # time per byte, / link_fraction
+        link_latency=4.5e-4,    # ppermute wall time's intercept
         host_cores=2,           # the simulated devices share this machine's 2 cores
-        gemm_call_s=0.0,        # calibrate: the fit's per-call term came out 0
-        gemm_element_s=3.3e-10,       # calibrate: per GEMM operand/result element, in the L2
-        gemm_spill_element_s=6.2e-10,  # calibrate: the same beyond the L2
-        score_element_s=2.27e-9,      # calibrate: attention, per score element beyond FLOPs
+        gemm_call_s=0.0,        # the fit's per-call term came out 0 (kernels in a loop)
+        gemm_element_s=4.37e-10,       # per GEMM operand/result element, in the L2
+        gemm_spill_element_s=6.16e-10,  # the same beyond the L2
+        score_element_s=2.14e-9,       # attention: per score element beyond its FLOPs
+        attention_visit_s=2.17e-6,     # attention: per (query tile, KV block) visited
     ),
 }
 

@@ -86,7 +86,8 @@ def test_on_a_host_bubbles_are_cheap_and_tensor_parallelism_buys_nothing():
   assert total(host, 4, 4, 4) > 0.95 * total(host, 4, 2, 4)     # a host: no such gain
   bubble = (total(chip, 4, 4, 1) / total(chip, 4, 4, 4), total(host, 4, 4, 1)
             / total(host, 4, 4, 4))
-  assert bubble[0] > 2.0 and bubble[1] < 1.6, bubble
+  # 1 microbatch of 4 rows: 4 ticks, a stage busy in one; 4 of 1 row: 7 ticks, 4 busy each
+  assert bubble[0] > bubble[1] + 0.4 and bubble[1] < 1.3, bubble
 
 
 def test_cache_share_on_a_host():

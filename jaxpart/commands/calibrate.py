@@ -22,8 +22,9 @@ def add_arguments(p):
   p.add_argument("--sizes", default="64,256,1024,4096", metavar="M1,M2,...",
                  help="GEMM rows m to time, each against (k, n) of "
                  + ", ".join(f"{k}x{n}" for k, n in calibrate.GEMM_KN))
-  p.add_argument("--copy-mb", type=float, default=64.0,
-                 help="array size of the memory bandwidth test, MB (10^6 bytes)")
+  p.add_argument("--copy-mb", type=float, default=None,
+                 help="array size of the memory bandwidth test, MB (10^6 bytes); default 8 "
+                      "times the L2, the size of a step's arrays that do not fit it")
   p.add_argument("--dtype", default="bfloat16", choices=calibrate.DTYPES)
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
   _common.add_json_arg(p)
@@ -38,9 +39,10 @@ def run(args) -> int:
   if not sizes or any(n <= 0 for n in sizes):
     raise ConfigError(f"--sizes = {args.sizes!r}: must be a comma-separated list of positive "
                       f"integers, for example 256,1024")
-  if not args.copy_mb > 0:
+  if args.copy_mb is not None and not args.copy_mb > 0:
     raise ConfigError(f"--copy-mb = {args.copy_mb!r}: must be a positive number of MB")
-  result = calibrate.calibrate(sizes, int(args.copy_mb * 1e6), args.dtype, args.repeats,
+  copy_bytes = None if args.copy_mb is None else int(args.copy_mb * 1e6)
+  result = calibrate.calibrate(sizes, copy_bytes, args.dtype, args.repeats,
                                args.hardware)
   with open(args.out, "w") as f:
     f.write(calibrate.toml_text(result))
@@ -58,7 +60,8 @@ def run(args) -> int:
         f"GFLOP/s (worst residual {fit['worst_rel_residual']:.0%})")
   print(_common.table(rows, ["m x k x n", "measured us", "fitted us", "GFLOP/s"]))
   print(f"attention: {result['hardware']['score_element_s'] * 1e9:.3f} ns per score element "
-        f"beyond its FLOPs")
+        f"beyond its FLOPs, {result['hardware']['attention_visit_s'] * 1e6:.2f} us per (query "
+        f"tile, KV block) visited")
   for key, where in (("stream_near", "in the L2"), ("stream", "beyond it")):
     if result[key]:
       c = result[key]
