@@ -15,6 +15,10 @@ Time is the sum over ticks of the slowest active stage's step plus the tick's pp
 scan is lock-step, so a bubble tick costs as long as a busy one. A layer step costs the largest
 of its compute, HBM and L2 times (kernels are assumed to overlap their own loads), then its two
 all-reduces, which Megatron's forward cannot overlap (the next op reads the reduced sum).
+
+Simulated devices sharing a host's cores (hw.host_cores > 0, XLA:CPU) are modelled too: a step
+is its kernels one after another, priced by `jaxpart calibrate`, and a tick takes at least the
+work of every busy device and every device's transfers spread over the cores (tick_seconds).
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dic
              + allreduce_seconds(payload, plan.tp, hw, params))
   flops = head_flops(cfg, n, plan.tp)
   v_local = memory.vocab_local(cfg, plan.tp)
-  hbm = (edges["lm_head"] or edges["embedding"]) + n * memory.vocab_local(cfg, plan.tp) * (
-      memory.LOGIT_BYTES) + n * cfg.d_model * cfg.dtype_bytes
+  hbm = ((edges["lm_head"] or edges["embedding"]) + n * v_local * memory.LOGIT_BYTES
+         + n * cfg.d_model * cfg.dtype_bytes)
   head_s = max(flops / (hw.peak_flops * params.gemm_fraction)
                + gemm_overhead_seconds(1, (n * cfg.d_model, cfg.d_model * v_local, n * v_local),
                                        cfg.dtype_bytes, hw, cache_bytes(hw, plan.devices)),
@@ -339,6 +343,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   # One layer step per chunk index (the attention prefix differs); every microbatch repeats them.
   steps = [layer_step(setup, plan, kv_positions(plan, k), params) for k in range(nc)]
   stage_s = lps * np.array([st["step_s"] for st in steps])           # per chunk index
+
   def pipe(latency):
     return ((0.0 if S == 1 else transfer_seconds(unit_bytes(cfg, plan), hw, params, latency))
             + stream_seconds(cfg, plan, hw, params, latency) + move_seconds(cfg, plan, hw, params))

@@ -105,8 +105,6 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
   is_last = stage == S - 1
   p_stage, p_edges = fam.split(params)
   out, logits_out = out[0], logits_out[0]
-  cache_dt = kc.dtype
-  kc, vc = engine.narrow_as_bits(kc), engine.narrow_as_bits(vc)   # bf16: updated as integers
   keep_logits = fam.tokens_in and logits_out.shape[-1] == cfg.vocab
   step = functools.partial(engine.stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis)
 
@@ -131,13 +129,14 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
     return ids, ids, (logits if keep_logits else jnp.zeros(lrec_shape, jnp.float32))
 
   fb_shape, rec_shape = pending.shape[1:], (R,) + out.shape[2:]
+  rec_dt = out.dtype if fam.tokens_in else recv.dtype     # values; `out` may hold their bits
   lrec_shape = (R, logits_out.shape[-1])
 
   def record(buf, rec, row0, k, keep):
     """buf[row0:row0+R, k] = rec where keep, in place."""
     at = (row0, k) + (0,) * (buf.ndim - 2)
     old = jax.lax.dynamic_slice(buf, at, (R, 1) + buf.shape[2:])
-    return jax.lax.dynamic_update_slice(buf, jnp.where(keep, rec[:, None].astype(buf.dtype), old),
+    return jax.lax.dynamic_update_slice(buf, jnp.where(keep, engine.like(rec[:, None], buf), old),
                                         at)
 
   def tick(carry, t):
@@ -152,7 +151,7 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
     y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, pos_R, row0))
     fb, rec, lrec = jax.lax.cond(
         is_last & valid, last,
-        lambda _: (jnp.zeros(fb_shape, pending.dtype), jnp.zeros(rec_shape, out.dtype),
+        lambda _: (jnp.zeros(fb_shape, pending.dtype), jnp.zeros(rec_shape, rec_dt),
                    jnp.zeros(lrec_shape, jnp.float32)),
         (y, m, k))
     out = record(out, rec, row0, k, is_last & valid)
@@ -172,8 +171,7 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
   ticks = t0 + jnp.arange(sched.period)
   (recv, pending, kc, vc, out, logits_out), _ = jax.lax.scan(
       tick, (recv, pending, kc, vc, out, logits_out), ticks)
-  return (engine.from_bits(kc, cache_dt), engine.from_bits(vc, cache_dt), recv, pending,
-          out[None], logits_out[None])
+  return kc, vc, recv, pending, out[None], logits_out[None]
 
 
 def make_cycle(plan: Plan, cfg: ModelConfig, mesh, sched: Schedule, sampling: Sampling):
@@ -202,16 +200,18 @@ def make_cycle(plan: Plan, cfg: ModelConfig, mesh, sched: Schedule, sampling: Sa
 
 def init_state(plan: Plan, cfg: ModelConfig, mesh, sched: Schedule, kcache, vcache, first,
                lens_B, dtype, keep_logits: bool = False) -> tuple[Any, ...]:
-  """The state before the first cycle: prefill's caches, each row's first new token (ids B, or
-  hidden vectors B x 1 x D) waiting at stage 0, empty output buffers."""
+  """The state before the first cycle: prefill's caches (bf16 ones as their bit patterns, as
+  make_prefill returns them), each row's first new token (ids B, or hidden vectors B x 1 x D)
+  waiting at stage 0, empty output buffers (bf16 vectors as bit patterns too: XLA:CPU would
+  widen and copy a bf16 buffer for each in-place update)."""
   fam = families.of(cfg)
   M, R, K, S, B = sched.microbatches, sched.rows, sched.steps, plan.stages, sched.batch
   rep = sharding.replicated(mesh)
   per_stage = jax.sharding.NamedSharding(mesh, P(STAGE_AXIS))
   first = jnp.asarray(first)
   pending = first.reshape((M, R) + tuple(first.shape[1:]))
-  out = (jnp.zeros((S, B, K), jnp.int32) if fam.tokens_in
-         else jnp.zeros((S, B, K, cfg.d_model), dtype))
+  out = (jnp.zeros((S, B, K), jnp.int32) if fam.tokens_in     # bf16 vectors kept as bits
+         else engine.narrow_as_bits(jnp.zeros((S, B, K, cfg.d_model), dtype)))
   logits = jnp.zeros((S, B, K, cfg.vocab if keep_logits and fam.tokens_in else 1), jnp.float32)
   return (kcache, vcache, jax.device_put(jnp.zeros((R, 1, cfg.d_model), dtype), rep),
           jax.device_put(pending, rep), jax.device_put(out, per_stage),

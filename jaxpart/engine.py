@@ -47,7 +47,7 @@ def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, p
 
     def attend(q, k, v, state):
       kc, vc = state
-      k, v = _like(k, kc), _like(v, vc)   # a cache of bit patterns stores them as such
+      k, v = like(k, kc), like(v, vc)   # a cache of bit patterns stores them as such
       if per_row:   # each row's token at its own position (c == 1 while decoding)
         kc = kc.at[l, rows_R[:, None], pos].set(k)
         vc = vc.at[l, rows_R[:, None], pos].set(v)
@@ -89,9 +89,13 @@ def _unit_origin(u, plan: Plan):
   return (u // plan.n_chunks) * plan.rows, (u % plan.n_chunks) * plan.chunk_tokens
 
 
-def _like(a, cache):
-  """a as the cache stores it: values, or their bit patterns (forward-only engines)."""
-  return a if a.dtype == cache.dtype else jax.lax.bitcast_convert_type(a, cache.dtype)
+def like(a, cache):
+  """a as the cache stores it: values of its dtype, or their bit patterns (forward-only)."""
+  if a.dtype == cache.dtype:
+    return a
+  if jnp.issubdtype(cache.dtype, jnp.unsignedinteger):
+    return jax.lax.bitcast_convert_type(a, cache.dtype)
+  return a.astype(cache.dtype)
 
 
 def narrow_as_bits(a):
@@ -248,7 +252,7 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
                    fill.dtype))
   (_, kc, vc, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
   out = from_bits(out[:plan.batch, :plan.seq], out_dt)
-  return (out, from_bits(kc, dt), from_bits(vc, dt)) if keep else out
+  return (out, kc, vc) if keep else out
 
 
 def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
@@ -307,7 +311,8 @@ def make_prefill(plan: Plan, cfg: ModelConfig, mesh, cache_len: int, **kw):
   """(params, inp) -> (out, kcache, vcache): the forward of make_forward that also keeps every
   layer's K/V for the whole batch, cache_len positions (the prompt and the tokens to come),
   placed as the Plan places its layers: a stage's layers on its devices, K/V heads split over
-  tp (sharding.SPECS.kv_cache). Forward only (integer stream buffers)."""
+  tp (sharding.SPECS.kv_cache). Forward only (integer stream buffers); a bf16 cache comes back
+  as its bit patterns (uint16, as decoding keeps it: from_bits(kc, dtype) gives the values)."""
   if cache_len % plan.kv_block or cache_len < plan.padded_seq:
     raise PlanError(f"cache_len = {cache_len}: must be a multiple of kv_block = {plan.kv_block} "
                     f"and at least the padded prompt, {plan.padded_seq}")

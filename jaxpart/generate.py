@@ -104,7 +104,8 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
     state = cycle(params, state, jnp.int32(c * sched.period), key)
     jax.block_until_ready(state[4])
     times.append(time.perf_counter() - t)
-  gen = runs.fetch(state[4])[-1]                    # the last stage's record
+  # the last stage's record (bf16 vectors kept as their bit patterns)
+  gen = runs.fetch(engine.from_bits(state[4], jnp.int32 if fam.tokens_in else dt))[-1]
   tokens = np.concatenate([first[:, None] if fam.tokens_in else first, gen], axis=1)
   logits = runs.fetch(state[5])[-1] if keep_logits and fam.tokens_in else None
   return Generation(tokens=tokens, ttft_s=ttft, tpot_s=statistics.median(times) if times else

@@ -75,8 +75,8 @@ def main(argv=None) -> int:
       temps[f"{dtype} K={k}"] = m
       print(f"  {dtype:8s} K = {k:3d}: temp {m['decode_cycle']['temp_bytes']:,} B, arguments "
             f"{m['decode_cycle']['argument_bytes']:,} B (the preallocated cache grows with K)")
-  print("  (bf16 on XLA:CPU: in-place updates of the cache and the output record are widened to "
-        "float32 and copied; float32 shows the program itself)")
+  print("  (the temp stays the same as K grows: the bf16 cache and output record are updated in "
+        "place as bit patterns, which XLA:CPU would otherwise widen to float32 and copy)")
   print("\nmeasured on CPU with simulated devices sharing the host cores (wall time: total work, "
         "not parallel speed-up); one device = the same engine on a 1 x 1 plan")
   if a.json:
