@@ -249,8 +249,9 @@ def run(ctx: common.Context) -> common.Result:
                       f"{c['flops']['hlo_executed']:,.0f}"])
     res.add(*common.md_table(["program", "placement", "figure", "model", "compiled HLO"], vrows))
     res.add("Collectives inside the engine's tick loop and matmul FLOPs, executed counts (cond "
-            "branches weighted by how often they run); the paper rows at the 4-byte elements "
-            "CPU XLA promotes bf16 collectives to. Details in sec5_communication.md.", "")
+            "branches weighted by how often they run); the paper rows at each kind's compiled "
+            "element size: CPU XLA promotes bf16 all-reduces to 4 bytes, the forward-only "
+            "engine sends 2-byte bit patterns. Details in sec5_communication.md.", "")
   else:
     res.add(f"{common.NOT_MEASURABLE}: run without --no-measure.", "")
 
