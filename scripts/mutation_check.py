@@ -7,7 +7,7 @@ failed. Survived: they passed, i.e. the suite is blind to that bug. A snippet th
 in its file is an ERROR (the code moved: re-target the mutation), never counted as killed.
 The working tree is never touched: everything happens in a temporary copy.
 
-  python scripts/mutation_check.py            # all 31: ~4-6 minutes on 2 shared CPU cores
+  python scripts/mutation_check.py            # all 36: ~4-6 minutes on 2 shared CPU cores
   python scripts/mutation_check.py --baseline # first the 26 test nodes unmutated (+2 minutes)
   python scripts/mutation_check.py --only ln_no_bias --only kv_write_offset
   python scripts/mutation_check.py --list
@@ -209,7 +209,37 @@ ACCOUNTING = [
              "a float32 bound loose enough to pass LayerNorm eps 1e-6 for 1e-5"),
 ]
 
-MUTATIONS = MATH + ENGINE + ATTENTION + LLAMA + ACCOUNTING
+H = "tests/test_costmodel_host.py::"
+# The cost model on a host of shared cores and the calibration behind it.
+HOST = [
+    Mutation("host_transfers_of_busy_devices_only", "jaxpart/costmodel.py",
+             "(work + plan.devices * pipe_work_s) / hw.host_cores",
+             "(work + tp * pipe_work_s) / hw.host_cores",
+             (H + "test_host_tick_by_hand",),
+             "on a host only one stage's devices pay the tick's transfers"),
+    Mutation("gemm_spill_rate_swapped", "jaxpart/costmodel.py",
+             "n * (hw.gemm_element_s if n * element_bytes <= cache else hw.gemm_spill_element_s)",
+             "n * (hw.gemm_spill_element_s if n * element_bytes <= cache else hw.gemm_element_s)",
+             (H + "test_gemm_overhead_by_hand",),
+             "arrays in the L2 priced at the beyond-L2 rate and the reverse"),
+    Mutation("two_unit_writes_a_tick", "jaxpart/counts.py", "TICK_UNIT_WRITES = 3",
+             "TICK_UNIT_WRITES = 2",
+             (H + "test_unit_sized_writes_per_tick_match_the_count[kw0]",),
+             "the per-tick unit copies undercounted"),
+    Mutation("link_fit_without_the_core_share", "jaxpart/calibfit.py",
+             'return {"link_bw": float(1.0 / (slope * share * link_fraction)),',
+             'return {"link_bw": float(1.0 / (slope * link_fraction)),',
+             (H + "test_attention_and_link_fits_recover_known_constants",),
+             "a device's share of a host's cores left out of the link bandwidth"),
+    Mutation("gemm_fit_without_relative_weights", "jaxpart/calibfit.py",
+             "a = np.asarray(features, np.float64) / t[:, None]",
+             "a = np.asarray(features, np.float64) / t.mean()",
+             (H + "test_gemm_fit_recovers_known_constants",
+              H + "test_gemm_fit_with_noise_and_a_term_that_is_not_there"),
+             "least squares on a wrong right-hand side (times not divided out row by row)"),
+]
+
+MUTATIONS = MATH + ENGINE + ATTENTION + LLAMA + ACCOUNTING + HOST
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info",
                                  ".ruff_cache")
 
