@@ -41,7 +41,7 @@ ATTENTION_SHAPES = ((1, 256, 1024, 2), (2, 128, 512, 1), (2, 64, 512, 2), (1, 32
 # (tile, block) pair from the cost per score element
 HEAD_DIM, KV_BLOCK = 16, 128
 PPERMUTE_BYTES = (1 << 16, 1 << 20)
-IN_L2_BYTES, BEYOND_L2_BYTES = 1 << 17, 1 << 26   # elementwise passes: in cache, and not
+IN_L2_BYTES = 1 << 17   # the elementwise pass that stays in the L2
 
 
 def base_hardware(name: str | None) -> str:
