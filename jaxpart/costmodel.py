@@ -33,6 +33,9 @@ import numpy as np
 from jaxpart import memory
 from jaxpart.config import ModelConfig, Setup
 from jaxpart.costparams import DEFAULT, ModelParams  # noqa: F401  (re-exported)
+from jaxpart.unitcosts import (  # noqa: F401  (re-exported)
+    allreduce_seconds, cache_bytes, gemm_overhead_seconds, move_seconds, stream_seconds,
+    transfer_seconds)
 from jaxpart.plan import Plan, PlanError
 from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
@@ -52,55 +55,7 @@ def _too_big(plan: Plan) -> bool:
   return plan.n_chunks > MAX_MODELLED_CHUNKS or plan.units > MAX_MODELLED_UNITS
 
 
-# --- time of the counted work ------------------------------------------------------------
-
-def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT,
-                     latency: bool = True) -> float:
-  """One ppermute of `payload` bytes across the slowest stage boundary (latency=False: the
-  bytes' time alone, what a host's cores spend on it)."""
-  bw = params.pipeline_link_bw or hw.link_bw
-  return payload / (bw * params.link_fraction) + (hw.link_latency if latency else 0.0)
-
-
-
-def allreduce_seconds(payload: float, tp: int, hw, params: ModelParams = DEFAULT,
-                      latency: bool = True) -> float:
-  if tp <= 1:
-    return 0.0
-  return (ring_allreduce_link_bytes(payload, tp) / (hw.link_bw * params.link_fraction)
-          + (hw.link_latency if latency else 0.0))
-
-
-
-def stream_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams",
-                   latency: bool = True) -> float:
-  """One tick's stream traffic: S - 1 input slices into stage 0 and S - 1 output slices out of
-  the last stage, one after another over the stage boundary, then the all-gather inside stage
-  0's group (counts.stream_slices: Llama has no input traffic and float32 logit slices out)."""
-  sl = stream_slices(cfg, plan)
-  s = 0.0
-  if plan.stages > 1:
-    s += (plan.stages - 1) * sum(transfer_seconds(sl[k], hw, params, latency)
-                                 for k in ("in", "out") if sl[k])
-  if sl["gather"]:
-    s += ((plan.tp - 1) * sl["gather"] / (hw.link_bw * params.link_fraction)
-          + (hw.link_latency if latency else 0.0))
-  return s
-
-
-def cache_bytes(hw, devices: int) -> float:
-  """The L2 one device can count on: all of it on a chip; on a host whose cores `devices`
-  simulated devices share, its share (they take turns on a core and evict each other)."""
-  if not hw.host_cores:
-    return hw.l2_bytes
-  return hw.l2_bytes * min(1.0, hw.host_cores / devices)
-
-
-def move_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> float:
-  """One tick's local unit copies (counts.tick_move_bytes), from the L2 when a unit fits it."""
-  fits = unit_bytes(cfg, plan) <= cache_bytes(hw, plan.devices)
-  return tick_move_bytes(cfg, plan) / (hw.l2_bw if fits else hw.hbm_bw * params.hbm_fraction)
-
+# --- the edges -----------------------------------------------------------------------------
 
 def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dict[str, float]:
   """Per unit: stage 0's vocab-parallel embedding (a row gather, then one psum of the unit over
@@ -123,17 +78,6 @@ def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dic
                hbm / (hw.hbm_bw * params.hbm_fraction))
   return {"embed_s": embed_s, "head_s": head_s, "head_flops": float(flops),
           "head_hbm": float(hbm)}
-
-
-def gemm_overhead_seconds(calls: int, arrays, element_bytes: int, hw, cache: float) -> float:
-  """What GEMMs cost beyond their FLOPs: a fixed cost per call, and per element of the arrays
-  they read and write (dtype converts, packing), dearer for an array larger than `cache`
-  (cache_bytes).
-  All 0 for the GPU presets, whose kernels are large; `jaxpart calibrate` measures them, and
-  on a CPU host they decide whether many small GEMMs beat a few large ones."""
-  return calls * hw.gemm_call_s + sum(
-      n * (hw.gemm_element_s if n * element_bytes <= cache else hw.gemm_spill_element_s)
-      for n in arrays)
 
 
 # --- traffic: HBM and L2 of one layer step -------------------------------------------------

@@ -217,7 +217,7 @@ HOST = [
              "(work + tp * pipe_work_s) / hw.host_cores",
              (H + "test_host_tick_by_hand",),
              "on a host only one stage's devices pay the tick's transfers"),
-    Mutation("gemm_spill_rate_swapped", "jaxpart/costmodel.py",
+    Mutation("gemm_spill_rate_swapped", "jaxpart/unitcosts.py",
              "n * (hw.gemm_element_s if n * element_bytes <= cache else hw.gemm_spill_element_s)",
              "n * (hw.gemm_spill_element_s if n * element_bytes <= cache else hw.gemm_element_s)",
              (H + "test_gemm_overhead_by_hand",),
