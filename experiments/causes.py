@@ -11,7 +11,8 @@ nothing, same plan). The small preset's four placements are also timed on the CP
 
 from __future__ import annotations
 
-from jaxpart import costmodel, planner
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 from experiments import common, sec4_throughput
 
 NAME = "causes"

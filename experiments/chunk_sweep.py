@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 
-from jaxpart import costmodel, planner
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 from experiments import common
 
 NAME = "chunk_sweep"

@@ -11,9 +11,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpart import bench, costmodel, engine, hlo, measure, model, sharding
+from jaxpart.measure import bench
+from jaxpart.cost import forward as costmodel
+from jaxpart.runtime import engine
+from jaxpart.measure import hlo
+from jaxpart.measure import compiled as measure
+from jaxpart.models import dense as model
+from jaxpart.runtime import sharding
 from jaxpart.config import Setup
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 
 def require_devices(n: int) -> None:

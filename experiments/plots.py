@@ -111,7 +111,7 @@ def run(ctx: common.Context) -> common.Result:
   if missing:
     raise RuntimeError(f"plots need {', '.join(m + '.json' for m in missing)} in "
                        f"{ctx.results_dir}: run `--only {','.join(missing)},plots` first")
-  res.add("Every figure here is modelled (jaxpart.costmodel, paper preset), drawn from "
+  res.add("Every figure here is modelled (jaxpart.cost.forward, paper preset), drawn from "
           f"{', '.join(n + '.json' for n in NEEDS)}.", "")
   for filename, make in PLOTS:
     common.plot(ctx, res, filename, make(docs), figsize=(10, 4.2))

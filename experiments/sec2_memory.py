@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jaxpart import costmodel, memory
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import memory
 from experiments import common, measured
 
 NAME = "sec2_memory"

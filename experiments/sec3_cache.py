@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from jaxpart import measure, memory, planner
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.placement import planner
 from experiments import common
 
 NAME = "sec3_cache"

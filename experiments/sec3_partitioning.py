@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxpart import planner
+from jaxpart.placement import planner
 from experiments import common, sec2_memory
 
 NAME = "sec3_partitioning"

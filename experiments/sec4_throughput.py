@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
-from jaxpart import config, costmodel, decode_cost, load, planner
+from jaxpart import config
+from jaxpart.cost import forward as costmodel
+from jaxpart.cost import decode as decode_cost
+from jaxpart.measure import load
+from jaxpart.placement import planner
 from experiments import common, measured
 
 NAME = "sec4_throughput"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from jaxpart import config, costmodel, planner
+from jaxpart import config
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 from experiments import common, measured, sec2_memory
 
 NAME = "sec5_communication"
@@ -108,7 +110,7 @@ def run(ctx: common.Context) -> common.Result:
     res.add("## Model against compiled HLO", "",
             "Measured: the engine compiled on 16 simulated CPU devices, every collective's "
             "operand bytes and every dot's FLOPs times the trip counts of the loops around it "
-            "(jaxpart.measure). Conditionals weighted as executed: the tick's compute branch "
+            "(jaxpart.measure.compiled). Conditionals weighted as executed: the tick's compute branch "
             "runs on units / ticks of the ticks, attention's per-block branch on the share of "
             "KV blocks a chunk needs (costmodel.hlo_cond_weights); the static rows count every "
             "branch as taken. Only ops inside the tick loop are compared: the gather of the "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jaxpart import costmodel, planner
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 from experiments import common
 
 NAME = "sec6_cache_hit"
@@ -39,7 +40,7 @@ def run(ctx: common.Context) -> common.Result:
       ["placement", "chunk", "seed L2 hit", "modelled L2 hit", "modelled HBM bytes per token "
        "(16 devices)", "seed HBM use", "modelled HBM bandwidth use", "weights' share of HBM "
        "reads", "step working set fits L2"], rows))
-  res.add("How the hit rate is modelled (jaxpart.costmodel.layer_step_traffic): L2 read "
+  res.add("How the hit rate is modelled (jaxpart.cost.forward.layer_step_traffic): L2 read "
           "requests are what the kernels read, a GEMM reading its activation operand once per "
           "256-column tile and its weights once per 128-row tile (CUTLASS Hopper tiles); HBM "
           "reads are the weight shard once per step (it is 8x the L2 at tp 4), the visited KV "

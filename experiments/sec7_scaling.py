@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from jaxpart import config, costmodel, planner
+from jaxpart import config
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 from experiments import common, measured
 
 NAME = "sec7_scaling"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config, planner, runs
+from jaxpart import config
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
 from experiments import common
 
 NAME = "sec8_correctness"

@@ -207,7 +207,7 @@ def run(ctx: common.Context) -> common.Result:
       ["gradients verified", "-", "not examined by these experiments", "-",
        "jaxpart's gradient tests cover the backward"],
   ]
-  res.add("Every modelled figure is jaxpart.costmodel for the paper preset (4 x 16384, batch "
+  res.add("Every modelled figure is jaxpart.cost.forward for the paper preset (4 x 16384, batch "
           "128 x 10000, bf16) on 16 x H100 with all links NVLink at the seed's 900 GB/s; every "
           "measured figure is from programs compiled or run on 16 simulated CPU devices on this "
           "2-core machine (compiled figures are exact; CPU times measure total work, not "
@@ -271,7 +271,7 @@ def run(ctx: common.Context) -> common.Result:
           "- The model is a roofline per layer step (max of compute, HBM and L2 time) plus "
           "non-overlapped all-reduces and pipeline transfers, lock-step ticks, as jaxpart's "
           "engine runs; constants beyond the hardware datasheet (GEMM and link efficiency, "
-          "tile sizes, energy per byte) are named in jaxpart/costmodel.py with their sources.",
+          "tile sizes, energy per byte) are named in jaxpart/cost/forward.py with their sources.",
           "- 16 H100s are two 8-GPU nodes in practice; the seed (and the defaults) put every "
           "link on NVLink. The 'two nodes' row puts the slowest pipeline boundary on one "
           "400 Gb/s InfiniBand port per GPU while tensor parallelism stays inside a node, as "

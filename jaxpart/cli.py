@@ -14,7 +14,10 @@ import os
 import pkgutil
 import sys
 
-from jaxpart import argcheck, commands, distributed, supervise
+from jaxpart import commands
+from jaxpart.commands import _argcheck as argcheck
+from jaxpart.runtime import distributed
+from jaxpart.runtime import supervise
 from jaxpart.errors import UserError
 
 DEFAULT_CPU_DEVICES = 16

@@ -2,7 +2,7 @@
 
 For the Llama family (llama-tiny shapes, random weights, prompts of different lengths) and the
 seed's dense block (`small` preset: each decode step feeds back the last hidden vector), runs
-prefill and decode with jaxpart.generate for the seed's baseline (TP8 x PP2), the layer-wise
+prefill and decode with jaxpart.runtime.generate for the seed's baseline (TP8 x PP2), the layer-wise
 placement (16 devices) and a one-device plan, prints time to first token (prefill of the batch),
 time per output token (median decode cycle) and decode tokens/s beside the 1-minute load, and
 the compiled per-device temp bytes of a decode cycle at 16 and at 256 new tokens.
@@ -22,7 +22,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import numpy as np  # noqa: E402
 
-from jaxpart import config, generate, load, planner, runs  # noqa: E402
+from jaxpart import config  # noqa: E402
+from jaxpart.runtime import runs  # noqa: E402
+from jaxpart.runtime import generate
+from jaxpart.measure import load
+from jaxpart.placement import planner
 
 PLACEMENTS = {"baseline TP8xPP2 (16)": (16, "baseline", dict(tp=8, pp=2)),
               "layer-wise (16)": (16, "layerwise", {}),

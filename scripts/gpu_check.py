@@ -45,8 +45,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import attention, config, engine, measure, memory, model, planner, sharding
-from jaxpart.plan import Plan
+from jaxpart import config
+from jaxpart.models import attention
+from jaxpart.runtime import engine
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
+from jaxpart.placement.plan import Plan
 
 FULL = dict(preset="paper", tp=4, rows=1, prefix=4096, matmul_n=8192, copy_bytes=2 << 30,
             chunks=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192], kv_blocks=["plan", 512],

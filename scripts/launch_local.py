@@ -53,7 +53,7 @@ def child_env(base: dict[str, str], platform: str) -> dict[str, str]:
 def commands(jaxpart_args: list[str], n: int, port: int, local_devices: int | None,
              program: list[str] | None = None) -> list[list[str]]:
   """One command line per process. `program` replaces `python -m jaxpart` for any script that
-  takes the same multi-host flags (jaxpart.distributed.add_arguments)."""
+  takes the same multi-host flags (jaxpart.runtime.distributed.add_arguments)."""
   program = program or [sys.executable, "-m", "jaxpart"]
   extra = [] if local_devices is None else ["--local-devices", str(local_devices)]
   return [[*program, *jaxpart_args, "--coordinator", f"127.0.0.1:{port}",
@@ -160,11 +160,11 @@ def launch(jaxpart_args: list[str], n: int, *, local_devices: int | None = None,
 
 
 def _explain(returncode, lines, killed: bool) -> str:
-  """How one process ended, in one line (jaxpart.distributed.explain_end when importable)."""
+  """How one process ended, in one line (jaxpart.runtime.distributed.explain_end when importable)."""
   if killed:
     return f"killed by the launcher after another failed (status {returncode})"
   try:
-    from jaxpart.distributed import explain_end  # noqa: PLC0415
+    from jaxpart.runtime.distributed import explain_end  # noqa: PLC0415
   except ImportError:
     return f"exited with status {returncode}"
   return explain_end(returncode, lines)

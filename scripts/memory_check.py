@@ -18,8 +18,12 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=64").strip()
 
-from jaxpart import config, costmodel, measure, memory, planner  # noqa: E402
-from jaxpart.plan import PlanError  # noqa: E402
+from jaxpart import config  # noqa: E402
+from jaxpart.placement import planner  # noqa: E402
+from jaxpart.cost import forward as costmodel
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.placement.plan import PlanError  # noqa: E402
 
 GIB = 2**30
 

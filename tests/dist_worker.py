@@ -14,7 +14,7 @@ from jaxpart import cli
 
 def main(argv: list[str]) -> int:
   cli._ensure_cpu_devices(argv)            # before JAX starts, as the jaxpart entry point does
-  from jaxpart import distributed  # noqa: PLC0415
+  from jaxpart.runtime import distributed  # noqa: PLC0415
   p = argparse.ArgumentParser()
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)
@@ -31,7 +31,9 @@ def main(argv: list[str]) -> int:
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from jaxpart import checkpoint, config, planner, runs  # noqa: PLC0415
+  from jaxpart import checkpoint, config  # noqa: PLC0415
+  from jaxpart.runtime import runs  # noqa: PLC0415
+  from jaxpart.placement import planner
   if args.fail_process == jax.process_index():
     raise RuntimeError(f"injected failure in process {args.fail_process}")
   setup = config.load_setup("tiny")

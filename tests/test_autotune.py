@@ -7,7 +7,9 @@ import os
 import pytest
 
 from conftest import require_devices
-from jaxpart import autotune, cli, config, costmodel
+from jaxpart import cli, config
+from jaxpart.measure import autotune
+from jaxpart.cost import forward as costmodel
 
 
 def test_ranks_average_ties():

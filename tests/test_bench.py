@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import require_devices
-from jaxpart import bench, cli, config, costmodel, planner
+from jaxpart import cli, config
+from jaxpart.measure import bench
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import planner
 
 
 def _bench(tmp_path, *extra):

@@ -21,9 +21,13 @@ import pytest
 
 from conftest import require_devices, snapshot
 from jaxpart import checkpoint as ck
-from jaxpart import cli, config, engine, model, planner, sharding
+from jaxpart import cli, config
+from jaxpart.runtime import engine
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
 from jaxpart.checkpoint import CheckpointError, orbax_io
-from jaxpart.plan import PlanError
+from jaxpart.placement.plan import PlanError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxpart import config, model
+from jaxpart import config
+from jaxpart.models import dense as model
 from jaxpart.config import ConfigError
 
 

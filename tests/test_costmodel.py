@@ -19,9 +19,14 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, costmodel, engine, measure, planner, sharding
-from jaxpart.hlo import COLLECTIVE_KINDS, collective_ops, hlo_flops
-from jaxpart.plan import Plan, contiguous_stage_layers
+from jaxpart import cli, config
+from jaxpart.cost import forward as costmodel
+from jaxpart.runtime import engine
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
+from jaxpart.measure.hlo import COLLECTIVE_KINDS, collective_ops, hlo_flops
+from jaxpart.placement.plan import Plan, contiguous_stage_layers
 
 TINY32 = config.load_setup("tiny", overrides={"model.dtype": "float32"})
 PAPER = config.load_setup("paper")

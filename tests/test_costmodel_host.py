@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import calibfit, config, costmodel, counts, engine, hlo, measure, planner, sharding
+from jaxpart import config
+from jaxpart.measure import calibfit
+from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
+from jaxpart.runtime import engine
+from jaxpart.measure import hlo
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
 from jaxpart.config import ConfigError
 
 SMALL = config.load_setup("small", "cpu")

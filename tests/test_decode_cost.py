@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from jaxpart import cli, config, costmodel, decode_cost, planner
+from jaxpart import cli, config
+from jaxpart.cost import forward as costmodel
+from jaxpart.cost import decode as decode_cost
+from jaxpart.placement import planner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed
 

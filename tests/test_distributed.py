@@ -24,7 +24,11 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import checkpoint, cli, config, distributed, planner, runs, supervise
+from jaxpart import checkpoint, cli, config
+from jaxpart.runtime import distributed
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.runtime import supervise
 from jaxpart.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,10 @@ import pytest
 import hlo_graph
 import oracle
 from conftest import require_devices
-from jaxpart import config, planner, runs
-from jaxpart.plan import PlanError
+from jaxpart import config
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.placement.plan import PlanError
 
 NAN = float("nan")
 
@@ -156,8 +158,8 @@ def test_wrong_input_shape_is_refused():
 
 
 def test_too_few_devices_is_a_clear_error():
-  from jaxpart import sharding  # noqa: PLC0415
-  from jaxpart.plan import Plan  # noqa: PLC0415
+  from jaxpart.runtime import sharding  # noqa: PLC0415
+  from jaxpart.placement.plan import Plan  # noqa: PLC0415
   big = Plan(strategy="layerwise", devices=64, stages=4, tp=16,
              stage_layers=((0,), (1,), (2,), (3,)), batch=2, seq=100, microbatches=1,
              chunk_tokens=16, kv_block=16)

@@ -15,7 +15,9 @@ from conftest import require_devices
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed
 
 from experiments import common, measured, runner  # noqa: E402
-from jaxpart import cli, config, costmodel, planner  # noqa: E402
+from jaxpart import cli, config  # noqa: E402
+from jaxpart.placement import planner  # noqa: E402
+from jaxpart.cost import forward as costmodel
 
 MODEL_ONLY = ["sec2_memory", "sec3_partitioning", "sec3_cache", "sec4_throughput",
               "sec5_communication", "sec6_cache_hit", "sec7_scaling", "sec8_correctness",

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, generate, hf, llama, model, planner, runs
-from jaxpart.decode import Sampling
+from jaxpart import cli, config
+from jaxpart.runtime import generate
+from jaxpart.checkpoint import hf
+from jaxpart.models import llama
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.runtime.decode import Sampling
 from test_hf import _build
 
 NEW = 16

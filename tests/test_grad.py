@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from conftest import require_devices
 
-from jaxpart import config, engine, model, planner, runs, sharding, train
+from jaxpart import config
+from jaxpart.runtime import engine
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
+from jaxpart.runtime import train
 from jaxpart.commands import gradcheck
 
 SEQ = 40            # tiny's width, a shorter sequence

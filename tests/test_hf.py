@@ -1,5 +1,5 @@
 """Hugging Face in and out: tiny random models built by transformers itself, read with
-jaxpart.hf, run with jaxpart.llama.forward and compared with transformers' own float32 forward;
+jaxpart.checkpoint.hf, run with jaxpart.models.llama.forward and compared with transformers' own float32 forward;
 bit-exact safetensors round trips (bf16 and float32, sharded with an index); and every
 unsupported config refused by name."""
 
@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpart import config, hf, hf_names, llama
+from jaxpart import config
+from jaxpart.checkpoint import hf
+from jaxpart.checkpoint import hf_names
+from jaxpart.models import llama
 from jaxpart.config import RopeScaling
 
 forward = jax.jit(llama.forward, static_argnums=2)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, hf, planner, runs
+from jaxpart import cli, config
+from jaxpart.checkpoint import hf
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
 from test_hf import MODELS, _build
 
 # float32 engine against transformers' float32: the same terms summed in other orders (psums

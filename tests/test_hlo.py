@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from conftest import require_devices
-from jaxpart import compat, hlo
+from jaxpart.runtime import compat
+from jaxpart.measure import hlo
 
 F32 = 4
 

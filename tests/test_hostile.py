@@ -22,7 +22,12 @@ import pytest
 
 from conftest import snapshot
 from jaxpart import checkpoint as ck
-from jaxpart import cli, config, distributed, hf, llama, model, paths, runs, validate
+from jaxpart import cli, config, paths, validate
+from jaxpart.runtime import distributed
+from jaxpart.checkpoint import hf
+from jaxpart.models import llama
+from jaxpart.models import dense as model
+from jaxpart.runtime import runs
 from jaxpart.checkpoint.manifest import np_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +102,7 @@ def test_large_sizes_plan_in_well_under_a_second(capsys, argv):
 
 
 def test_divisors_by_factorisation():
-  from jaxpart.plan import divisors
+  from jaxpart.placement.plan import divisors
   for n in range(1, 500):
     assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
   t0 = time.perf_counter()

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpart import attention, config, llama
+from jaxpart import config
+from jaxpart.models import attention
+from jaxpart.models import llama
 from jaxpart.config import ConfigError, ModelConfig, RopeScaling
 
 TINY = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], dtype="float32",

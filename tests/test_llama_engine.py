@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, planner
+from jaxpart import cli, config
+from jaxpart.placement import planner
 from jaxpart.commands import gradcheck
 
 LLAMA = config.load_setup("llama-tiny")

@@ -9,7 +9,11 @@ import json
 
 import pytest
 
-from jaxpart import cli, config, costmodel, counts, memory, planner
+from jaxpart import cli, config
+from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
+from jaxpart.placement import memory
+from jaxpart.placement import planner
 from jaxpart.config import ModelConfig
 
 L8B = config.MODEL_PRESETS["llama3-8b"]

@@ -13,8 +13,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import require_devices
-from jaxpart import compat, config, llama, sharding
-from jaxpart.plan import STAGE_AXIS as S, TENSOR_AXIS as T
+from jaxpart import config
+from jaxpart.runtime import compat
+from jaxpart.models import llama
+from jaxpart.runtime import sharding
+from jaxpart.placement.plan import STAGE_AXIS as S, TENSOR_AXIS as T
 
 BASE = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], layers=1, dtype="float32")
 CASES = {

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 from conftest import require_devices
-from jaxpart import cli, load
+from jaxpart import cli
+from jaxpart.measure import load
 
 SCOPES = ("stage_step", "attention", "mlp", "tensor_allreduce", "pipeline_send")
 

@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import require_devices
-from jaxpart import config, costmodel, engine, hlo, measure, planner, sharding
+from jaxpart import config
+from jaxpart.cost import forward as costmodel
+from jaxpart.runtime import engine
+from jaxpart.measure import hlo
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
 
 F32 = 4
 

@@ -2,8 +2,10 @@
 
 import pytest
 
-from jaxpart import config, memory, planner
-from jaxpart.plan import PlanError
+from jaxpart import config
+from jaxpart.placement import memory
+from jaxpart.placement import planner
+from jaxpart.placement.plan import PlanError
 
 
 def _cfg(preset):

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpart import attention, config, model
+from jaxpart import config
+from jaxpart.models import attention
+from jaxpart.models import dense as model
 
 TINY = config.MODEL_PRESETS["tiny"]
 # bf16 keeps 8 significant bits: each rounding of the residual stream costs up to 2^-9

@@ -11,7 +11,10 @@ import numpy as np
 
 import oracle
 from conftest import require_devices
-from jaxpart import config, model, planner, runs
+from jaxpart import config
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
 
 TINY = config.MODEL_PRESETS["tiny"]
 

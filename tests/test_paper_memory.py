@@ -4,7 +4,10 @@ allocated): what each device holds, against the H100's HBM and the planner's pre
 import pytest
 
 from conftest import require_devices
-from jaxpart import config, measure, memory, planner
+from jaxpart import config
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.placement import planner
 
 PAPER = config.load_setup("paper")
 PLANS = {"layerwise": {}, "baseline": {"tp": 8, "pp": 2}}

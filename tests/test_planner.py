@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from jaxpart import cli, config, memory, planner
-from jaxpart.plan import Plan, PlanError
+from jaxpart import cli, config
+from jaxpart.placement import memory
+from jaxpart.placement import planner
+from jaxpart.placement.plan import Plan, PlanError
 
 FOUR_LAYER = ("tiny", "small", "paper")
 # devices -> (stages, tp) for a 4-layer model: fewer devices than layers stack layers on a

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import cli, config, model
+from jaxpart import cli, config
+from jaxpart.models import dense as model
 
 
 def _json(capsys, argv):

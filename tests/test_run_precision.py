@@ -10,7 +10,8 @@ import numpy as np
 
 import oracle
 from conftest import require_devices
-from jaxpart import cli, runs
+from jaxpart import cli
+from jaxpart.runtime import runs
 
 RUN = ["run", "--preset", "tiny", "--devices", "16", "--strategy", "layerwise",
        "--chunk-tokens", "16", "--check", "--repeats", "1", "--json"]

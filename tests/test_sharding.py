@@ -6,8 +6,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import require_devices
-from jaxpart import config, model, planner, sharding
-from jaxpart.plan import PlanError
+from jaxpart import config
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
+from jaxpart.placement.plan import PlanError
 
 # tiny: L=4, D=128, A = 8 heads x 4 = 32, F=128. Expected spec and per-device shard shape of
 # every leaf for the seed's two placements, written out by hand.

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import require_devices
-from jaxpart import attention, config, planner, runs, sharding
+from jaxpart import config
+from jaxpart.models import attention
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
 
 NAN = float("nan")
 TINY = config.load_setup("tiny")
@@ -51,7 +55,7 @@ def test_stream_width_must_split_over_devices():
                                                 "model.d_ff": "120"})
   plan = planner.make_plan(setup, 16, "layerwise")
   with pytest.raises(planner.PlanError, match="d_model = 120 is not divisible by devices = 16"):
-    from jaxpart import engine
+    from jaxpart.runtime import engine
     engine.make_forward(plan, setup.model, sharding.mesh_for(plan))
 
 

@@ -8,7 +8,11 @@ import optax
 import pytest
 from conftest import require_devices
 
-from jaxpart import cli, config, model, planner, sharding, train
+from jaxpart import cli, config
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import sharding
+from jaxpart.runtime import train
 from jaxpart.config import ConfigError
 
 SEQ = 40

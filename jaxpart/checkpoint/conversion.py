@@ -17,7 +17,7 @@ from jaxpart.checkpoint.npz import export_npz, load_npz
 from jaxpart.checkpoint.orbax_io import restore, save
 from jaxpart.checkpoint.placement import check_plan
 from jaxpart.config import ModelConfig
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 def load(path, cfg: ModelConfig | None = None, plan: Plan | None = None, *,
          opt_state: Any = False, progress: bool = False,

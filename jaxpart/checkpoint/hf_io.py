@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxpart import hf
+from jaxpart.checkpoint import hf
 from jaxpart.checkpoint.atomic import check_destination, write_failed
 from jaxpart.checkpoint.digest import check_finite, checksums
 from jaxpart.checkpoint.manifest import CheckpointError, flatten, placement_name, read_manifest
 from jaxpart.checkpoint.orbax_io import restore, save
 from jaxpart.config import ModelConfig
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 
 def is_hf_dir(path) -> bool:

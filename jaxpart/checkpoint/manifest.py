@@ -28,9 +28,9 @@ from jaxpart.checkpoint import schema
 from jaxpart.checkpoint.schema import CheckpointError
 from jaxpart.config import ConfigError, ModelConfig
 from jaxpart.errors import first_line
-from jaxpart.families import param_shapes
-from jaxpart.llama import EDGE_KEYS
-from jaxpart.plan import Plan, PlanError
+from jaxpart.models.families import param_shapes
+from jaxpart.models.llama import EDGE_KEYS
+from jaxpart.placement.plan import Plan, PlanError
 
 FORMAT = "jaxpart-checkpoint"
 VERSION = 1

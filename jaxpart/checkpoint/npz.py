@@ -29,8 +29,8 @@ from jaxpart.checkpoint.manifest import (NPZ_MANIFEST_KEY, CheckpointError, Mani
 from jaxpart.checkpoint.placement import check_plan, param_shardings
 from jaxpart.config import ModelConfig
 from jaxpart.errors import first_line
-from jaxpart.families import param_shapes
-from jaxpart.plan import Plan
+from jaxpart.models.families import param_shapes
+from jaxpart.placement.plan import Plan
 
 def _encode(a: np.ndarray) -> tuple[np.ndarray, str | None]:
   if a.dtype == ml_dtypes.bfloat16:

@@ -25,7 +25,7 @@ from jaxpart.checkpoint.npz import load_npz
 from jaxpart.checkpoint.placement import check_plan, opt_targets, param_targets, place
 from jaxpart.config import ModelConfig
 from jaxpart.errors import first_line
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:

@@ -7,11 +7,11 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P, SingleDeviceSharding
 
-from jaxpart import sharding
+from jaxpart.runtime import sharding
 from jaxpart.checkpoint.manifest import CheckpointError, flatten, unflatten
 from jaxpart.config import ModelConfig
-from jaxpart.families import param_shapes
-from jaxpart.plan import Plan, PlanError, check_tp
+from jaxpart.models.families import param_shapes
+from jaxpart.placement.plan import Plan, PlanError, check_tp
 
 def check_plan(cfg: ModelConfig, plan: Plan | None) -> None:
   """A Plan this model can be split into, on devices that are present."""

@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from jaxpart import config, planner
+from jaxpart import config
+from jaxpart.placement import planner
 from jaxpart.jsonable import jsonable
 
 

@@ -17,12 +17,20 @@ import sys
 import jax
 from tqdm import tqdm
 
-from jaxpart import (bench, config, distributed, hlo, jsonable, load, measure, memory, model,
-                     sizeguard, tracing, validate)
+from jaxpart import config, jsonable, validate
+from jaxpart.measure import bench
+from jaxpart.runtime import distributed
+from jaxpart.measure import hlo
+from jaxpart.measure import load
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.models import dense as model
+from jaxpart.runtime import sizeguard
+from jaxpart.measure import tracing
 from jaxpart.commands import _common
 from jaxpart.commands._common import fmt_bytes, table
 from jaxpart.config import ConfigError
-from jaxpart.plan import PlanError
+from jaxpart.placement.plan import PlanError
 
 NAME = "bench"
 HELP = ("benchmark a placement: tokens/s, compiled memory, FLOPs and collective bytes, against "

@@ -1,12 +1,14 @@
 """`jaxpart calibrate`: microbenchmarks (GEMMs, attention, copy, psum) on the
 devices present, written as a hardware TOML for `--config`, so predictions use measured rates
-(jaxpart.calibrate)."""
+(jaxpart.measure.calibrate)."""
 
 from __future__ import annotations
 
 import sys
 
-from jaxpart import calibfit, calibrate, paths
+from jaxpart import paths
+from jaxpart.measure import calibfit
+from jaxpart.measure import calibrate
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpart import bench, config, distributed, planner, runs, sizeguard, validate
+from jaxpart import config, validate
+from jaxpart.measure import bench
+from jaxpart.runtime import distributed
+from jaxpart.placement import planner
+from jaxpart.runtime import runs
+from jaxpart.runtime import sizeguard
 from jaxpart.commands import _common
 
 NAME = "compare"

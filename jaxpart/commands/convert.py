@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxpart import checkpoint, config, distributed, hf
+from jaxpart import checkpoint, config
+from jaxpart.runtime import distributed
+from jaxpart.checkpoint import hf
 from jaxpart.commands import _ckpt, _common
 
 NAME = "convert"

@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import bench, checkpoint, config, distributed, hf, runs, validate
+from jaxpart import checkpoint, config, validate
+from jaxpart.measure import bench
+from jaxpart.runtime import distributed
+from jaxpart.checkpoint import hf
+from jaxpart.runtime import runs
 from jaxpart.commands import _common
 
 NAME = "forward"

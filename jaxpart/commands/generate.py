@@ -15,10 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config, distributed, families, generate, runs
+from jaxpart import config
+from jaxpart.runtime import distributed
+from jaxpart.models import families
+from jaxpart.runtime import generate
+from jaxpart.runtime import runs
 from jaxpart.commands import _common
 from jaxpart.commands.forward import add_model_args, load_model
-from jaxpart.decode import Sampling
+from jaxpart.runtime.decode import Sampling
 
 NAME = "generate"
 HELP = "prefill and decode through a placement: tokens, TTFT, TPOT, per-device memory"

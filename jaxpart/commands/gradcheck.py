@@ -12,7 +12,14 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from jaxpart import distributed, engine, families, model, runs, sharding, sizeguard, train
+from jaxpart.runtime import distributed
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.models import dense as model
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
+from jaxpart.runtime import sizeguard
+from jaxpart.runtime import train
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 

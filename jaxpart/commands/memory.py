@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxpart import memory
+from jaxpart.placement import memory
 from jaxpart.commands import _common
 from jaxpart.commands.plan import add_new_tokens_arg, breakdown, fmt, new_tokens_from
 

@@ -1,7 +1,7 @@
 """`jaxpart plan`: the Plan for a model on N devices, and the working set it predicts.
 
 With `--strategy auto --measure`, the cost model's top candidates are also compiled and timed
-here (jaxpart.autotune), and the measured best is the plan shown.
+here (jaxpart.measure.autotune), and the measured best is the plan shown.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import sys
 
 from tqdm import tqdm
 
-from jaxpart import autotune, memory, planner
+from jaxpart.measure import autotune
+from jaxpart.placement import memory
+from jaxpart.placement import planner
 from jaxpart.commands import _common
-from jaxpart.plan import PlanError
+from jaxpart.placement.plan import PlanError
 
 NAME = "plan"
 HELP = "partition a model over N devices (baseline TPxPP, layer-wise, or auto) and show the Plan"

@@ -1,9 +1,10 @@
 """`jaxpart predict`: the cost model's figures for one Plan (nothing is compiled or run)."""
 
-from jaxpart import costmodel, decode_cost
+from jaxpart.cost import forward as costmodel
+from jaxpart.cost import decode as decode_cost
 from jaxpart.commands import _common
 from jaxpart.commands.plan import add_new_tokens_arg, new_tokens_from
-from jaxpart.plan import PlanError
+from jaxpart.placement.plan import PlanError
 
 NAME = "predict"
 HELP = "predict time, throughput, traffic, L2 hit rate and energy of a Plan (analytic model)"

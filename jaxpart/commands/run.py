@@ -8,8 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import (bench, config, distributed, families, load, runs, sizeguard, tracing,
-                     validate)
+from jaxpart import config, validate
+from jaxpart.measure import bench
+from jaxpart.runtime import distributed
+from jaxpart.models import families
+from jaxpart.measure import load
+from jaxpart.runtime import runs
+from jaxpart.runtime import sizeguard
+from jaxpart.measure import tracing
 from jaxpart.commands import _common
 
 NAME = "run"

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import jax
 
-from jaxpart import checkpoint, config, distributed, families, sizeguard
+from jaxpart import checkpoint, config
+from jaxpart.runtime import distributed
+from jaxpart.models import families
+from jaxpart.runtime import sizeguard
 from jaxpart.commands import _ckpt, _common
 
 NAME = "save-init"

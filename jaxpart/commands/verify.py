@@ -9,7 +9,8 @@ every value must be finite unless --allow-nonfinite.
 
 from __future__ import annotations
 
-from jaxpart import checkpoint, config, distributed
+from jaxpart import checkpoint, config
+from jaxpart.runtime import distributed
 from jaxpart.commands import _ckpt, _common
 
 NAME = "verify"

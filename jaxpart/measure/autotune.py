@@ -14,9 +14,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jaxpart import bench, load, model, planner, sizeguard, validate
+from jaxpart import validate
+from jaxpart.measure import bench
+from jaxpart.measure import load
+from jaxpart.models import dense as model
+from jaxpart.placement import planner
+from jaxpart.runtime import sizeguard
 from jaxpart.config import Setup
-from jaxpart.plan import PlanError
+from jaxpart.placement.plan import PlanError
 
 MIN_TOP = 2   # a rank correlation needs two candidates
 

@@ -16,8 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpart import compat, costmodel, engine, families, measure, memory, model, runs, sharding
-from jaxpart.plan import TENSOR_AXIS, PlanError
+from jaxpart.runtime import compat
+from jaxpart.cost import forward as costmodel
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.measure import compiled as measure
+from jaxpart.placement import memory
+from jaxpart.models import dense as model
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
+from jaxpart.placement.plan import TENSOR_AXIS, PlanError
 
 
 # --- timing --------------------------------------------------------------------------------

@@ -30,9 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpart import attention, bench, calibfit, compat, load
+from jaxpart.models import attention
+from jaxpart.measure import bench
+from jaxpart.measure import calibfit
+from jaxpart.runtime import compat
+from jaxpart.measure import load
 from jaxpart.config import HARDWARE_PRESETS, ConfigError
-from jaxpart.costparams import DEFAULT
+from jaxpart.cost.params import DEFAULT
 
 DTYPES = ("bfloat16", "float32")
 GEMM_KN = ((512, 16), (512, 128), (16, 512), (128, 512), (512, 512))   # (k, n) at each m

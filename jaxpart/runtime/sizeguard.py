@@ -12,7 +12,7 @@ from typing import Iterable
 
 import jax
 
-from jaxpart import memory
+from jaxpart.placement import memory
 from jaxpart.config import Setup
 from jaxpart.errors import UserError
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import jaxpart
-from jaxpart import distributed
+from jaxpart.runtime import distributed
 
 ENV = "JAXPART_SUPERVISED"    # in the child: its supervisor's process id
 TAIL_LINES = 200              # of the child's stderr, for distributed.explain_end

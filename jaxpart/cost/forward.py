@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxpart import memory
+from jaxpart.placement import memory
 from jaxpart.config import ModelConfig, Setup
-from jaxpart.costparams import DEFAULT, ModelParams  # noqa: F401  (re-exported)
-from jaxpart.unitcosts import (  # noqa: F401  (re-exported)
+from jaxpart.cost.params import DEFAULT, ModelParams  # noqa: F401  (re-exported)
+from jaxpart.cost.units import (  # noqa: F401  (re-exported)
     allreduce_seconds, cache_bytes, gemm_overhead_seconds, move_seconds, stream_seconds,
     transfer_seconds)
-from jaxpart.plan import Plan, PlanError
-from jaxpart.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
+from jaxpart.placement.plan import Plan, PlanError
+from jaxpart.cost.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
     hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
     ring_allreduce_link_bytes, attention_visits, score_elements, step_gemm_arrays, step_gemms,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpart import attention
+from jaxpart.models import attention
 from jaxpart.config import ModelConfig
 
 Params = dict[str, Any]

@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxpart import engine, families, model, sharding
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.models import dense as model
+from jaxpart.runtime import sharding
 from jaxpart.config import Setup
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 
 # A float32 engine against the float32 reference (or the float64 oracle), max|diff| / max|ref|.

@@ -1,7 +1,7 @@
 """What the engine executes for a Plan, counted: FLOPs, collective bytes, attention tiles.
 
 Pure arithmetic on the Plan and the model config, the one home of each formula: the cost model
-turns these counts into time, and measurement (jaxpart.measure, the tests) compares compiled HLO
+turns these counts into time, and measurement (jaxpart.measure.compiled, the tests) compares compiled HLO
 against them, never re-deriving them.
 """
 
@@ -11,9 +11,9 @@ import functools
 
 import numpy as np
 
-from jaxpart import memory
+from jaxpart.placement import memory
 from jaxpart.config import ModelConfig
-from jaxpart.plan import Plan
+from jaxpart.placement.plan import Plan
 
 
 def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Iterable
 
-from jaxpart import memory
+from jaxpart.placement import memory
 from jaxpart.config import ModelConfig, Setup
-from jaxpart.grids import (_fmt, _layerwise_grid, _positive_int,  # noqa: F401 (re-exported)
+from jaxpart.placement.grids import (_fmt, _layerwise_grid, _positive_int,  # noqa: F401 (re-exported)
                            baseline_grids, layerwise_grids, valid_device_counts)
-from jaxpart.plan import (Plan, PlanError, check_tp, contiguous_stage_layers,  # noqa: F401
+from jaxpart.placement.plan import (Plan, PlanError, check_tp, contiguous_stage_layers,  # noqa: F401
                           divisors, tp_problems, valid_tps)
 
 MAX_KV_BLOCK = 128
@@ -296,7 +296,7 @@ def heuristic_score(setup: Setup, plan: Plan) -> float:
 
 def _default_scorer() -> tuple[str, Callable[[Setup, Plan], float]]:
   try:
-    from jaxpart import costmodel  # noqa: PLC0415  (optional: planner must not need it)
+    from jaxpart.cost import forward as costmodel  # noqa: PLC0415  (optional: planner must not need it
   except ImportError:
     return "heuristic (bubble fraction + cache overflow; lower is better)", heuristic_score
   return "cost model (predicted seconds per run; lower is better)", costmodel.score

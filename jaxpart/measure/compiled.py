@@ -1,7 +1,7 @@
 """Compile statistics: what XLA built for a program, per device, read without running it.
 
 Memory comes from the compiled executable's memory analysis; FLOPs and collective bytes from its
-HLO text (jaxpart.hlo), so the figures hold on any backend. The engine's figures are compared
+HLO text (jaxpart.measure.hlo), so the figures hold on any backend. The engine's figures are compared
 with the cost model's (costmodel.collective_bytes, costmodel.hlo_cond_weights), never
 re-derived here.
 """
@@ -16,8 +16,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxpart import costmodel, engine, model, sharding
-from jaxpart.hlo import COLLECTIVE_KINDS, collective_bytes, collective_ops, element_bytes, hlo_flops
+from jaxpart.cost import forward as costmodel
+from jaxpart.runtime import engine
+from jaxpart.models import dense as model
+from jaxpart.runtime import sharding
+from jaxpart.measure.hlo import COLLECTIVE_KINDS, collective_bytes, collective_ops, element_bytes, hlo_flops
 
 
 # --- compiled programs ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import attention
+from jaxpart.models import attention
 from jaxpart.config import ModelConfig
 
 Params = dict[str, Any]
@@ -35,7 +35,7 @@ EDGE_KEYS = ("embed", "final_norm", "lm_head")  # everything else is per layer (
 
 def _check_arch(cfg: ModelConfig) -> None:
   if cfg.arch != "llama":
-    raise ValueError(f"ModelConfig.arch = {cfg.arch!r}: jaxpart.llama needs arch 'llama'")
+    raise ValueError(f"ModelConfig.arch = {cfg.arch!r}: jaxpart.models.llama needs arch 'llama'")
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:

@@ -21,10 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import decode, engine, families, model, runs, sharding
+from jaxpart.runtime import decode
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.models import dense as model
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
 from jaxpart.config import Setup
-from jaxpart.decode import Sampling, Schedule
-from jaxpart.plan import Plan, PlanError
+from jaxpart.runtime.decode import Sampling, Schedule
+from jaxpart.placement.plan import Plan, PlanError
 
 PAD = -1   # marks padding after a row's prompt in a batch of token ids
 

@@ -27,9 +27,13 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
-from jaxpart import compat, decode_cost, engine, families, sharding
+from jaxpart.runtime import compat
+from jaxpart.cost import decode as decode_cost
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
-from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
+from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
 
 
 @dataclass(frozen=True)

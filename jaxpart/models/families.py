@@ -15,7 +15,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxpart import llama, model
+from jaxpart.models import llama
+from jaxpart.models import dense as model
 from jaxpart.config import ModelConfig
 
 Params = dict[str, Any]

@@ -17,7 +17,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpart import hf_names, llama
+from jaxpart.checkpoint import hf_names
+from jaxpart.models import llama
 from jaxpart.config import DTYPES, ModelConfig, RopeScaling
 from jaxpart.errors import UserError
 

@@ -1,15 +1,15 @@
 """The time of one counted thing on a Hardware: a ppermute, a ring all-reduce, a tick's stream
 transfers and unit copies, a GEMM's cost beyond its FLOPs, and the L2 a device can count on.
-The cost model (jaxpart.costmodel) adds these up tick by tick; `jaxpart calibrate` measures
+The cost model (jaxpart.cost.forward) adds these up tick by tick; `jaxpart calibrate` measures
 the constants they read on a host of simulated devices.
 """
 
 from __future__ import annotations
 
 from jaxpart.config import ModelConfig
-from jaxpart.costparams import DEFAULT, ModelParams
-from jaxpart.counts import ring_allreduce_link_bytes, stream_slices, tick_move_bytes, unit_bytes
-from jaxpart.plan import Plan
+from jaxpart.cost.params import DEFAULT, ModelParams
+from jaxpart.cost.counts import ring_allreduce_link_bytes, stream_slices, tick_move_bytes, unit_bytes
+from jaxpart.placement.plan import Plan
 
 
 def transfer_seconds(payload: float, hw, params: ModelParams = DEFAULT,

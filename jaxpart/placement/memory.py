@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
-from jaxpart.plan import PlanError
-from jaxpart.shards import (  # noqa: F401  (re-exported: what a device holds, in bytes)
+from jaxpart.placement.plan import PlanError
+from jaxpart.placement.shards import (  # noqa: F401  (re-exported: what a device holds, in bytes)
     device_weight_bytes, edge_weight_bytes, kv_cache_bytes, kv_dim_local, kv_heads_local,
     mlp_in_projections, projection_params_local, vocab_local, weight_shard_bytes)
 

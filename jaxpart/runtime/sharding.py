@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxpart import compat, families, llama
-from jaxpart.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
+from jaxpart.runtime import compat
+from jaxpart.models import families
+from jaxpart.models import llama
+from jaxpart.placement.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
 
 
 @dataclass(frozen=True)

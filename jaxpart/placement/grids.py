@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from jaxpart.config import MAX_INDEX, ModelConfig
-from jaxpart.plan import PlanError, check_tp, contiguous_stage_layers, divisors, tp_problems
+from jaxpart.placement.plan import PlanError, check_tp, contiguous_stage_layers, divisors, tp_problems
 
 
 def _positive_int(name: str, value) -> None:

@@ -15,10 +15,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxpart import attention, compat, families, sharding
+from jaxpart.models import attention
+from jaxpart.runtime import compat
+from jaxpart.models import families
+from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
-from jaxpart.model import cast_params
-from jaxpart.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
+from jaxpart.models.dense import cast_params
+from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
 
 
 def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, plan: Plan,

@@ -20,7 +20,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxpart import engine, families, model, runs, sharding
+from jaxpart.runtime import engine
+from jaxpart.models import families
+from jaxpart.models import dense as model
+from jaxpart.runtime import runs
+from jaxpart.runtime import sharding
 from jaxpart.config import ConfigError, ModelConfig
 
 Forward = Callable[[Any, jax.Array], jax.Array]

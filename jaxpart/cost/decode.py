@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxpart import costmodel, memory
+from jaxpart.cost import forward as costmodel
+from jaxpart.placement import memory
 from jaxpart.config import Setup
-from jaxpart.counts import attention_flops, head_flops, matmul_flops
-from jaxpart.plan import Plan, PlanError, divisors
+from jaxpart.cost.counts import attention_flops, head_flops, matmul_flops
+from jaxpart.placement.plan import Plan, PlanError, divisors
 
 # predict --decode walks every decode step; beyond this it refuses rather than run long.
 MAX_NEW_TOKENS = 2**20
