@@ -1,6 +1,7 @@
 """What a new user hits first (issue 23): compile-only memory at paper scale, planning one's own
 Hugging Face config, and legal flags that used to crash. Called in-process through cli.main."""
 
+import dataclasses
 import json
 import time
 
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import require_devices
 from jaxpart import cli, config
+from jaxpart.checkpoint import hf
 
 
 def _json(capsys, argv):
@@ -68,3 +70,71 @@ def test_bench_timed_paper_still_refused(capsys):
 def test_analytic_commands_not_guarded(capsys, cmd):
   out, _ = _json(capsys, [cmd, "--preset", "paper-30b", "--devices", "16", "--json"])
   assert out["plan"]["devices"] == 16
+
+
+# --- 5. planning one's own Hugging Face model from config.json alone -------------------------
+
+def _hf_dir(tmp_path, cfg, **changes):
+  d = tmp_path / "My-Model"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps({**hf.config_to_hf(cfg), **changes}))
+  return d
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b", "qwen2.5-7b"])
+def test_plan_model_dir_equals_preset(capsys, tmp_path, preset):
+  """config.json only (no weights): the same model, so the same auto plan as the preset."""
+  d = _hf_dir(tmp_path, config.MODEL_PRESETS[preset])
+  run = ["--set", "run.batch=8", "--set", "run.seq=4096"]
+  mine, _ = _json(capsys, ["plan", "--model-dir", str(d), "--devices", "8", "--strategy",
+                           "auto", *run, "--json"])
+  ref, _ = _json(capsys, ["plan", "--preset", preset, "--devices", "8", "--strategy", "auto",
+                          *run, "--json"])
+  assert mine["plan"] == ref["plan"]
+  info, _ = _json(capsys, ["info", "--model-dir", str(d), "--json"])
+  assert info["model"] == config.to_dict(config.MODEL_PRESETS[preset])
+  assert info["preset"] == "My-Model"
+
+
+@pytest.mark.parametrize("cmd", [["predict"], ["predict", "--decode"], ["memory"]])
+def test_predict_memory_model_dir(capsys, tmp_path, cmd):
+  cfg = config.MODEL_PRESETS["mistral-7b"]
+  d = _hf_dir(tmp_path, cfg)
+  out, _ = _json(capsys, [*cmd, "--model-dir", str(d), "--devices", "8", "--json"])
+  ref, _ = _json(capsys, [*cmd, "--preset", "mistral-7b", "--devices", "8", "--json"])
+  out.pop("preset"), ref.pop("preset")
+  assert out == ref
+
+
+def test_model_dir_default_run_capped_at_max_positions(capsys, tmp_path):
+  cfg = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], max_positions=1000)
+  d = _hf_dir(tmp_path, cfg)
+  out, _ = _json(capsys, ["info", "--model-dir", str(d), "--json"])
+  assert out["run"]["seq"] == 1000 and out["model"]["max_positions"] == 1000
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"model_type": "gpt2"}, "config.json model_type = 'gpt2'"),
+    ({"hidden_act": "gelu"}, "config.json hidden_act = 'gelu'"),
+    ({"num_local_experts": 8}, "config.json num_local_experts = 8"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type = 'yarn'"),
+    ({"hidden_size": "4096"}, "hidden_size"),
+])
+def test_model_dir_unsupported_config_refused_by_field(capsys, tmp_path, changes, needle):
+  d = _hf_dir(tmp_path, config.MODEL_PRESETS["llama-tiny"], **changes)
+  for cmd in ("plan", "predict", "memory", "info"):
+    _one_error(capsys, [cmd, "--model-dir", str(d)], needle)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--preset", "small"], "--preset does not apply with --model-dir"),
+    (["--set", "model.layers=2"], "--set model.layers: does not apply with --model-dir"),
+])
+def test_model_dir_with_model_flags_refused(capsys, tmp_path, extra, needle):
+  d = _hf_dir(tmp_path, config.MODEL_PRESETS["llama-tiny"])
+  _one_error(capsys, ["plan", "--model-dir", str(d), *extra], needle)
+
+
+def test_model_dir_not_a_model(capsys, tmp_path):
+  _one_error(capsys, ["plan", "--model-dir", str(tmp_path)], "neither config.json")
+  _one_error(capsys, ["plan", "--model-dir", str(tmp_path / "absent")], "not a directory")

@@ -2,7 +2,7 @@
 
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import decode as decode_cost
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _modeldir
 from jaxpart.commands.plan import add_new_tokens_arg, new_tokens_from
 from jaxpart.placement.plan import PlanError
 
@@ -12,6 +12,7 @@ HELP = "predict time, throughput, traffic, L2 hit rate and energy of a Plan (ana
 
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
+  _modeldir.add_argument(p)
   _common.add_plan_args(p)
   p.add_argument("--decode", action="store_true",
                  help="also model generation: prefill of the batch (TTFT) and each decode step "
