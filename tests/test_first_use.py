@@ -5,11 +5,14 @@ import dataclasses
 import json
 import time
 
+import jax
 import pytest
 
 from conftest import require_devices
 from jaxpart import cli, config
 from jaxpart.checkpoint import hf
+from jaxpart.models import llama
+from jaxpart.runtime import runs
 
 
 def _json(capsys, argv):
@@ -138,3 +141,41 @@ def test_model_dir_with_model_flags_refused(capsys, tmp_path, extra, needle):
 def test_model_dir_not_a_model(capsys, tmp_path):
   _one_error(capsys, ["plan", "--model-dir", str(tmp_path)], "neither config.json")
   _one_error(capsys, ["plan", "--model-dir", str(tmp_path / "absent")], "not a directory")
+
+
+# --- 7. legal flags that used to crash ---------------------------------------------------------
+
+def test_plan_measure_llama_family(capsys):
+  """Autotuning builds the family's parameters and reference, so the Llama family times too;
+  each candidate's logits are checked against the single-device reference."""
+  require_devices(16)
+  out, _ = _json(capsys, ["plan", "--strategy", "auto", "--measure", "--preset", "llama-tiny",
+                          "--top", "2", "--repeats", "1", "--warmup", "0", "--json"])
+  cands = out["candidates"]
+  assert len(cands) == 2 and out["plan"] == cands[out["best"]]["plan"]
+  # The same parameters and ids as autotune.measure at --seed 0; the bf16 reference's own
+  # distance from float32, twice, is the yardstick (as `run --check` uses).
+  setup = config.load_setup("llama-tiny")
+  kp, kx = jax.random.split(jax.random.key(0))
+  params = llama.init_params(setup.model, kp)
+  ids = llama.random_ids(setup.model, setup.run.batch, setup.run.seq, kx)
+  tol = runs.bf16_tolerance(setup, params, ids)
+  for c in cands:
+    assert c["measured_s"] > 0
+    assert c["max_abs_err_vs_reference"] <= tol, (c["max_abs_err_vs_reference"], tol)
+
+
+def test_calibrate_sizes_too_small_refused(capsys, tmp_path, monkeypatch):
+  """GEMM times that do not grow with FLOPs (what --sizes 16 measures on a busy host) fit no
+  FLOP rate: one line naming --sizes, nothing written."""
+  from jaxpart.measure import calibrate
+
+  def flat(sizes, *a, **k):
+    return [{"m": m, "k": kk, "n": n, "median_s": 1e-5 * (1 + 0.01 * i),
+             "flops_per_s": 2.0 * m * kk * n / 1e-5}
+            for i, (m, (kk, n)) in enumerate((m, kn) for m in sizes for kn in calibrate.GEMM_KN)]
+  monkeypatch.setattr(calibrate, "gemm_times", flat)
+  out = tmp_path / "hw.toml"
+  _one_error(capsys, ["calibrate", "--sizes", "16", "--repeats", "1", "--out", str(out)],
+             "--sizes = 16: the GEMM times at these sizes do not grow with their FLOPs")
+  assert not out.exists()
