@@ -6,6 +6,7 @@ import json
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import require_devices
@@ -179,3 +180,63 @@ def test_calibrate_sizes_too_small_refused(capsys, tmp_path, monkeypatch):
   _one_error(capsys, ["calibrate", "--sizes", "16", "--repeats", "1", "--out", str(out)],
              "--sizes = 16: the GEMM times at these sizes do not grow with their FLOPs")
   assert not out.exists()
+
+
+# --- 7. past max_position_embeddings -----------------------------------------------------------
+
+@pytest.fixture
+def short_model(tmp_path):
+  """A Llama-family HF directory stating max_position_embeddings = 12, random weights."""
+  cfg = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], layers=2, max_positions=12)
+  tree = jax.tree.map(np.array, llama.init_params(cfg, jax.random.key(3)))
+  hf.write_hf(tree, cfg, str(tmp_path / "hf"))
+  return cfg, tmp_path / "hf"
+
+
+def _ids(tmp_path, cfg, batch, seq):
+  path = tmp_path / f"ids{seq}.npy"
+  np.save(path, np.random.default_rng(seq).integers(0, cfg.vocab, (batch, seq), np.int32))
+  return str(path)
+
+
+def _warnings(err):
+  return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_forward_past_max_positions_warns(capsys, tmp_path, short_model):
+  require_devices(2)
+  cfg, d = short_model
+  base = ["forward", "--model-dir", str(d), "--devices", "2", "--json"]
+  _, err = _json(capsys, [*base, "--input-ids", _ids(tmp_path, cfg, 2, 12)])
+  assert _warnings(err) == []
+  out, err = _json(capsys, [*base, "--input-ids", _ids(tmp_path, cfg, 2, 13)])
+  (line,) = _warnings(err)
+  assert "13 positions" in line and "max_position_embeddings = 12" in line
+  assert out["logits_shape"] == [2, 13, cfg.vocab]
+
+
+def test_predict_decode_past_max_positions_warns(capsys):
+  cfg = config.MODEL_PRESETS["llama-tiny"]
+  base = ["predict", "--preset", "llama-tiny", "--decode", "--devices", "4", "--json",
+          "--set", f"run.seq={cfg.max_positions - 10}"]
+  _, err = _json(capsys, [*base, "--new-tokens", "10"])
+  assert _warnings(err) == []
+  _, err = _json(capsys, [*base, "--new-tokens", "11"])
+  (line,) = _warnings(err)
+  assert f"{cfg.max_positions + 1:,} positions" in line
+  assert f"max_position_embeddings = {cfg.max_positions:,}" in line
+
+
+def test_generate_past_max_positions_refused(capsys, tmp_path, short_model):
+  require_devices(2)
+  cfg, d = short_model
+  ids = np.random.default_rng(0).integers(0, cfg.vocab, (2, 8), np.int32)
+  ids[1, 5:] = -1                       # the longest prompt (8) is what counts
+  path = tmp_path / "prompts.npy"
+  np.save(path, ids)
+  base = ["generate", "--model-dir", str(d), "--input-ids", str(path), "--devices", "2"]
+  _one_error(capsys, [*base, "--new-tokens", "5"],
+             "prompt 8 + 5 new tokens = 13 positions, past the model's "
+             "max_position_embeddings = 12; at most 4 new tokens")
+  out, err = _json(capsys, [*base, "--new-tokens", "4", "--json"])
+  assert np.asarray(out["tokens"]).shape == (2, 4) and _warnings(err) == []

@@ -1,5 +1,6 @@
 """`jaxpart predict`: the cost model's figures for one Plan (nothing is compiled or run)."""
 
+from jaxpart import validate
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import decode as decode_cost
 from jaxpart.commands import _common, _modeldir
@@ -83,7 +84,11 @@ def rows(p: costmodel.Prediction) -> list[list[str]]:
 
 
 def _decode(args, setup, plan) -> int:
-  d = decode_cost.predict_decode(setup, plan, new_tokens_from(args))
+  new_tokens = new_tokens_from(args)
+  validate.warn_past_positions(setup.model, setup.run.seq + new_tokens,
+                               f"predict --decode of a {setup.run.seq:,}-token prompt and "
+                               f"{new_tokens:,} new tokens")
+  d = decode_cost.predict_decode(setup, plan, new_tokens)
   if args.json:
     _common.emit_json({"preset": setup.preset, "plan": plan.to_dict(), "decode": d})
     return 0
