@@ -11,6 +11,7 @@ nothing, same plan). The small preset's four placements are also timed on the CP
 
 from __future__ import annotations
 
+from jaxpart.cost import counts
 from jaxpart.cost import forward as costmodel
 from jaxpart.placement import planner
 from experiments import common, sec4_throughput
@@ -51,6 +52,15 @@ def cpu_model_ratio() -> float:
   setup, plans = sec4_throughput.small_plans()
   return (costmodel.predict(setup, plans["layerwise"]).tokens_per_s
           / costmodel.predict(setup, plans["baseline"]).tokens_per_s)
+
+
+def _compared(modelled: float, cpu: dict) -> str:
+  """How the modelled ratio sits against the measured one, in words taken from the numbers."""
+  measured = cpu["ratio_layerwise_over_baseline_tps"]
+  if (modelled - 1) * (measured - 1) <= 0:
+    return "the opposite direction to the measurement"
+  return "the same direction, " + ("smaller" if abs(modelled - 1) < abs(measured - 1)
+                                   else "larger")
 
 
 def run(ctx: common.Context) -> common.Result:
@@ -101,23 +111,25 @@ def run(ctx: common.Context) -> common.Result:
           "L2 against all of them going through HBM. It is small because a step's HBM time is "
           "the 403 MB weight shard, which no chunk size keeps in a 50 MB L2.",
           "- The free-links column bounds what communication costs each configuration.", "",
-          "The engine also does more attention work in the whole-sequence configurations: one "
-          "chunk of 10,000 tokens visits every KV block for every query (masked), about twice "
-          "the causal minimum, while chunks skip future blocks. That is a third, separate cause "
-          "inside the A/B vs C/D difference, and it is in the model because the engine does it.")
+          "Attention work is not a cause: whole sequences and chunks alike skip the KV blocks "
+          "after each query tile (attention.blocked_causal), so executed matmul FLOPs over the "
+          "causal minimum are " + ", ".join(
+              f"{n} {f['executed'] / f['useful']:.3f}x" for n, f in
+              ((n, counts.plan_flops(setup.model, p)) for n, p in plans.items()))
+          + " (cost.counts.plan_flops; the excess is masked parts of blocks and padding).")
   if cpu:
+    modelled = cpu_model_ratio()
     res.add(f"The measured column times the small preset (d_model 512, float32, planned for the "
             f"cpu hardware preset's 2 MB L2) on 16 simulated devices: {common.CPU_NOTE}. It is "
             f"not a GPU figure and its causes are not isolated: at this size a stage's weights "
             f"({cpu_weights_kb():,.0f} KB per device at tp 4) do fit a CPU cache with the chunk, "
-            f"the premise the seed needs and the paper width breaks; the chunked programs skip "
-            f"future KV blocks; and 16 simulated devices' collectives are copies under one "
-            f"shared thread pool. The figure also moves between runs on this loaded machine "
-            f"(median of {sec4_throughput.CPU_REPEATS} interleaved rounds; the same runs as "
-            f"sec4_throughput.md; {common.load_note(cpu)}). "
+            f"the premise the seed needs and the paper width breaks; and 16 simulated devices' "
+            f"collectives are copies under one shared thread pool. D vs A: "
+            f"{common.cpu_ratio_text(cpu)} (the same runs as sec4_throughput.md; "
+            f"{common.load_note(cpu)}). "
             f"The model with the nominal cpu hardware preset gives D vs A "
-            f"{common.signed_pct(cpu_model_ratio() - 1)}: the same direction, smaller (its CPU "
+            f"{common.signed_pct(modelled - 1)}: {_compared(modelled, cpu)} (its CPU "
             f"constants are order-of-magnitude only, and it does not model 16 devices sharing "
-            f"2 cores).", "")
+            f"the host's cores).", "")
   res.data = {"configs": data, "measured_cpu": cpu}
   return res

@@ -46,7 +46,8 @@ def gpu_points(ctx: common.Context) -> tuple[list[dict], str]:
   """(chunk_tokens, seconds per step) from the GPU script's JSON, if it is there and readable."""
   path = ctx.results_dir / GPU_FILE
   if not path.exists():
-    return [], f"no {GPU_FILE} in {ctx.results_dir}: no GPU measurement to show"
+    return [], (f"no {GPU_FILE} in {common.repo_path(ctx.results_dir)}: no GPU measurement "
+                f"to show")
   doc = json.loads(path.read_text())
   found = []
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxpart import config
+from jaxpart.cost import counts
 from jaxpart.cost import forward as costmodel
 from jaxpart.placement import planner
 from jaxpart.jsonable import jsonable
 from jaxpart.placement.plan import Plan
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "experiments" / "results"
 
 SEED = "seed"
 MODEL = "modelled, 16 x H100"
@@ -122,6 +124,19 @@ def load_note(measured: dict[str, Any] | None) -> str:
   return f"load {b['load_1m']:.1f} on {b['cores']} cores at the start"
 
 
+def cpu_ratio_text(cpu: dict[str, Any]) -> str:
+  """The measured small-preset ratio (layer-wise over baseline tokens/s) with the spread of the
+  interleaved rounds that produced it, marked machine-dependent: XLA:CPU's threads on a few
+  shared cores move it more between machines than within one run."""
+  rounds = cpu["ratio_per_round"]
+  cores = ((cpu.get("load") or {}).get("before") or {}).get("cores")
+  return (f"{cpu['ratio_layerwise_over_baseline_tps'] - 1:+.0%} median, "
+          f"{min(rounds) - 1:+.0%} to {max(rounds) - 1:+.0%} over its {len(rounds)} "
+          f"interleaved rounds; machine-dependent"
+          + (f" ({cores} shared cores here)" if cores else "")
+          + ": another machine of the same kind may land outside this spread")
+
+
 def mb(n: float) -> str:
   return f"{n / 1e6:,.1f} MB"
 
@@ -136,6 +151,23 @@ def pct(x: float) -> str:
 
 def signed_pct(x: float) -> str:
   return f"{x:+.1%}"
+
+
+def repo_path(path: Path | str) -> str:
+  """A path as results name it: relative to the repository when inside it, so a result does
+  not change with where the checkout lives; as given otherwise."""
+  try:
+    return Path(path).resolve().relative_to(REPO).as_posix()
+  except ValueError:
+    return str(path)
+
+
+def attention_visits(plan: Plan) -> tuple[int, int]:
+  """(query tile, KV block) pairs the engine's attention computes over one sequence, and all
+  the pairs there are: attention.blocked_causal skips the blocks after each tile's last query
+  (counted by cost.counts, as the cost model counts them)."""
+  visited = sum(counts.visit_sum(plan, k) for k in range(plan.n_chunks))
+  return visited, plan.n_chunks * counts.n_tiles(plan) * (plan.cache_len // plan.kv_block)
 
 
 def plan_label(p: Plan) -> str:

@@ -110,7 +110,8 @@ def run(ctx: common.Context) -> common.Result:
   missing = [n for n, d in docs.items() if d is None]
   if missing:
     raise RuntimeError(f"plots need {', '.join(m + '.json' for m in missing)} in "
-                       f"{ctx.results_dir}: run `--only {','.join(missing)},plots` first")
+                       f"{common.repo_path(ctx.results_dir)}: run "
+                       f"`--only {','.join(missing)},plots` first")
   res.add("Every figure here is modelled (jaxpart.cost.forward, paper preset), drawn from "
           f"{', '.join(n + '.json' for n in NEEDS)}.", "")
   for filename, make in PLOTS:

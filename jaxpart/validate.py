@@ -5,15 +5,21 @@ check_finite guards command outputs (run, compare, bench); check_finite_tree and
 check_finite_counts are for weights read from outside: every checkpoint, .npz and Hugging Face
 read (checkpoint/digest.py counts on the devices, then calls check_finite_counts), which
 --allow-nonfinite lets through.
+
+Positions past a model's max_position_embeddings are said too: a warning where transformers
+also computes past the limit (forward, modelled decoding), a refusal where a server would
+(generate, as vLLM's max_model_len).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxpart.configtypes import ConfigError, ModelConfig
 from jaxpart.errors import UserError
 
 
@@ -75,3 +81,24 @@ def _refuse_unless_allowed(what: str, bad: dict[str, str],
     raise NonFiniteError(f"{what}: weight {first}: {why}{more}; pass --allow-nonfinite to "
                          f"accept it")
   return bad
+
+
+def warn_past_positions(cfg: ModelConfig, positions: int, what: str, stream=None) -> bool:
+  """One warning line when `positions` exceed the model's stated limit (0: none); True if so."""
+  if not cfg.max_positions or positions <= cfg.max_positions:
+    return False
+  print(f"warning: {what} reaches {positions:,} positions, past the model's "
+        f"max_position_embeddings = {cfg.max_positions:,}: computed anyway (as transformers "
+        f"does), but the model was not trained that far", file=stream or sys.stderr)
+  return True
+
+
+def check_generation_positions(cfg: ModelConfig, prompt: int, new_tokens: int) -> None:
+  """ConfigError naming both numbers when prompt + new tokens exceed max_position_embeddings."""
+  limit = cfg.max_positions
+  if limit and prompt + new_tokens > limit:
+    room = (f"at most {limit - prompt:,} new tokens for this prompt" if prompt < limit
+            else "the prompt alone fills it")
+    raise ConfigError(f"--new-tokens = {new_tokens:,}: prompt {prompt:,} + {new_tokens:,} new "
+                      f"tokens = {prompt + new_tokens:,} positions, past the model's "
+                      f"max_position_embeddings = {limit:,}; {room}")

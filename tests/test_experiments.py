@@ -135,3 +135,40 @@ def test_compiled_engine_figures_match_the_model():
                                                                 rel=0.05)
   assert m["flops_executed"] == pytest.approx(costmodel.plan_flops(setup.model, plan)["executed"],
                                               rel=0.05)
+
+
+def test_verdict_caveats_come_from_the_code(model_only):
+  """The memory and attention caveats are the planner's and the cost model's figures, not prose
+  that outlives them (issue 23: 'input replicated, about 85 GB', 'visits every KV block')."""
+  from jaxpart.cost import counts
+  from jaxpart.placement import memory
+  out, _ = model_only
+  text = (out / "VERDICT.md").read_text()
+  caveats = text[text.index("## Caveats"):]
+  setup = common.paper()
+  fits = True
+  for name, plan in common.seed_plans(setup).items():
+    total = memory.predicted_hbm_bytes(setup.model, setup.run, plan)
+    fits &= total <= setup.hardware.hbm_bytes
+    assert f"{name} {common.gb(total)} modelled" in caveats
+    # Visited (tile, block) pairs summed tile by tile, against the closed form the text uses.
+    visited = sum(int(counts.tile_visits(plan, k).sum()) for k in range(plan.n_chunks))
+    assert f"{name} {visited:,} of " in caveats
+  assert ("within the 80 GB" if fits else "more than the 80 GB") in caveats
+  assert "replicated" not in caveats and "every block for every query" not in caveats
+
+
+def test_results_name_paths_relative_to_the_repository():
+  from experiments import chunk_sweep
+  _, note = chunk_sweep.gpu_points(common.Context(progress=False))
+  assert "experiments/results" in note and str(common.REPO) not in note
+  assert common.repo_path(common.REPO / "a" / "b.json") == "a/b.json"
+  assert common.repo_path("/elsewhere/x") == "/elsewhere/x"
+
+
+def test_cpu_ratio_text_gives_the_spread_and_says_machine_dependent():
+  cpu = {"ratio_layerwise_over_baseline_tps": 0.84, "ratio_per_round": [0.9, 0.82, 0.84],
+         "load": {"before": {"cores": 2}}}
+  text = common.cpu_ratio_text(cpu)
+  assert text.startswith("-16% median, -18% to -10% over its 3 interleaved rounds")
+  assert "machine-dependent (2 shared cores here)" in text

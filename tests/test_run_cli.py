@@ -8,6 +8,8 @@ import pytest
 from conftest import require_devices
 from jaxpart import cli, config
 from jaxpart.models import dense as model
+from jaxpart.runtime import runs
+from jaxpart.commands import compare
 
 
 def _json(capsys, argv):
@@ -59,9 +61,13 @@ def test_compare_json(capsys):
   assert res["baseline"]["plan"]["stages"] == 2 and res["baseline"]["plan"]["tp"] == 8
   assert res["layerwise"]["plan"]["stages"] == 4 and res["layerwise"]["plan"]["tp"] == 4
   for name in ("baseline", "layerwise"):
-    assert res[name]["ok"] and res[name]["float32"]["max_rel_err"] < 1e-5
+    assert res[name]["ok"] and res[name]["float32"]["max_rel_err"] <= runs.F32_REL_TOL
     assert res[name]["tokens_per_s"] > 0
   assert out["ratios"]["layerwise_over_baseline_throughput"] > 0
+  # One float32 bound for compare and `run --check`, printed from the constant.
+  assert out["float32_tolerance_rel"] == runs.F32_REL_TOL
+  compare._print(config.load_setup("tiny"), out)
+  assert f"float32 tolerance {runs.F32_REL_TOL:g} rel" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from jaxpart import config
+from jaxpart.commands import _modeldir
 from jaxpart.placement import planner
 from jaxpart.jsonable import jsonable
 
@@ -27,6 +28,8 @@ def add_setup_args(p: argparse.ArgumentParser, default_preset: str | None = None
 
 
 def setup_from(args) -> config.Setup:
+  if getattr(args, "_model_dir_plans", False) and args.model_dir is not None:
+    return _modeldir.setup(args)
   preset = args.preset
   if preset is None and args.config is None:
     preset = args._default_preset or "small"

@@ -82,6 +82,7 @@ def run(args) -> int:
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
                              f"forward takes token ids, the llama family")
   ids = load_ids(args.input_ids, cfg.vocab)
+  validate.warn_past_positions(cfg, ids.shape[1], f"forward of {ids.shape[1]:,}-token rows")
   setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),
                        hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
                        preset=Path(args.model_dir).name)

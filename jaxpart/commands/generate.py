@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config
+from jaxpart import config, validate
 from jaxpart.runtime import distributed
 from jaxpart.models import families
 from jaxpart.runtime import generate
@@ -73,6 +73,7 @@ def run(args) -> int:
     params = runs.host_params(setup, args.seed)
     inp = runs.host_input(setup, args.seed)
     lens = np.full(setup.run.batch, setup.run.seq, np.int32)
+  validate.check_generation_positions(setup.model, int(lens.max()), args.new_tokens)
   plan = _common.plan_from(args, setup)
   sampling = Sampling(args.temperature, args.top_k, args.seed)
   g = generate.generate(setup, plan, params, inp, lens, args.new_tokens, sampling,

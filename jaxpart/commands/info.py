@@ -1,7 +1,7 @@
 """`jaxpart info`: the configuration and its exact parameter count."""
 
 from jaxpart import config
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _modeldir
 
 NAME = "info"
 HELP = "print the model, run shape and hardware, with exact parameter counts"
@@ -9,6 +9,7 @@ HELP = "print the model, run shape and hardware, with exact parameter counts"
 
 def add_arguments(p):
   _common.add_setup_args(p)
+  _modeldir.add_argument(p)
   _common.add_json_arg(p)
 
 

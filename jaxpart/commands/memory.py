@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxpart.placement import memory
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _modeldir
 from jaxpart.commands.plan import add_new_tokens_arg, breakdown, fmt, new_tokens_from
 
 NAME = "memory"
@@ -13,6 +13,7 @@ HELP = ("footprint and working set: the seed's section 2 figures checked against
 
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
+  _modeldir.add_argument(p)
   _common.add_plan_args(p)
   add_new_tokens_arg(p)
   _common.add_json_arg(p)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from jaxpart.measure import autotune
 from jaxpart.placement import memory
 from jaxpart.placement import planner
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _modeldir
 from jaxpart.placement.plan import PlanError
 
 NAME = "plan"
@@ -22,6 +22,7 @@ HELP = "partition a model over N devices (baseline TPxPP, layer-wise, or auto) a
 
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
+  _modeldir.add_argument(p)
   _common.add_plan_args(p)
   p.add_argument("--top", type=int, default=None,
                  help=f"auto: how many ranked candidates to show (default 5), or with --measure "

@@ -1,8 +1,9 @@
 """`jaxpart predict`: the cost model's figures for one Plan (nothing is compiled or run)."""
 
+from jaxpart import validate
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import decode as decode_cost
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _modeldir
 from jaxpart.commands.plan import add_new_tokens_arg, new_tokens_from
 from jaxpart.placement.plan import PlanError
 
@@ -12,6 +13,7 @@ HELP = "predict time, throughput, traffic, L2 hit rate and energy of a Plan (ana
 
 def add_arguments(p):
   _common.add_setup_args(p, default_preset="paper")
+  _modeldir.add_argument(p)
   _common.add_plan_args(p)
   p.add_argument("--decode", action="store_true",
                  help="also model generation: prefill of the batch (TTFT) and each decode step "
@@ -82,7 +84,11 @@ def rows(p: costmodel.Prediction) -> list[list[str]]:
 
 
 def _decode(args, setup, plan) -> int:
-  d = decode_cost.predict_decode(setup, plan, new_tokens_from(args))
+  new_tokens = new_tokens_from(args)
+  validate.warn_past_positions(setup.model, setup.run.seq + new_tokens,
+                               f"predict --decode of a {setup.run.seq:,}-token prompt and "
+                               f"{new_tokens:,} new tokens")
+  d = decode_cost.predict_decode(setup, plan, new_tokens)
   if args.json:
     _common.emit_json({"preset": setup.preset, "plan": plan.to_dict(), "decode": d})
     return 0

@@ -17,7 +17,7 @@ import jax
 from jaxpart import validate
 from jaxpart.measure import bench
 from jaxpart.measure import load
-from jaxpart.models import dense as model
+from jaxpart.models import families
 from jaxpart.placement import planner
 from jaxpart.runtime import sizeguard
 from jaxpart.config import Setup
@@ -90,8 +90,9 @@ def measure(setup: Setup, ranked: Sequence[tuple[float, Any]], *, repeats: int =
   the predicted ranking with the measured one. Each candidate's output is checked finite and
   against the reference (max_abs_err): a fast wrong placement is a bug, not a winner."""
   kp, kx = jax.random.split(jax.random.key(seed))
-  params = model.init_params(setup.model, kp)
-  x = model.random_input(setup.model, setup.run.batch, setup.run.seq, kx)
+  family = families.of(setup.model)
+  params = family.init_params(setup.model, kp)
+  x = family.random_input(setup.model, setup.run.batch, setup.run.seq, kx)
   variants, reference = [], True
   for i, (_, plan) in enumerate(ranked):
     built = bench.build_variants(setup, plan, params, x, reference=reference, gspmd=False)

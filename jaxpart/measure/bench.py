@@ -99,15 +99,18 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
   reference may be a Variant built earlier (a sweep compiles the reference once)."""
   cfg = setup.model
   devices = jax.devices()
+  if families.of(cfg).tokens_in and (gspmd or own_steps):
+    raise PlanError(f"the GSPMD and own-steps comparisons are built for the dense family, not "
+                    f"arch {cfg.arch!r}: pass --no-gspmd --no-own-steps")
   mesh = sharding.mesh_for(plan)
-  placed = sharding.place_params(params, mesh)
+  placed = sharding.place_params(params, mesh, cfg)
   out = [Variant(f"engine:{plan.strategy}", plan.devices,
                  engine.jit_forward(plan, cfg, mesh, differentiable=False),
-                 (placed, jax.device_put(x_BxTxD, sharding.stream(mesh))),
+                 (placed, jax.device_put(x_BxTxD, sharding.input_sharding(mesh, cfg))),
                  costmodel.hlo_cond_weights(plan))]
   if own_steps:
     out.append(own_steps_variant(cfg, plan, placed, mesh, x_BxTxD))
-  fwd = jax.jit(functools.partial(model.forward, cfg=cfg))
+  fwd = jax.jit(functools.partial(runs.reference_forward, cfg=cfg))
   if isinstance(reference, Variant):
     out.append(reference)
   elif reference:

@@ -13,6 +13,10 @@ import numpy as np
 GEMM_TERMS = ("call_s", "element_s", "spill_element_s", "seconds_per_flop")
 
 
+class NoRateError(ValueError):
+  """The times do not grow with FLOPs, so no FLOP rate fits them (shapes too small to time)."""
+
+
 def gemm_features(m: int, k: int, n: int, element_bytes: int, l2_bytes: float
                   ) -> tuple[float, float, float, float]:
   """The GEMM model's terms: one call; elements of its operands and result that fit the L2,
@@ -52,7 +56,7 @@ def gemm_fit(features: Sequence[Sequence[float]], seconds: Sequence[float]) -> d
   coef = np.zeros(len(GEMM_TERMS))
   coef[keep] = sol
   if coef[flop] <= 0:
-    raise ValueError("gemm_fit: no positive FLOP rate fits these times (they do not grow "
+    raise NoRateError("gemm_fit: no positive FLOP rate fits these times (they do not grow "
                      "with FLOPs); time larger shapes or more repeats")
   fit = {"call_s": float(coef[0]), "element_s": float(coef[1]),
          "spill_element_s": float(coef[2]), "flops_per_s": float(1.0 / coef[flop])}

@@ -247,7 +247,13 @@ def calibrate(sizes: Sequence[int], copy_bytes: int | None, dtype: str = "bfloat
     l2 = host_l2_bytes(l2)
   for g in gemm:
     g["features"] = calibfit.gemm_features(g["m"], g["k"], g["n"], jnp.dtype(dtype).itemsize, l2)
-  fit = calibfit.gemm_fit([g["features"] for g in gemm], [g["median_s"] for g in gemm])
+  try:
+    fit = calibfit.gemm_fit([g["features"] for g in gemm], [g["median_s"] for g in gemm])
+  except calibfit.NoRateError:
+    raise ConfigError(
+        f"--sizes = {','.join(map(str, sizes))}: the GEMM times at these sizes do not grow with "
+        f"their FLOPs (call overhead dominates), so no FLOP rate can be fitted; include larger "
+        f"sizes, for example 64,256,1024 (the default is 64,256,1024,4096)") from None
   att = attention_times(dtype, repeats, cpu)
   attn = calibfit.attention_fit([a["visits"] for a in att], [a["score_elements"] for a in att],
                                 [a["flops"] for a in att], [a["median_s"] for a in att],
