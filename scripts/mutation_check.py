@@ -136,7 +136,7 @@ ATTENTION = [
              "a query tile skips the KV block holding its last query"),
 ]
 
-# The Llama family (llama.py, hf_names.py) and generation (decode.py).
+# The Llama family (llama.py, llama_hf.py) and generation (decode.py).
 LLAMA = [
     Mutation("rope_offset_ignored", "jaxpart/runtime/engine.py",
              "pos = (q_start[:, None] if per_row else q_start) + jnp.arange(c)",
@@ -151,7 +151,7 @@ LLAMA = [
              ("tests/test_llama_tp.py::test_sharded_layer_embed_and_head_equal_the_unsharded"
               "[bias-tied-tp4-replicated]",),
              "K/V replicated over tp: shard reads K/V head (i mod kv_heads), not its group's"),
-    Mutation("hf_import_untransposed_q", "jaxpart/checkpoint/hf_names.py",
+    Mutation("hf_import_untransposed_q", "jaxpart/models/llama_hf.py",
              '(("attn", "wq"), "self_attn.q_proj.weight", True)',
              '(("attn", "wq"), "self_attn.q_proj.weight", False)',
              ("tests/test_hf.py::test_logits_equal_transformers[llama-gqa-untied]",),
