@@ -37,6 +37,7 @@ from jaxpart.cost.units import (  # noqa: F401  (re-exported)
     allreduce_seconds, cache_bytes, gemm_overhead_seconds, move_seconds, stream_seconds,
     transfer_seconds)
 from jaxpart.placement.plan import Plan, PlanError
+from jaxpart.placement.planner import Scorer
 from jaxpart.cost.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
     hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
@@ -365,3 +366,7 @@ def score(setup: Setup, plan: Plan) -> float:
   if _too_big(plan):
     return math.inf
   return predict(setup, plan).total_s
+
+
+# What plan_auto ranks by when a command plans with --strategy auto.
+SCORER = Scorer("cost model (predicted seconds per run; lower is better)", score)
