@@ -57,7 +57,8 @@ def _block(p, x_BxTxD, pos, cfg, attend, state=None, tp_axis=None):
   heads = a["wq"].shape[-1] // e
   q, k, v = ((h @ a[n]).reshape(b, t, heads, e) for n in ("wq", "wk", "wv"))
   o, state = attend(_rope(q, pos), _rope(k, pos), v, state)
-  partial = o.reshape(b, t, heads * e) @ a["wo"] + jax.nn.gelu(h @ p["mlp"]["w_in"]) @ p["mlp"]["w_out"]
+  mlp = jax.nn.gelu(h @ p["mlp"]["w_in"]) @ p["mlp"]["w_out"]
+  partial = o.reshape(b, t, heads * e) @ a["wo"] + mlp
   return x_BxTxD + (jax.lax.psum(partial, tp_axis) if tp_axis else partial), state
 
 
@@ -127,7 +128,8 @@ def _reference(params, ids_BxT, cfg):
 SPEC = FamilySpec(name=NAME, display="Parallel block (GPT-J)", token_edges=True, gated_mlp=False,
                   norm_bias=True, norms_per_layer=1, allreduces_per_layer=1, uses=("vocab",))
 TOY = families.Family(
-    init_params=_init, param_shapes=lambda cfg: jax.eval_shape(lambda k: _init(cfg, k), jax.random.key(0)),
+    init_params=_init,
+    param_shapes=lambda cfg: jax.eval_shape(lambda k: _init(cfg, k), jax.random.key(0)),
     reference=_reference, block=_block, embed=_embed, head=_head,
     random_input=lambda cfg, b, t, key: jax.random.randint(key, (b, t), 0, cfg.vocab, jnp.int32),
     edge_keys=EDGES, spec=SPEC, param_layout=_layout)
@@ -178,14 +180,14 @@ def test_forward_and_grads_through_the_engine(toy, strategy, fresh_key):
   x = runs.global_array(np.asarray(ids), sharding.input_sharding(mesh, cfg))
   fwd = engine.make_forward(plan, cfg, mesh, bubble_fill=jnp.nan, out_fill=jnp.nan)
 
-  def loss(f):
-    return lambda p, i: jnp.sum(f(p, i) * weight)
+  def loss(f):   # (loss, logits): the forward rides along with its gradient
+    return lambda p, i: (jnp.sum((y := f(p, i)) * weight), y)
 
-  got, g = jax.jit(jax.value_and_grad(loss(fwd)))(placed, x)
-  want, g_ref = jax.jit(jax.value_and_grad(loss(lambda p, i: _reference(p, i, cfg))))(params, ids)
-  y = jax.jit(fwd)(placed, x)
+  (got, y), g = jax.jit(jax.value_and_grad(loss(fwd), has_aux=True))(placed, x)
+  (want, y_ref), g_ref = jax.jit(jax.value_and_grad(
+      loss(lambda p, i: _reference(p, i, cfg)), has_aux=True))(params, ids)
   assert y.shape == (*ids.shape, cfg.vocab)
-  assert _rel(y, _reference(params, ids, cfg)) < runs.F32_REL_TOL
+  assert _rel(y, y_ref) < runs.F32_REL_TOL
   assert abs(float(got) - float(want)) <= 1e-4 * abs(float(want))
   rel = {jax.tree_util.keystr(k): _rel(a, b) for (k, a), b in
          zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref))}

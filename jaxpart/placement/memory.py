@@ -243,7 +243,8 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
       "output_share": io["output"],
       # one spare unit of rows (where bubbles write) and the padded sequence
       "output_loop_buffer": (loop_rows * vocab_local(cfg, plan.devices) * LOGIT_BYTES
-                             if cfg.family.token_edges else loop_rows * cfg.d_model * b // plan.devices),
+                             if cfg.family.token_edges
+                             else loop_rows * cfg.d_model * b // plan.devices),
       "kv_cache": kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage),
       "step_and_pipeline_buffers": int(STEP_UNIT_BUFFERS * unit + STEP_HIDDEN_BUFFERS * hidden),
   }
