@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jaxpart.cost import forward as costmodel
 from jaxpart.placement import planner
 from experiments import common, sec2_memory
 
@@ -33,7 +34,7 @@ def run(ctx: common.Context) -> common.Result:
           f"{plans['layerwise'].rows} row(s) x {plans['layerwise'].chunk_tokens} tokens, not "
           "the seed's 128 x 64 (that chunk's activations alone are 256 MiB).", "")
 
-  best, ranked, how = planner.plan_auto(setup, 16)
+  best, ranked, how = planner.plan_auto(setup, 16, scorer=costmodel.SCORER)
   res.add(f"## `auto`: every candidate ranked by {how}", "")
   res.add(*common.md_table(
       ["rank", "plan", "predicted seconds for the batch"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from jaxpart.configtypes import (  # noqa: F401  (re-exported: config.X is the public name)
-    ARCHS, DTYPE_BYTES, DTYPES, MAX_INDEX, MAX_LAYERS, ConfigError, Hardware, ModelConfig,
+    DTYPE_BYTES, DTYPES, MAX_INDEX, MAX_LAYERS, ConfigError, Hardware, ModelConfig,
     RopeScaling, RunShape, _positive, _positive_int)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from jaxpart.errors import UserError
+from jaxpart.models import spec as families
 
 DTYPES = ("bfloat16", "float32", "float64")
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
@@ -20,7 +21,6 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
 MAX_INDEX = 2**31 - 1
 # The Plan lists every layer's stage; far beyond any published transformer, and still quick.
 MAX_LAYERS = 2**16
-ARCHS = ("dense", "llama")
 
 
 class ConfigError(UserError):
@@ -86,8 +86,9 @@ class ModelConfig:
   output are B x T x D); arch "llama" is the Llama family (RMSNorm, RoPE, GQA, SwiGLU, token
   embedding, final norm and LM head; input token ids, output logits).
 
-  The fields after ln_eps only mean something for "llama" and keep defaults for "dense".
-  ln_eps is the RMSNorm epsilon for "llama".
+  The fields after ln_eps only mean something for a family that reads them (FamilySpec.uses,
+  models/spec.py, which also lists the valid archs); others keep their defaults. ln_eps is the
+  RMSNorm epsilon for "llama".
   """
 
   layers: int
@@ -129,8 +130,10 @@ class ModelConfig:
 
   def _check_family(self) -> None:
     """The family fields: named, with what is valid, before any other check reads them."""
-    if self.arch not in ARCHS:
-      raise ConfigError(f"ModelConfig.arch = {self.arch!r}: valid archs are {', '.join(ARCHS)}")
+    family = families.get(self.arch) if isinstance(self.arch, str) else None
+    if family is None:
+      raise ConfigError(f"ModelConfig.arch = {self.arch!r}: valid archs are "
+                        f"{', '.join(families.names())}")
     for name in ("tie_embeddings", "qkv_bias"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: must be true or false")
@@ -143,26 +146,14 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.rope_scaling = {self.rope_scaling!r}: must be None or a "
                         f"RopeScaling (factor, low_freq_factor, high_freq_factor, "
                         f"original_max_position_embeddings)")
-    if self.arch == "dense":
-      defaults = {f.name: f.default for f in fields(self)}
-      for name in ("vocab", "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias",
-                   "max_positions"):
-        if getattr(self, name) != defaults[name]:
-          raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: only arch 'llama' "
-                            f"uses it; arch 'dense' needs the default {defaults[name]!r}")
-      if self.n_kv_heads not in (0, self.n_heads):
-        raise ConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads}: arch 'dense' has no "
-                          f"grouped-query attention; valid: 0 or n_heads = {self.n_heads}")
-      return
-    if self.vocab <= 0:
-      raise ConfigError(f"ModelConfig.vocab = {self.vocab}: arch 'llama' needs a positive "
-                        f"vocabulary size")
-    if isinstance(self.n_heads, int) and self.n_heads > 0 and self.n_heads % self.kv_heads:
-      raise ConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads}: must divide n_heads = "
-                        f"{self.n_heads} (each K/V head serves n_heads / n_kv_heads query heads)")
-    if isinstance(self.head_dim, int) and self.head_dim % 2:
-      raise ConfigError(f"ModelConfig.head_dim = {self.head_dim}: rotary embedding needs an even "
-                        f"head_dim")
+    problem = family.config_problem(self)
+    if problem:
+      raise ConfigError(problem)
+
+  @property
+  def family(self) -> families.FamilySpec:
+    """The family's jax-free description (models/spec.py): what differs by family."""
+    return families.get(self.arch)
 
   @property
   def attn_dim(self) -> int:
@@ -186,16 +177,11 @@ class ModelConfig:
   def projection_params_per_layer(self) -> int:
     """Dense: Q, K, V (D x HDh each), O (HDh x D), MLP in and out (D x F, F x D); no biases.
     Llama: Q and O (D x HqE), K and V (D x HkvE), gate, up and down (D x F each)."""
-    if self.arch == "llama":
-      return (2 * self.d_model * self.attn_dim + 2 * self.d_model * self.kv_dim
-              + 3 * self.d_model * self.d_ff)
-    return 4 * self.d_model * self.attn_dim + 2 * self.d_model * self.d_ff
+    return self.family.projection_params_per_layer(self)
 
   @property
   def layernorm_params_per_layer(self) -> int:
-    if self.arch == "llama":
-      return 2 * self.d_model  # two RMSNorms, scale only
-    return 2 * 2 * self.d_model  # two LayerNorms, scale and bias each
+    return self.family.layernorm_params_per_layer(self)
 
   @property
   def bias_params_per_layer(self) -> int:
@@ -215,9 +201,7 @@ class ModelConfig:
   @property
   def head_params(self) -> int:
     """Final RMSNorm and the LM head (D x V unless tied to the embedding); 0 for dense."""
-    if self.arch != "llama":
-      return 0
-    return self.d_model + (0 if self.tie_embeddings else self.d_model * self.vocab)
+    return self.family.head_params(self)
 
   @property
   def edge_params(self) -> int:

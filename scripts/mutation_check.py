@@ -136,7 +136,7 @@ ATTENTION = [
              "a query tile skips the KV block holding its last query"),
 ]
 
-# The Llama family (llama.py, hf_names.py) and generation (decode.py).
+# The Llama family (llama.py, llama_hf.py) and generation (decode.py).
 LLAMA = [
     Mutation("rope_offset_ignored", "jaxpart/runtime/engine.py",
              "pos = (q_start[:, None] if per_row else q_start) + jnp.arange(c)",
@@ -151,7 +151,7 @@ LLAMA = [
              ("tests/test_llama_tp.py::test_sharded_layer_embed_and_head_equal_the_unsharded"
               "[bias-tied-tp4-replicated]",),
              "K/V replicated over tp: shard reads K/V head (i mod kv_heads), not its group's"),
-    Mutation("hf_import_untransposed_q", "jaxpart/checkpoint/hf_names.py",
+    Mutation("hf_import_untransposed_q", "jaxpart/models/llama_hf.py",
              '(("attn", "wq"), "self_attn.q_proj.weight", True)',
              '(("attn", "wq"), "self_attn.q_proj.weight", False)',
              ("tests/test_hf.py::test_logits_equal_transformers[llama-gqa-untied]",),
@@ -184,8 +184,8 @@ ACCOUNTING = [
              'return [(f"layers/{i}/{path}", arr[i].T) for i in range(arr.shape[0])]',
              ("tests/test_checkpoint.py::test_npz_layouts_and_foreign_files",),
              "per-layer export writes each weight transposed"),
-    Mutation("one_allreduce_per_layer", "jaxpart/cost/forward.py",
-             "allreduce_s = 2 * allreduce_seconds(", "allreduce_s = 1 * allreduce_seconds(",
+    Mutation("one_allreduce_per_layer", "jaxpart/models/spec.py",
+             "allreduces_per_layer: int = 2", "allreduces_per_layer: int = 1",
              ("tests/test_costmodel.py::test_step_time_equals_a_hand_computed_figure",),
              "cost model charges one Megatron all-reduce per layer, not two"),
     Mutation("visit_sum_off_by_one", "jaxpart/cost/counts.py",

@@ -213,9 +213,9 @@ def test_energy_adds_up():
 
 
 def test_planner_auto_ranks_by_the_cost_model():
-  how, scorer = planner._default_scorer()
+  how, scorer = costmodel.SCORER
   assert scorer is costmodel.score and "cost model" in how
-  best, ranked, _ = planner.plan_auto(PAPER, 16)
+  best, ranked, _ = planner.plan_auto(PAPER, 16, scorer=costmodel.SCORER)
   scores = [s for s, _ in ranked]
   assert scores == sorted(scores)
   assert scores[0] == pytest.approx(costmodel.score(PAPER, best))

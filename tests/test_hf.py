@@ -14,7 +14,7 @@ import pytest
 
 from jaxpart import config
 from jaxpart.checkpoint import hf
-from jaxpart.checkpoint import hf_names
+from jaxpart.models import llama_hf as hf_names
 from jaxpart.models import llama
 from jaxpart.config import RopeScaling
 

@@ -10,7 +10,7 @@ import pytest
 
 from jaxpart import config
 from jaxpart.models import attention
-from jaxpart.models import llama
+from jaxpart.models import llama, spec
 from jaxpart.config import ConfigError, ModelConfig, RopeScaling
 
 TINY = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], dtype="float32",
@@ -55,7 +55,7 @@ def test_param_count_matches_the_tree(name):
 
 def test_llama_tiny_splits_kv_at_tp2_and_replicates_at_tp4():
   cfg = config.MODEL_PRESETS["llama-tiny"]
-  assert llama.kv_heads_split(cfg, 2) and not llama.kv_heads_split(cfg, 4)
+  assert spec.kv_heads_split(cfg, 2) and not spec.kv_heads_split(cfg, 4)
   assert cfg.vocab % 16 == 0 and config.RUN_PRESETS["llama-tiny"].seq % 64
 
 

@@ -112,7 +112,7 @@ def test_llama3_70b_auto_fits_h100_and_predicts(capsys):
   assert pd["fits_generation"] and pd["generation_hbm_bytes"] > pd["predicted_hbm_bytes"]
   assert d["plan"]["derived"]["layers_per_stage"] > 1
   setup = config.load_setup("llama3-70b")
-  plan = planner.make_plan(setup, 16, "auto")
+  plan = planner.make_plan(setup, 16, "auto", scorer=costmodel.SCORER)
   pred = costmodel.predict(setup, plan)
   assert pred.tokens_per_s > 0 and pred.edge_s > 0 and pred.fits_device_memory
   assert pred.weights_per_device_bytes == pd["weights_per_device"]

@@ -1,5 +1,5 @@
 """Megatron sharding of the Llama family: one layer's block_apply, the vocab-parallel embed and
-head under shard_map on a (1, tp) mesh, with the tree placed by sharding.llama_param_specs,
+head under shard_map on a (1, tp) mesh, with the tree placed by sharding.param_specs,
 against the unsharded functions. Covers K/V heads split (tp 2), replicated with one K/V head
 per shard (tp 4, with q/k/v biases and a tied head), and replicated with K/V heads straddling
 shards unevenly (6 query heads over 3 K/V heads, tp 2)."""
@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import require_devices
 from jaxpart import config
 from jaxpart.runtime import compat
-from jaxpart.models import llama
+from jaxpart.models import llama, spec
 from jaxpart.runtime import sharding
 from jaxpart.placement.plan import STAGE_AXIS as S, TENSOR_AXIS as T
 
@@ -58,14 +58,14 @@ def _one_layer(params, ids_BxT, cfg, tp_axis):
 def test_sharded_layer_embed_and_head_equal_the_unsharded(case):
   cfg, tp = CASES[case]
   require_devices(tp)
-  assert llama.kv_heads_split(cfg, tp) == case.endswith("split")
+  assert spec.kv_heads_split(cfg, tp) == case.endswith("split")
   rng = np.random.default_rng()
   params = _random_params(cfg, rng)
   ids_BxT = jnp.asarray(rng.integers(0, cfg.vocab, (2, 37)), jnp.int32)
   want = np.asarray(jax.jit(_one_layer, static_argnums=(2, 3))(params, ids_BxT, cfg, None))
 
   mesh = compat.make_mesh(jax.devices()[:tp], (1, tp), (S, T))
-  specs = sharding.llama_param_specs(cfg, tp)
+  specs = sharding.param_specs(cfg, tp)
   is_spec = lambda x: isinstance(x, P)  # noqa: E731
   placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                                is_leaf=is_spec))
@@ -79,7 +79,7 @@ def test_sharded_layer_embed_and_head_equal_the_unsharded(case):
 
 def test_specs_follow_the_kv_rule():
   cfg = dataclasses.replace(BASE, qkv_bias=True)
-  split, repl = sharding.llama_param_specs(cfg, 2), sharding.llama_param_specs(cfg, 4)
+  split, repl = sharding.param_specs(cfg, 2), sharding.param_specs(cfg, 4)
   assert split["attn"]["wk"] == P(S, None, T) and split["attn"]["bv"] == P(S, T)
   assert repl["attn"]["wk"] == P(S, None, None) and repl["attn"]["bv"] == P(S, None)
   assert repl["attn"]["wq"] == P(S, None, T) and repl["mlp"]["w_down"] == P(S, T, None)
@@ -89,4 +89,4 @@ def test_specs_follow_the_kv_rule():
   assert jax.tree.structure(shapes) == jax.tree.structure(
       repl, is_leaf=lambda x: isinstance(x, P))
   tied = dataclasses.replace(cfg, tie_embeddings=True)
-  assert "lm_head" not in sharding.llama_param_specs(tied, 2)
+  assert "lm_head" not in sharding.param_specs(tied, 2)

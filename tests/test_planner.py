@@ -6,6 +6,7 @@ import json
 import pytest
 
 from jaxpart import cli, config
+from jaxpart.cost import forward as costmodel
 from jaxpart.placement import memory
 from jaxpart.placement import planner
 from jaxpart.placement.plan import Plan, PlanError
@@ -166,7 +167,7 @@ def test_fixed_chunk_over_budget_is_kept_and_flagged():
 
 def test_auto_ranks_and_filters():
   setup = _setup("small")
-  best, ranked, how = planner.plan_auto(setup, 16, top=50)
+  best, ranked, how = planner.plan_auto(setup, 16, top=50, scorer=costmodel.SCORER)
   scores = [s for s, _ in ranked]
   assert scores == sorted(scores)
   assert best == ranked[0][1] and best.reason.startswith("auto:")
@@ -179,10 +180,9 @@ def test_auto_ranks_and_filters():
     planner.make_plan(setup, 16, "auto", microbatches=2)
 
 
-def test_auto_heuristic_prefers_a_fitting_chunk(monkeypatch):
-  monkeypatch.setattr(planner, "_default_scorer",
-                      lambda: ("heuristic", planner.heuristic_score))
-  best, ranked, _ = planner.plan_auto(_setup("paper"), 16)
+def test_auto_heuristic_prefers_a_fitting_chunk():
+  best, ranked, how = planner.plan_auto(_setup("paper"), 16, scorer=planner.HEURISTIC)
+  assert how.startswith("heuristic")
   assert best.predicted_working_set_bytes <= best.cache_budget_bytes
   assert best.strategy == "layerwise"
 

@@ -17,8 +17,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpart.checkpoint import hf_names
+from jaxpart.models import families
 from jaxpart.models import llama
+from jaxpart.models.spec import HfEntry
 from jaxpart.config import DTYPES, ModelConfig, RopeScaling
 from jaxpart.errors import UserError
 
@@ -154,20 +155,20 @@ def read_config(model_dir: str) -> ModelConfig:
 
 
 def iter_hf(model_dir: str, cfg: ModelConfig | None = None
-            ) -> Iterator[tuple[hf_names.Entry, np.ndarray]]:
+            ) -> Iterator[tuple[HfEntry, np.ndarray]]:
   """(entry, array in the tree's orientation) for every tensor, one at a time, in file order.
 
   Refuses a tensor jaxpart does not know or of the wrong shape; `read_hf` checks none is
   missing. The array is a view of the tensor just read (transposed where HF's is [out, in]).
   """
   cfg = cfg or read_config(model_dir)
-  by_name = {e.hf_name: e for e in hf_names.entries(cfg)}
+  by_name = {e.hf_name: e for e in families.of(cfg).hf_names.entries(cfg)}
   shapes = llama.param_shapes(cfg)
   for path in _safetensors_files(model_dir):
     with safe_open(path, framework="np") as f:
       for name in f.keys():
         if name not in by_name:
-          if hf_names.is_ignored(name, cfg):
+          if families.of(cfg).hf_names.is_ignored(name, cfg):
             continue
           raise HFError(f"{path}: tensor {name!r} is not part of a {cfg.layers}-layer Llama-"
                         f"family model with qkv_bias={cfg.qkv_bias}, "
@@ -195,7 +196,7 @@ def read_hf(model_dir: str) -> tuple[ModelConfig, dict]:
   cfg = read_config(model_dir)
   shapes = llama.param_shapes(cfg)
   tree: dict = {}
-  missing = {e.hf_name for e in hf_names.entries(cfg)}
+  missing = {e.hf_name for e in families.of(cfg).hf_names.entries(cfg)}
   dtype = None
   for e, arr in iter_hf(model_dir, cfg):
     if dtype is None:
@@ -225,7 +226,7 @@ def write_hf(tree: dict, cfg: ModelConfig, out_dir: str, max_shard_bytes: int = 
   """config.json and safetensors files (model.safetensors, or model-0000K-of-0000N with the
   index when over max_shard_bytes) that transformers' from_pretrained loads. Holds at most one
   shard's tensors on the host at a time. Returns the files written."""
-  entries = hf_names.entries(cfg)
+  entries = families.of(cfg).hf_names.entries(cfg)
   hf_config = config_to_hf(cfg, model_type)
   leaves = {e.hf_name: _leaf(tree, e.path) for e in entries}
   dtypes = {np.dtype(leaf.dtype).name for leaf in leaves.values()}
@@ -239,7 +240,7 @@ def write_hf(tree: dict, cfg: ModelConfig, out_dir: str, max_shard_bytes: int = 
     if os.path.exists(stale):
       os.remove(stale)
 
-  shards: list[list[hf_names.Entry]] = [[]]
+  shards: list[list[HfEntry]] = [[]]
   size = 0
   for e in entries:
     leaf = leaves[e.hf_name]

@@ -23,6 +23,7 @@ from jaxpart.checkpoint.digest import check_finite, checksums
 from jaxpart.checkpoint.manifest import CheckpointError, flatten, placement_name, read_manifest
 from jaxpart.checkpoint.orbax_io import restore, save
 from jaxpart.config import ModelConfig
+from jaxpart.models import families
 from jaxpart.placement.plan import Plan
 
 
@@ -61,9 +62,10 @@ def export_hf(src, dst, *, overwrite: bool = False, progress: bool = False,
   t0 = time.perf_counter()
   src, dst = Path(src).absolute(), Path(dst).absolute()
   m = read_manifest(src)
-  if m.model.arch != "llama":
-    raise CheckpointError(f"{src}: model arch {m.model.arch!r}; Hugging Face export takes the "
-                          f"llama family (the seed's dense block has no transformers class)")
+  if families.of(m.model).hf_names is None:
+    raise CheckpointError(f"{src}: model arch {m.model.arch!r}; Hugging Face export takes a "
+                          f"family with a Hugging Face name map: "
+                          f"{', '.join(n for n, f in families.FAMILIES.items() if f.hf_names)}")
   check_destination(dst, overwrite)
   r = restore(src, m.model, None, progress=progress,   # verified against its checksums
               allow_nonfinite=allow_nonfinite)

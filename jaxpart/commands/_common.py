@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxpart import config
 from jaxpart.commands import _modeldir
+from jaxpart.cost import forward as costmodel
 from jaxpart.placement import planner
 from jaxpart.jsonable import jsonable
 
@@ -63,7 +64,8 @@ def plan_from(args, setup: config.Setup, strategy: str | None = None, **fixed):
       cache_bytes=None if args.cache_mb is None else args.cache_mb * 1e6,
       chunk_tokens=args.chunk_tokens, chunk_rows=args.chunk_rows, kv_block=args.kv_block)
   kw.update(fixed)
-  return planner.make_plan(setup, args.devices, strategy or args.strategy, **kw)
+  return planner.make_plan(setup, args.devices, strategy or args.strategy,
+                           scorer=costmodel.SCORER, **kw)
 
 
 def add_json_arg(p: argparse.ArgumentParser, to_file: bool = False) -> None:

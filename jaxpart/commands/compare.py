@@ -118,7 +118,7 @@ def _print(setup, out):
     err = (f"{r['bf16']['max_abs_err']:.2e} / {r['float32']['max_rel_err']:.1e}"
            if "plan" in r else "-")
     gain = "-" if name == "baseline" else f"{100 * (r['tokens_per_s'] / base_tps - 1):+.0f}%"
-    table.append([f"{setup.model.arch.capitalize()} {setup.model.layers}-layer", method, devices,
+    table.append([f"{setup.model.family.display} {setup.model.layers}-layer", method, devices,
                   f"{r['tokens_per_s']:,.0f}", f"{r['time_per_token_ms_seed_def']:.4f}",
                   f"{r['latency_per_sequence_ms']:,.1f}", err, gain])
   print(f"preset {setup.preset}: d_model {setup.model.d_model}, batch {setup.run.batch} x seq "

@@ -78,9 +78,9 @@ def load_ids(path: str, vocab: int) -> np.ndarray:
 
 def run(args) -> int:
   cfg, params = load_model(args.model_dir, args.allow_nonfinite)
-  if cfg.arch != "llama":
+  if not cfg.family.token_edges:
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
-                             f"forward takes token ids, the llama family")
+                             f"forward takes token ids (a family with token edges, as llama)")
   ids = load_ids(args.input_ids, cfg.vocab)
   validate.warn_past_positions(cfg, ids.shape[1], f"forward of {ids.shape[1]:,}-token rows")
   setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),

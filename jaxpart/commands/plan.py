@@ -10,6 +10,7 @@ import sys
 
 from tqdm import tqdm
 
+from jaxpart.cost import forward as costmodel
 from jaxpart.measure import autotune
 from jaxpart.placement import memory
 from jaxpart.placement import planner
@@ -71,7 +72,8 @@ def _plan(args, setup):
     ranked, how = autotune.top_candidates(setup, args.devices, top, cache, tp=args.tp,
                                           pp=args.pp)
     return ranked[0][1], ranked, how
-  best, ranked, how = planner.plan_auto(setup, args.devices, cache, top, tp=args.tp, pp=args.pp)
+  best, ranked, how = planner.plan_auto(setup, args.devices, cache, top, tp=args.tp, pp=args.pp,
+                                         scorer=costmodel.SCORER)
   return best, ranked, how
 
 

@@ -54,7 +54,7 @@ def score_elements(cfg: ModelConfig, rows: int, tokens: int, positions: float, t
 def head_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   """The LM head on the last stage: `tokens` x D @ D x V/tp (the local vocab shard); the
   embedding is a lookup (no FLOPs). 0 for dense."""
-  if cfg.arch != "llama":
+  if not cfg.family.token_edges:
     return 0
   return 2 * tokens * cfg.d_model * memory.vocab_local(cfg, tp)
 
@@ -140,7 +140,7 @@ def stream_slices(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None
   the gather. Llama: the ids are on every device (no input traffic); out go rows x chunk x V/N
   float32 logits."""
   unit = unit_bytes(cfg, plan, element_bytes)
-  if cfg.arch == "llama":
+  if cfg.family.token_edges:
     out = plan.rows * plan.chunk_tokens * memory.vocab_local(cfg, plan.devices) * (
         element_bytes or memory.LOGIT_BYTES)
     return {"in": 0, "out": out, "gather": 0}
@@ -227,8 +227,9 @@ def collective_bytes(cfg: ModelConfig, plan: Plan,
   float32, so a bf16 program compiled there moves 4-byte elements.
   """
   ar = allreduce_payload_bytes(cfg, plan, element_bytes) if plan.tp > 1 else 0
-  # Llama's stage 0 adds one psum per unit: the vocab-parallel embedding lookup.
-  per_step = (2 * plan.layers_per_stage + (cfg.arch == "llama")) * ar
+  # A token-in family's stage 0 adds one psum per unit: the vocab-parallel embedding lookup.
+  per_step = (cfg.family.allreduces_per_layer * plan.layers_per_stage
+              + cfg.family.token_edges) * ar
   pp = unit_bytes(cfg, plan, element_bytes) if plan.stages > 1 else 0
   st = stream_collective_bytes(cfg, plan, element_bytes)
   permute = plan.ticks * (pp + st["collective-permute"])

@@ -126,9 +126,10 @@ def predict_decode(setup: Setup, plan: Plan, new_tokens: int,
   hbm_s = (reads["weights"] + reads["kv_cache"] + write) / (hw.hbm_bw * params.hbm_fraction)
   compute_s = flops / (hw.peak_flops * params.gemm_fraction)
   payload = r * cfg.d_model * b
-  allreduce_s = 2 * lps * costmodel.allreduce_seconds(payload, tp, hw, params)
+  allreduce_s = (cfg.family.allreduces_per_layer * lps
+                 * costmodel.allreduce_seconds(payload, tp, hw, params))
   edge_s = 0.0
-  if cfg.arch == "llama":   # stage 0's embedding psum; the last stage's argmax over tp shards
+  if cfg.family.token_edges:   # stage 0's embedding psum; the last stage's argmax over tp shards
     edge_s = max(costmodel.allreduce_seconds(payload, tp, hw, params),
                  costmodel.allreduce_seconds(r * ARGMAX_BYTES, tp, hw, params))
   pipe_s = 0.0

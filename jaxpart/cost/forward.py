@@ -37,6 +37,7 @@ from jaxpart.cost.units import (  # noqa: F401  (re-exported)
     allreduce_seconds, cache_bytes, gemm_overhead_seconds, move_seconds, stream_seconds,
     transfer_seconds)
 from jaxpart.placement.plan import Plan, PlanError
+from jaxpart.placement.planner import Scorer
 from jaxpart.cost.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
     _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
     hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
@@ -61,7 +62,7 @@ def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dic
   """Per unit: stage 0's vocab-parallel embedding (a row gather, then one psum of the unit over
   tensor) and the last stage's head (final norm, the D x V/tp LM-head matmul reading its shard
   from HBM, float32 logits written). Both 0 for dense."""
-  if cfg.arch != "llama":
+  if not cfg.family.token_edges:
     return {"embed_s": 0.0, "head_s": 0.0, "head_flops": 0.0, "head_hbm": 0.0}
   n = plan.rows * plan.chunk_tokens
   edges = memory.edge_weight_bytes(cfg, plan.tp)
@@ -219,14 +220,15 @@ def layer_step(setup: Setup, plan: Plan, positions: int,
   host_s = compute_s + 2 * tr["intermediate_bytes"] / (
       hw.l2_bw if tr["working_set_fits"] else hw.hbm_bw * params.hbm_fraction)
   payload = allreduce_payload_bytes(cfg, plan)
-  allreduce_s = 2 * allreduce_seconds(payload, plan.tp, hw, params)
+  allreduce_s = cfg.family.allreduces_per_layer * allreduce_seconds(payload, plan.tp, hw, params)
   bound = max((("compute", compute_s), ("hbm", hbm_s), ("l2", l2_s)), key=lambda kv: kv[1])[0]
   return {**tr, "flops": float(flops), "hbm_bytes": float(hbm), "compute_s": compute_s,
           "hbm_s": hbm_s, "l2_s": l2_s, "allreduce_s": allreduce_s,
           "step_s": (host_s if hw.host_cores else max(compute_s, hbm_s, l2_s)) + allreduce_s,
           # What a host's cores spend on the step: a collective's latency is waiting, which
           # other devices' work fills.
-          "work_s": host_s + 2 * allreduce_seconds(payload, plan.tp, hw, params, False),
+          "work_s": host_s + cfg.family.allreduces_per_layer * allreduce_seconds(
+              payload, plan.tp, hw, params, False),
           "bound": bound,
           "intensity": flops / hbm if hbm else math.inf}
 
@@ -364,3 +366,7 @@ def score(setup: Setup, plan: Plan) -> float:
   if _too_big(plan):
     return math.inf
   return predict(setup, plan).total_s
+
+
+# What plan_auto ranks by when a command plans with --strategy auto.
+SCORER = Scorer("cost model (predicted seconds per run; lower is better)", score)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from jaxpart import validate
+from jaxpart.cost import forward as costmodel
 from jaxpart.measure import bench
 from jaxpart.measure import load
 from jaxpart.models import families
@@ -78,7 +79,8 @@ def top_candidates(setup: Setup, devices: int, top: int, cache_bytes: float | No
     raise PlanError(f"--devices = {devices}: only {present} devices are present to time the "
                     f"candidates on (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
                     f"{devices})")
-  _, ranked, how = planner.plan_auto(setup, devices, cache_bytes, top, tp=tp, pp=pp)
+  _, ranked, how = planner.plan_auto(setup, devices, cache_bytes, top, tp=tp, pp=pp,
+                                   scorer=costmodel.SCORER)
   sizeguard.check_fits(setup, [p for _, p in ranked], "plan --measure")
   return ranked, how
 

@@ -20,6 +20,7 @@ from jaxpart.runtime import compat
 from jaxpart.cost import forward as costmodel
 from jaxpart.runtime import engine
 from jaxpart.models import families
+from jaxpart.models.spec import kv_heads_local
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import memory
 from jaxpart.models import dense as model
@@ -231,7 +232,7 @@ def own_steps_variant(cfg, plan, placed_params, mesh, x_BxTxD) -> Variant:
            for r, t in origins]
   q_starts = [jax.device_put(np.int32(t), dev0) for _, t in origins]
   cache_shape = (plan.layers_per_stage, plan.rows, plan.cache_len,
-                 families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
+                 kv_heads_local(cfg, plan.tp), cfg.head_dim)
 
   def zeros():   # the caches as the forward-only engine keeps them (bit patterns for bf16)
     return engine.narrow_as_bits(jnp.zeros(cache_shape, dt, device=dev0))

@@ -5,6 +5,10 @@ record per family: how parameters are made, which leaves are per layer (stacked,
 the stage axis) and which sit at the pipeline's edges, what enters stage 0 and leaves the last
 stage, and the block itself. The engine, the planner and the checks read a Family and never
 ask which one it is.
+
+Adding a family: one module in models/ (its math, its FamilySpec, its Hugging Face name map),
+then `register(Family(...))`, which joins both this registry and the jax-free one in spec.py
+(tests/test_family_seam.py registers a family from a test file alone).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxpart.models import llama
+from jaxpart.models import llama, llama_hf, spec as specs
 from jaxpart.models import dense as model
 from jaxpart.config import ModelConfig
 
@@ -33,9 +37,13 @@ class Family:
     (dense: its slice of the hidden vector; Llama: its vocab shard of the logits)
   reference(params, inp, cfg) -> out: the single-device forward every check compares with
   random_input(cfg, batch, seq, key) -> what enters stage 0 (hidden vectors or token ids)
+  param_layout(cfg, tp) -> the tree's shape with a role per leaf (LAYOUT_ROLES), which
+    runtime/sharding.py turns into PartitionSpecs
+  randomize_norms(params, key) -> params with random norm scales and biases, where init_params
+    leaves them at 1 and 0 (None: init_params already draws them)
+  hf_names: the Hugging Face name map (entries(cfg), is_ignored(name, cfg)); None: no export
   """
 
-  name: str
   init_params: Callable[[ModelConfig, jax.Array], Params]
   param_shapes: Callable[[ModelConfig], Params]
   reference: Callable[[Params, jax.Array, ModelConfig], jax.Array]
@@ -44,7 +52,25 @@ class Family:
   head: Callable[..., jax.Array]
   random_input: Callable[..., jax.Array]
   edge_keys: tuple[str, ...]
-  tokens_in: bool                  # input is B x T token ids (else B x T x d_model vectors)
+  spec: specs.FamilySpec           # the jax-free shapes placement/ and cost/ read
+  param_layout: Callable[[ModelConfig, int], Params]
+  randomize_norms: Callable[[Params, jax.Array], Params] | None = None
+  hf_names: Any = None
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  @property
+  def tokens_in(self) -> bool:
+    """Input is B x T token ids (else B x T x d_model vectors), output float32 logits."""
+    return self.spec.token_edges
+
+  def random_params(self, cfg: ModelConfig, key: jax.Array) -> Params:
+    """Parameters every numerical check runs with: no norm left at scale 1 and bias 0."""
+    params = self.init_params(cfg, key)
+    return params if self.randomize_norms is None else self.randomize_norms(
+        params, jax.random.fold_in(key, 2))
 
   def split(self, params: Params) -> tuple[Params, Params]:
     """(stacked per-layer leaves, edge leaves) of a full tree."""
@@ -60,13 +86,19 @@ class Family:
     return jnp.float32 if self.tokens_in else jnp.dtype(cfg.dtype)
 
 
-def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
-  """K/V heads one tensor shard caches: split over tp when tp divides them; otherwise the
-  shard's query heads read one replicated head (or one each when they straddle groups)."""
-  if cfg.kv_heads % tp == 0:
-    return cfg.kv_heads // tp
-  hq, g = cfg.n_heads // tp, cfg.n_heads // cfg.kv_heads
-  return 1 if g % hq == 0 else hq
+# Roles a param_layout names per leaf (runtime/sharding.py maps each to a PartitionSpec; L is
+# the stacked layer axis, split over stages): weights split over tensor by output column or by
+# input row, a layer's vector split over tensor or whole, a layer leaf whole on every tensor
+# shard, an edge leaf whole, the embedding split by vocab rows, the LM head by vocab columns.
+LAYOUT_ROLES = ("col", "row", "layer_col", "layer", "layer_whole", "whole", "vocab_rows",
+                "vocab_cols")
+
+
+def _dense_layout(cfg: ModelConfig, tp: int) -> Params:
+  del cfg, tp
+  ln = {"scale": "layer", "bias": "layer"}
+  return {"ln1": ln, "attn": {"wq": "col", "wk": "col", "wv": "col", "wo": "row"},
+          "ln2": dict(ln), "mlp": {"w_in": "col", "w_out": "row"}}
 
 
 def _dense_block(p, x_BxTxD, pos_T, cfg, attend, state=None, tp_axis=None):
@@ -89,19 +121,37 @@ def _llama_embed(p_edges, ids_RxC, cfg, tp_axis):
 
 
 DENSE = Family(
-    name="dense", init_params=model.init_params, param_shapes=model.param_shapes,
+    init_params=model.init_params, param_shapes=model.param_shapes,
     reference=model.forward, block=_dense_block,
     embed=lambda p_edges, x_RxCxD, cfg, tp_axis: x_RxCxD, head=_dense_head,
     random_input=lambda cfg, batch, seq, key: model.random_input(cfg, batch, seq, key),
-    edge_keys=(),
-    tokens_in=False)
+    edge_keys=(), spec=specs.DENSE, param_layout=_dense_layout,
+    randomize_norms=model.randomize_norms)
 
 LLAMA = Family(
-    name="llama", init_params=llama.init_params, param_shapes=llama.param_shapes,
+    init_params=llama.init_params, param_shapes=llama.param_shapes,
     reference=llama.forward, block=llama.block_apply, embed=_llama_embed, head=llama.head,
-    random_input=llama.random_ids, edge_keys=llama.EDGE_KEYS, tokens_in=True)
+    random_input=llama.random_ids, edge_keys=llama.EDGE_KEYS, spec=specs.LLAMA,
+    param_layout=llama.param_layout, hf_names=llama_hf)
 
-FAMILIES = {"dense": DENSE, "llama": LLAMA}
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  """Join the engine's registry and the jax-free one (ModelConfig accepts its arch)."""
+  specs.register(family.spec)
+  FAMILIES[family.name] = family
+  return family
+
+
+def unregister(name: str) -> None:
+  """Leave both registries (a test's family, when the test is done)."""
+  FAMILIES.pop(name, None)
+  specs.unregister(name)
+
+
+register(DENSE)
+register(LLAMA)
 
 
 def of(cfg: ModelConfig) -> Family:

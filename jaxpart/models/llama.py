@@ -2,7 +2,7 @@
 
 The engine sees four seams and never learns what a Llama is: `embed` (vocab-parallel token
 lookup), `block_apply` (one layer, Megatron psums inside), `head` (final RMSNorm and the local
-vocab shard of the logits) and `llama_param_specs` in sharding.py. `forward` is the
+vocab shard of the logits) and `param_layout` (its sharding roles). `forward` is the
 single-device reference built from the same three functions. The math follows Hugging Face's
 `modeling_llama` (RMSNorm in float32, rotate_half RoPE, repeat_kv GQA, SwiGLU) so that its
 float32 logits are the peer the tests compare against.
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpart.models import attention
+from jaxpart.models.spec import kv_heads_split
 from jaxpart.config import ModelConfig
 
 Params = dict[str, Any]
@@ -83,10 +84,23 @@ def split_edges(params: Params) -> tuple[Params, Params]:
   return layers, edges
 
 
-def kv_heads_split(cfg: ModelConfig, tp: int) -> bool:
-  """K/V heads are split over tp when tp divides them; otherwise wk/wv (and bk/bv) are
-  replicated over the tensor axis and each shard slices out the heads its queries use."""
-  return cfg.kv_heads % tp == 0
+def param_layout(cfg: ModelConfig, tp: int) -> Params:
+  """The tree's sharding roles (families.LAYOUT_ROLES) for tensor degree tp: Megatron splits as
+  the dense block's (wq/wk/wv/w_gate/w_up and the q/k/v biases by output column, wo/w_down by
+  input row); wk/wv/bk/bv whole on every tensor shard when tp does not divide the K/V heads
+  (spec.kv_heads_split). The embedding split by vocab rows, the untied LM head by vocab
+  columns; the final norm whole."""
+  split = kv_heads_split(cfg, tp)
+  kv, kv_bias = ("col", "layer_col") if split else ("layer_whole", "layer")
+  attn = {"wq": "col", "wk": kv, "wv": kv, "wo": "row"}
+  if cfg.qkv_bias:
+    attn |= {"bq": "layer_col", "bk": kv_bias, "bv": kv_bias}
+  layout = {"ln1": {"scale": "layer"}, "attn": attn, "ln2": {"scale": "layer"},
+            "mlp": {"w_gate": "col", "w_up": "col", "w_down": "row"},
+            "embed": {"table": "vocab_rows"}, "final_norm": {"scale": "whole"}}
+  if not cfg.tie_embeddings:
+    layout["lm_head"] = {"w": "vocab_cols"}
+  return layout
 
 
 # --- math --------------------------------------------------------------------------------------

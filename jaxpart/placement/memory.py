@@ -216,7 +216,7 @@ LOGIT_BYTES = F32
 def stream_bytes(cfg: ModelConfig, batch: int, seq: int, devices: int) -> dict[str, int]:
   """Input and output each device holds for batch x seq tokens. Dense: B x T x D in and out,
   1/N each. Llama: B x T int32 ids on every device; B x T x V/N float32 logits."""
-  if cfg.arch == "llama":
+  if cfg.family.token_edges:
     return {"input": batch * seq * TOKEN_ID_BYTES,
             "output": batch * seq * vocab_local(cfg, devices) * LOGIT_BYTES}
   share = batch * seq * cfg.d_model * cfg.dtype_bytes // devices
@@ -243,11 +243,12 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
       "output_share": io["output"],
       # one spare unit of rows (where bubbles write) and the padded sequence
       "output_loop_buffer": (loop_rows * vocab_local(cfg, plan.devices) * LOGIT_BYTES
-                             if cfg.arch == "llama" else loop_rows * cfg.d_model * b // plan.devices),
+                             if cfg.family.token_edges
+                             else loop_rows * cfg.d_model * b // plan.devices),
       "kv_cache": kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage),
       "step_and_pipeline_buffers": int(STEP_UNIT_BUFFERS * unit + STEP_HIDDEN_BUFFERS * hidden),
   }
-  if cfg.arch == "llama":
+  if cfg.family.token_edges:
     parts["edge_weights"] = sum(edge_weight_bytes(cfg, plan.tp).values())
     parts["head_logits_unit"] = (plan.rows * plan.chunk_tokens * vocab_local(cfg, plan.tp)
                                  * LOGIT_BYTES)

@@ -7,7 +7,7 @@ user's next step is to pick a valid device count, tp or chunk, not to read this 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from jaxpart.placement import memory
 from jaxpart.config import ModelConfig, Setup
@@ -294,22 +294,26 @@ def heuristic_score(setup: Setup, plan: Plan) -> float:
   return plan.bubble_fraction + overflow
 
 
-def _default_scorer() -> tuple[str, Callable[[Setup, Plan], float]]:
-  try:
-    from jaxpart.cost import forward as costmodel  # noqa: PLC0415  (optional: planner must not need it
-  except ImportError:
-    return "heuristic (bubble fraction + cache overflow; lower is better)", heuristic_score
-  return "cost model (predicted seconds per run; lower is better)", costmodel.score
+class Scorer(NamedTuple):
+  """How plan_auto ranks candidates (lower is better) and what it says it ranked by. The
+  caller chooses: placement/ never imports the cost model (cost.forward.SCORER is the usual)."""
+
+  how: str
+  score: Callable[[Setup, Plan], float]
+
+
+HEURISTIC = Scorer("heuristic (bubble fraction + cache overflow; lower is better)", heuristic_score)
 
 
 def plan_auto(setup: Setup, devices: int, cache_bytes: float | None = None, top: int = 5, *,
-              tp: int | None = None, pp: int | None = None
+              tp: int | None = None, pp: int | None = None, scorer: Scorer
               ) -> tuple[Plan, list[tuple[float, Plan]], str]:
-  """Rank every candidate; returns the winner, the top few (score, plan) and the ranking used.
+  """Rank every candidate by scorer; returns the winner, the top few (score, plan) and the
+  ranking used.
 
   Equal scores go to the larger unit (rows x tokens): each unit step re-reads the weights.
   """
-  how, scorer = _default_scorer()
+  how, scorer = scorer
   every = candidates(setup, devices, cache_bytes, tp=tp, pp=pp)
   pool = [p for p in every if fits(setup, p)]
   if not pool:
@@ -356,10 +360,10 @@ def make_plan(setup: Setup, devices: int, strategy: str, *, tp: int | None = Non
               pp: int | None = None, microbatches: int | None = None,
               cache_bytes: float | None = None, chunk_tokens: int | None = None,
               chunk_rows: int | None = None, kv_block: int | None = None,
-              fit_memory: bool = True) -> Plan:
+              fit_memory: bool = True, scorer: Scorer | None = None) -> Plan:
   """One entry for every command: the strategy name picks the algorithm. A plan whose forward
   does not fit the device is refused (check_fits) unless fit_memory is False, which models use
-  to show what a placement would cost, fitting or not."""
+  to show what a placement would cost, fitting or not. Strategy "auto" ranks by `scorer`."""
   check_options(strategy, pp=pp, microbatches=microbatches, chunk_tokens=chunk_tokens,
                 chunk_rows=chunk_rows, kv_block=kv_block)
   if strategy == "baseline":
@@ -369,7 +373,9 @@ def make_plan(setup: Setup, devices: int, strategy: str, *, tp: int | None = Non
     plan = plan_layerwise(setup, devices, tp=tp, cache_bytes=cache_bytes,
                           chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, kv_block=kv_block)
   else:
-    plan = plan_auto(setup, devices, cache_bytes, tp=tp, pp=pp)[0]
+    if scorer is None:
+      raise TypeError("make_plan(strategy='auto') needs a scorer (cost.forward.SCORER)")
+    plan = plan_auto(setup, devices, cache_bytes, tp=tp, pp=pp, scorer=scorer)[0]
   if fit_memory:
     check_fits(setup, plan)
   return plan

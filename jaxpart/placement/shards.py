@@ -10,21 +10,12 @@ memory, counts and the cost model read these; none re-derives them.
 from __future__ import annotations
 
 from jaxpart.config import ModelConfig
+from jaxpart.models.spec import kv_heads_local
 
 
 def mlp_in_projections(cfg: ModelConfig) -> int:
   """D x F matmuls before the MLP's nonlinearity: w_in for dense, gate and up for SwiGLU."""
-  return 2 if cfg.arch == "llama" else 1
-
-
-def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
-  """K/V heads one tensor shard computes and caches (llama.block_apply's rule): kv_heads / tp
-  when tp divides them; otherwise the shard's query heads read one replicated head, or one
-  each when they straddle K/V groups (llama._local_kv_heads). Dense: n_heads / tp."""
-  if cfg.kv_heads % tp == 0:
-    return cfg.kv_heads // tp
-  hq, g = cfg.n_heads // tp, cfg.n_heads // cfg.kv_heads
-  return 1 if g % hq == 0 else hq
+  return cfg.family.mlp_in_projections
 
 
 def kv_dim_local(cfg: ModelConfig, tp: int) -> int:
@@ -68,10 +59,10 @@ def edge_weight_bytes(cfg: ModelConfig, tp: int) -> dict[str, int]:
   """The edges every stage holds (replicated over the stage axis): the embedding table split
   over tensor by rows (V/tp x D), the final norm, the LM head split by columns (D x V/tp;
   none when tied to the embedding). All zero for dense."""
-  if cfg.arch != "llama":
+  if not cfg.family.token_edges:
     return {"embedding": 0, "final_norm": 0, "lm_head": 0}
   b, vl = cfg.dtype_bytes, vocab_local(cfg, tp)
-  return {"embedding": vl * cfg.d_model * b, "final_norm": cfg.d_model * b,
+  return {"embedding": vl * cfg.d_model * b, "final_norm": cfg.family.norm_params(cfg) * b,
           "lm_head": 0 if cfg.tie_embeddings else cfg.d_model * vl * b}
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxpart.models import attention
 from jaxpart.runtime import compat
 from jaxpart.models import families
+from jaxpart.models.spec import kv_heads_local
 from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
 from jaxpart.models.dense import cast_params
@@ -191,7 +192,7 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   keep = keep_cache_len is not None
   cache_shape = (plan.layers_per_stage, plan.batch if keep else plan.rows,
                  keep_cache_len if keep else plan.cache_len,
-                 families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
+                 kv_heads_local(cfg, plan.tp), cfg.head_dim)
   out_local = (plan.rows, plan.chunk_tokens, fam.out_width(cfg) // plan.tp)
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)

@@ -43,7 +43,7 @@ def global_array(host, shard):
 
 def host_params(setup: Setup, seed: int) -> dict:
   """Parameters as numpy arrays (same on every process for the same seed), LayerNorm scales and
-  biases random (model.randomize_norms) so that every check built on them can see a norm bug.
+  biases random (Family.random_params) so that every check built on them can see a norm bug.
 
   Made one layer at a time into preallocated stacked arrays: initialising the paper preset's
   3.2B weights in one program needs ~32 GB of temporaries (random bits, float32 draws), one
@@ -65,11 +65,9 @@ def host_params(setup: Setup, seed: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init(cfg, key):
-  """Compiled once per config: eager Flax init costs ~0.5 s a call, this ~10 ms. The Llama
-  family's init already draws its norm scales at random."""
-  params = families.of(cfg).init_params(cfg, key)
-  return params if cfg.arch != "dense" else model.randomize_norms(params,
-                                                                  jax.random.fold_in(key, 2))
+  """Compiled once per config: eager Flax init costs ~0.5 s a call, this ~10 ms. Norms random
+  (Family.random_params)."""
+  return families.of(cfg).random_params(cfg, key)
 
 
 def host_input(setup: Setup, seed: int, dtype=None) -> np.ndarray:

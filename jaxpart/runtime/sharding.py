@@ -15,7 +15,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxpart.runtime import compat
 from jaxpart.models import families
-from jaxpart.models import llama
 from jaxpart.placement.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
 
 
@@ -39,20 +38,17 @@ class Specs:
 
 
 SPECS = Specs()
+# The PartitionSpec of each role a family's param_layout names (families.LAYOUT_ROLES).
+ROLE_SPECS = {"col": SPECS.LxDxA_col, "row": SPECS.LxAxD_row, "layer_col": P(S, T),
+              "layer": SPECS.LxD, "layer_whole": P(S, None, None), "whole": SPECS.replicated,
+              "vocab_rows": P(T, None), "vocab_cols": P(None, T)}
 
 
 def param_specs(cfg=None, tp: int = 1) -> dict:
-  """PartitionSpecs in the shape of the family's parameter tree (dense when cfg is None)."""
-  if cfg is not None and cfg.arch == "llama":
-    return llama_param_specs(cfg, tp)
-  ln = {"scale": SPECS.LxD, "bias": SPECS.LxD}
-  return {
-      "ln1": ln,
-      "attn": {"wq": SPECS.LxDxA_col, "wk": SPECS.LxDxA_col, "wv": SPECS.LxDxA_col,
-               "wo": SPECS.LxAxD_row},
-      "ln2": dict(ln),
-      "mlp": {"w_in": SPECS.LxDxF_col, "w_out": SPECS.LxFxD_row},
-  }
+  """PartitionSpecs in the shape of the family's parameter tree (dense when cfg is None), from
+  the roles its param_layout names."""
+  fam = families.DENSE if cfg is None else families.of(cfg)
+  return jax.tree.map(ROLE_SPECS.__getitem__, fam.param_layout(cfg, tp))
 
 
 def mesh_for(plan: Plan, devices=None) -> jax.sharding.Mesh:
@@ -75,7 +71,7 @@ def param_shardings(mesh, cfg=None) -> dict:
 def input_spec(cfg=None) -> P:
   """The engine's input: hidden vectors as a stream split over every device (dense), or token
   ids, 4 bytes a token, replicated (Llama: stage 0 embeds them vocab-parallel)."""
-  return SPECS.replicated if cfg is not None and cfg.arch == "llama" else SPECS.stream
+  return SPECS.replicated if cfg is not None and families.of(cfg).tokens_in else SPECS.stream
 
 
 def input_sharding(mesh, cfg=None) -> NamedSharding:
@@ -179,30 +175,3 @@ def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None) -> dic
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype), sharding=sh),
       shapes, shards)
-
-
-def llama_param_specs(cfg, tp: int) -> dict:
-  """PartitionSpecs in the shape of llama.init_params' tree for tensor degree tp.
-
-  Layer leaves split their layer axis over `stage` and Megatron-split over `tensor` as the dense
-  ones (wq/wk/wv/w_gate/w_up and the q/k/v biases by output column, wo/w_down by input row);
-  wk/wv/bk/bv are replicated over `tensor` when tp does not divide the K/V heads
-  (llama.kv_heads_split). The embedding table is split by vocab rows, the untied LM head by
-  vocab columns; the final norm is replicated.
-  """
-  kv_col = SPECS.LxDxA_col if llama.kv_heads_split(cfg, tp) else P(S, None, None)
-  kv_bias = P(S, T) if llama.kv_heads_split(cfg, tp) else P(S, None)
-  attn = {"wq": SPECS.LxDxA_col, "wk": kv_col, "wv": kv_col, "wo": SPECS.LxAxD_row}
-  if cfg.qkv_bias:
-    attn |= {"bq": P(S, T), "bk": kv_bias, "bv": kv_bias}
-  specs = {
-      "ln1": {"scale": SPECS.LxD},
-      "attn": attn,
-      "ln2": {"scale": SPECS.LxD},
-      "mlp": {"w_gate": SPECS.LxDxF_col, "w_up": SPECS.LxDxF_col, "w_down": SPECS.LxFxD_row},
-      "embed": {"table": P(T, None)},
-      "final_norm": {"scale": P()},
-  }
-  if not cfg.tie_embeddings:
-    specs["lm_head"] = {"w": P(None, T)}
-  return specs

@@ -1,4 +1,7 @@
-"""The name map between jaxpart's Llama tree and Hugging Face's tensor names.
+"""The Llama family's name map between its tree and Hugging Face's tensor names.
+
+It lives with the family (as levanter keeps each family's conversion with it); the generic
+safetensors reader and writer in checkpoint/hf.py ask the family for it (Family.hf_names).
 
 Hugging Face stores linear weights as [out, in]; jaxpart's are [in, out], so every projection
 and the LM head are transposed on the way in and out. The embedding table is [V, D] in both.
@@ -6,9 +9,8 @@ and the LM head are transposed on the way in and out. The embedding table is [V,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from jaxpart.config import ModelConfig
+from jaxpart.models.spec import HfEntry as Entry
 
 # (tree path inside one layer, HF name after "model.layers.N.", transposed)
 _LAYER = (
@@ -32,17 +34,6 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 # Buffers some older checkpoints carry; they are recomputed, never read.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class Entry:
-  """One HF tensor: where it lives in the tree (layer None for edge leaves) and whether its
-  two axes are swapped relative to the tree's."""
-
-  hf_name: str
-  path: tuple[str, ...]
-  layer: int | None
-  transpose: bool
 
 
 def entries(cfg: ModelConfig) -> list[Entry]:
