@@ -7,7 +7,7 @@ import pytest
 
 from conftest import require_devices
 from jaxpart import config
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.measure import hlo
 from jaxpart.measure import compiled as measure
@@ -66,7 +66,7 @@ def test_engine_collectives_match_megatron(strategy, kw):
   assert plan.units > 1 and plan.stages > 1 and plan.tp > 1
   hlo_text = _engine_hlo(plan, s.model, jnp.float32)
   got = measure.engine_loop_bytes(hlo_text, plan)["loop"]
-  want = costmodel.collective_bytes(s.model, plan, F32)["executed"]
+  want = counts.collective_bytes(s.model, plan, F32)["executed"]
   print(strategy, "measured", got, "formula", want)
   for kind in hlo.COLLECTIVE_KINDS:
     assert got[kind] == pytest.approx(want.get(kind, 0.0), rel=0.05), kind
@@ -74,7 +74,7 @@ def test_engine_collectives_match_megatron(strategy, kw):
   # the unweighted count is the upper bound that bubble ticks would add
   upper = hlo.collective_bytes(hlo_text)["all-reduce"]
   assert upper > got["all-reduce"]
-  flops = hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan))
+  flops = hlo.hlo_flops(hlo_text, counts.hlo_cond_weights(plan))
   assert flops == pytest.approx(_expected_flops(plan, s.model), rel=1e-6)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpart.runtime import compat
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.models import families
 from jaxpart.measure import compiled as measure
@@ -104,7 +104,7 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
   out = [Variant(f"engine:{plan.strategy}", plan.devices,
                  engine.jit_forward(plan, cfg, mesh, differentiable=False),
                  (placed, jax.device_put(x_BxTxD, sharding.stream(mesh))),
-                 costmodel.hlo_cond_weights(plan))]
+                 counts.hlo_cond_weights(plan))]
   if own_steps:
     out.append(own_steps_variant(cfg, plan, placed, mesh, x_BxTxD))
   fwd = jax.jit(functools.partial(model.forward, cfg=cfg))

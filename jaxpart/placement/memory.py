@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
 from jaxpart.placement.plan import PlanError
-from jaxpart.placement.shards import (  # noqa: F401  (re-exported: what a device holds, in bytes)
-    device_weight_bytes, edge_weight_bytes, kv_cache_bytes, kv_dim_local, kv_heads_local,
-    mlp_in_projections, projection_params_local, vocab_local, weight_shard_bytes)
+from jaxpart.placement.shards import (edge_weight_bytes, kv_cache_bytes, kv_dim_local,
+                                     mlp_in_projections, vocab_local, weight_shard_bytes)
 
 F32 = 4
 MB = 10**6
