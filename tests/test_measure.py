@@ -1,4 +1,4 @@
-"""measure.py: compile statistics of a program whose FLOPs are known by hand, and the engine's
+"""measure/compiled.py: compile statistics of a program whose FLOPs are known by hand, and the engine's
 compiled HLO against the cost model's formulas for its Plan."""
 
 import jax
@@ -24,7 +24,7 @@ def test_hlo_flops_apply_trip_counts():
   w = jnp.ones((32, 32), jnp.float32)
   stats = measure.compile_stats(jax.jit(f), x, w)
   assert stats["flops"] == 10 * 2 * 64 * 32 * 32
-  # cost_analysis counts the loop body once (documented in hlo.py); ours must not
+  # cost_analysis counts the loop body once (documented in measure/hlo.py); ours must not
   assert stats["xla_cost_flops"] < stats["flops"]
   for k in ("argument_bytes", "output_bytes", "temp_bytes"):
     assert isinstance(stats[k], int) and stats[k] >= 0

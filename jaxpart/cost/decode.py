@@ -2,7 +2,7 @@
 
 What the engine will run (design.md section 9). Prefill is the Plan's forward over the prompt
 that keeps the whole batch's K/V where the Plan puts each layer: its time is
-costmodel.predict's total_s, the TTFT of the batch (the first new token comes from its logits).
+cost/forward.predict's total_s, the TTFT of the batch (the first new token comes from its logits).
 Decode then feeds one token per sequence per step through every stage.
 
 Schedule. The batch is split into M decode microbatches of B/M rows: M = S (the stage count)
@@ -43,17 +43,12 @@ from jaxpart.placement import memory
 from jaxpart.placement import shards
 from jaxpart.config import Setup
 from jaxpart.cost.counts import attention_flops, head_flops, matmul_flops
-from jaxpart.placement.plan import Plan, PlanError, divisors
+from jaxpart.placement.plan import Plan, PlanError, decode_microbatches
 
 # predict --decode walks every decode step; beyond this it refuses rather than run long.
 MAX_NEW_TOKENS = 2**20
 TOKEN_ID_BYTES = memory.TOKEN_ID_BYTES
 ARGMAX_BYTES = 8   # per row: the local best logit (float32) and its index (int32)
-
-
-def decode_microbatches(batch: int, stages: int) -> int:
-  """M = stages when it divides the batch, else the largest divisor of the batch below it."""
-  return max(d for d in divisors(batch) if d <= stages)
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ class DecodePrediction:
   rows: int                        # B / M
   cycle_ticks: int                 # ticks per decode step of one microbatch (S)
   bubble_fraction: float           # over the K steps: 1 - K*M / (K*S + M - 1)
-  ttft_s: float                    # prefill of the whole batch (costmodel.predict total_s)
+  ttft_s: float                    # prefill of the whole batch (cost.forward.predict total_s)
   prefill_tokens_per_s: float
   tpot_s: float                    # mean over the decode steps
   tpot_first_s: float

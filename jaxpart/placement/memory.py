@@ -127,17 +127,6 @@ def step_peak_bytes(cfg: ModelConfig, s: StepShape) -> int:
   return max(step_phase_bytes(cfg, s).values())
 
 
-def step_streamed_bytes(cfg: ModelConfig, s: StepShape, prefix_tokens: int) -> dict[str, int]:
-  """Bytes one layer's step reads once and does not reuse: its weight shard and the KV prefix.
-
-  prefix_tokens is how many cached positions the step's queries attend to (the chunk's end).
-  """
-  return {
-      "weight_shard": weight_shard_bytes(cfg, s.tp, 1, held=False),
-      "kv_prefix": kv_cache_bytes(cfg, s.rows, prefix_tokens, s.tp, 1),
-  }
-
-
 def run_streamed_bytes(cfg: ModelConfig, batch: int, seq: int, rows: int, tokens: int,
                        tp: int) -> dict[str, int]:
   """Bytes one layer streams per device over a whole run split in rows x tokens units.

@@ -231,6 +231,13 @@ def contiguous_stage_layers(layers: int, stages: int) -> tuple[tuple[int, ...], 
   return tuple(tuple(range(s * per, (s + 1) * per)) for s in range(stages))
 
 
+def decode_microbatches(batch: int, stages: int) -> int:
+  """Decode microbatches in flight: M = stages when it divides the batch, else the largest
+  divisor of the batch below it. Here, not in cost/, because the runtime's decode schedule and
+  the decode cost model both follow it."""
+  return max(d for d in divisors(batch) if d <= stages)
+
+
 def divisors(n: int) -> list[int]:
   """Every divisor of n, ascending, from its prime factors: trial division only up to sqrt(n),
   so a count of 2^31 answers in milliseconds, not by trying every number up to n."""
