@@ -139,7 +139,7 @@ def predict_decode(setup: Setup, plan: Plan, new_tokens: int,
   steps = new_tokens - 1
   tpot_mean = float(tpot.mean()) if steps else float(tpot[0])
   bound_mean = float(bound.mean()) if steps else float(bound[0])
-  last = memory.decode_cache_len(plan, new_tokens)
+  last = plan.decode_cache_len(new_tokens)
   ideal_kv = shards.kv_cache_bytes(cfg, B, plan.seq + new_tokens // 2, 1, cfg.layers)
   ideal = (cfg.total_params * b + ideal_kv) / (plan.devices * hw.hbm_bw)
   gen = memory.generation_bytes(cfg, setup.run, plan, new_tokens)

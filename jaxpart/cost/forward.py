@@ -98,7 +98,7 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
   D, A, F = cfg.d_model, cfg.attn_dim // t, cfg.d_ff // t
   K = shards.kv_dim_local(cfg, t)
   g = shards.mlp_in_projections(cfg)
-  ws = plan_working_set(cfg, plan)
+  ws = memory.working_set_bytes(cfg, memory.step_shape(plan))
   fits = ws <= l2_bytes
   w_layer = shards.weight_shard_bytes(cfg, t, 1, held=False)
   weights_resident = plan.layers_per_stage * w_layer + ws <= l2_bytes
@@ -124,12 +124,6 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
           "weights_resident": weights_resident, "working_set_fits": fits,
           "weight_bytes": float(0 if weights_resident else w_layer),
           "intermediate_bytes": float(inter)}
-
-
-def plan_working_set(cfg: ModelConfig, plan: Plan) -> int:
-  step = memory.StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block,
-                          tp=plan.tp)
-  return sum(memory.step_working_set(cfg, step).values())
 
 
 # --- the prediction ------------------------------------------------------------------------
@@ -347,7 +341,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
       l2_read_bytes_per_device=l2_read, link_bytes_per_device=link,
       collective_payload_bytes=coll["executed"],
       l2_hit_rate=max(0.0, 1.0 - hbm_read / l2_read) if l2_read else 0.0,
-      working_set_bytes=plan_working_set(cfg, plan),
+      working_set_bytes=memory.working_set_bytes(cfg, memory.step_shape(plan)),
       working_set_fits_l2=bool(steps[0]["working_set_fits"]),
       weights_per_device_bytes=w_dev, weights_resident_in_l2=bool(steps[0]["weights_resident"]),
       device_memory_bytes=engine_bytes,

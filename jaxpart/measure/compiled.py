@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpart.cost import counts
+from jaxpart.runtime import compat
 from jaxpart.runtime import engine
 from jaxpart.models import dense as model
 from jaxpart.runtime import sharding
@@ -42,21 +43,10 @@ def compile_stats(jitted_fn, *args, cond_weight: float | Sequence[float] = 1.0) 
   t0 = time.perf_counter()
   compiled = jitted_fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  ma = compiled.memory_analysis()
-  if ma is None:
-    raise RuntimeError(f"{jax.devices()[0].platform}: the compiled program has no "
-                       f"memory_analysis(); per-device memory cannot be read on this backend")
   hlo = compiled.as_text()
   cost = _cost_dict(compiled)
   return {
-      "argument_bytes": int(ma.argument_size_in_bytes),
-      "output_bytes": int(ma.output_size_in_bytes),
-      "temp_bytes": int(ma.temp_size_in_bytes),
-      "alias_bytes": int(ma.alias_size_in_bytes),
-      # What the program holds at once per device: donated or aliased bytes count once.
-      "total_bytes": int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes),
-      "generated_code_bytes": int(ma.generated_code_size_in_bytes),
+      **compat.compiled_memory(compiled).to_dict(),
       "flops": hlo_flops(hlo, cond_weight),
       "xla_cost_flops": float(cost.get("flops", 0.0)),
       "xla_cost_bytes_accessed": float(cost.get("bytes accessed", 0.0)),

@@ -121,6 +121,13 @@ class Plan:
     """KV cache positions per layer: the padded sequence rounded up to whole KV blocks."""
     return math.ceil(self.padded_seq / self.kv_block) * self.kv_block
 
+  def decode_cache_len(self, new_tokens: int) -> int:
+    """Positions of the whole batch's cache when generating: prefill writes the padded prompt
+    (cache_len), decode appends from position seq up to seq + new_tokens, in whole KV blocks.
+    The one rule both the runtime (what runs) and memory.py (what is predicted) use."""
+    need = math.ceil((self.seq + new_tokens) / self.kv_block) * self.kv_block
+    return max(self.cache_len, need)
+
   @property
   def units(self) -> int:
     return self.microbatches * self.n_chunks

@@ -31,7 +31,7 @@ def default_kv_block(tokens: int) -> int:
 
 def working_set(cfg: ModelConfig, rows: int, tokens: int, tp: int, kv_block: int | None = None) -> int:
   kv = kv_block or default_kv_block(tokens)
-  return sum(memory.step_working_set(cfg, memory.StepShape(rows, tokens, kv, tp)).values())
+  return memory.working_set_bytes(cfg, memory.StepShape(rows, tokens, kv, tp))
 
 
 # --- device memory ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,19 +116,23 @@ def reference(setup: Setup, params_host, x_host, dtype=None) -> np.ndarray:
   dev = jax.local_devices()[0]
   p = jax.device_put(params_host, dev)
   x = jax.device_put(x_host, dev)
-  f = jax.jit(lambda p, x: reference_forward(p, x, setup.model, dtype))
+  f = jax.jit(reference_forward(setup.model, dtype))
   return np.asarray(f(p, x))
 
 
-def reference_forward(params, inp, cfg, dtype=None):
-  """The family's single-device forward at a chosen precision: dtype None keeps the config's,
-  else casts the parameters (and hidden-vector input; token ids stay ids)."""
+def reference_forward(cfg, dtype=None) -> Callable[[Any, jax.Array], jax.Array]:
+  """The family's single-device forward, (params, inp) -> out: the one reference every check
+  compares with. dtype None keeps the config's, else the parameters are cast (and a hidden-vector
+  input; token ids stay ids)."""
   fam = families.of(cfg)
-  if dtype is not None and fam.tokens_in:
-    params = model.cast_params(params, dtype)
-  elif dtype is not None:   # dense: model.forward casts each layer to the input's dtype
-    inp = inp.astype(dtype)
-  return fam.reference(params, inp, cfg)
+
+  def forward(params, inp):
+    if dtype is not None and fam.tokens_in:
+      params = model.cast_params(params, dtype)
+    elif dtype is not None:   # dense: model.forward casts each layer to the input's dtype
+      inp = inp.astype(dtype)
+    return fam.reference(params, inp, cfg)
+  return forward
 
 
 def errors(y, y_ref) -> dict[str, float]:
