@@ -96,12 +96,23 @@ class Placed:
 
 def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=None,
           **engine_kw) -> Placed:
+  """Parameters and input (x_host may be None) on the Plan's mesh, and the jitted forward."""
   mesh = sharding.mesh_for(plan, devices)
   shardings = sharding.param_shardings(mesh, setup.model)
   params = jax.tree.map(global_array, params_host, shardings)
-  x = global_array(x_host, sharding.input_sharding(mesh, setup.model))
+  x = None if x_host is None else global_array(x_host, sharding.input_sharding(mesh, setup.model))
   fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
+
+
+def make_forward(setup: Setup, plan: Plan, params_host, *, dtype=None, devices=None,
+                 **engine_kw) -> Callable[[Any], np.ndarray]:
+  """The Plan's forward as a host function, inp -> out (numpy), for scripts: the parameters are
+  placed on the Plan's mesh once; each call places its input, runs the engine and gathers the
+  output. (engine.make_forward is the traced, mesh-level function this jits.)"""
+  placed = place(setup, plan, params_host, None, dtype=dtype, devices=devices, **engine_kw)
+  shard = sharding.input_sharding(placed.mesh, setup.model)
+  return lambda inp: fetch(placed.forward(placed.params, global_array(inp, shard)))
 
 
 def fetch(y) -> np.ndarray:
