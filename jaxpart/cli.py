@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._distributed and supervise.needed(argv):   # one of several: a parent reports ends
       return supervise.run(args.command, argv)
     if args._distributed:
-      distributed.initialize(args)
+      distributed.initialize(distributed.LaunchFlags.from_flags(vars(args)))
     return int(args._run(args) or 0)
   except UserError as e:
     print(f"jaxpart {args.command}: error: {e}", file=sys.stderr)
