@@ -1,5 +1,5 @@
-"""measure/compiled.py: compile statistics of a program whose FLOPs are known by hand, and the engine's
-compiled HLO against the cost model's formulas for its Plan."""
+"""measure/compiled.py: compile statistics of a program whose FLOPs are known by hand, and the
+engine's compiled HLO against the cost model's formulas for its Plan."""
 
 import jax
 import jax.numpy as jnp
