@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from jaxpart.cost import counts
 from jaxpart.cost import forward as costmodel
+from jaxpart.placement import shards
 from jaxpart.placement import planner
 from experiments import common, sec4_throughput
 
@@ -43,7 +44,7 @@ def cpu_weights_kb() -> float:
   """A layer-wise stage's weights per device in the small preset, at the float32 timed."""
   setup, plans = sec4_throughput.small_plans()
   lw = plans["layerwise"]
-  shard = costmodel.memory.weight_shard_bytes(setup.model, lw.tp, lw.layers_per_stage)
+  shard = shards.weight_shard_bytes(setup.model, lw.tp, lw.layers_per_stage)
   return shard // setup.model.dtype_bytes * 4 / 1e3
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from jaxpart.cost import forward as costmodel
+from jaxpart.placement import memory
 from jaxpart.placement import planner
 from experiments import common
 
@@ -30,8 +31,8 @@ def sweep(hardware: str) -> list[dict]:
     plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=c, chunk_rows=1)
     st = costmodel.layer_step(setup, plan, KV_PREFIX + c)
     math_s = max(st["compute_s"], st["hbm_s"], st["l2_s"])
-    out.append({"chunk_tokens": c, "working_set_bytes": costmodel.plan_working_set(setup.model,
-                                                                                   plan),
+    out.append({"chunk_tokens": c, "working_set_bytes": memory.working_set_bytes(
+                    setup.model, memory.step_shape(plan)),
                 "fits_l2": bool(st["working_set_fits"]), "intensity": st["intensity"],
                 "ridge": setup.hardware.ridge_flop_per_byte,
                 "past_ridge": st["intensity"] >= setup.hardware.ridge_flop_per_byte,

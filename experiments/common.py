@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from jaxpart import config
 from jaxpart.cost import counts
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import params as costparams
 from jaxpart.placement import planner
 from jaxpart.jsonable import jsonable
 from jaxpart.placement.plan import Plan
@@ -100,7 +101,7 @@ def baseline_for(setup: config.Setup, devices: int) -> Plan:
 
 
 def predict(setup: config.Setup, plan: Plan, **params) -> costmodel.Prediction:
-  p = costmodel.ModelParams(**params) if params else costmodel.DEFAULT
+  p = costparams.ModelParams(**params) if params else costparams.DEFAULT
   return costmodel.predict(setup, plan, p)
 
 

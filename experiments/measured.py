@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpart.measure import bench
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.measure import hlo
 from jaxpart.measure import compiled as measure
@@ -42,7 +42,7 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   """Compile the engine's forward for `plan` and read what it would do, per device.
 
   collective bytes: ops inside the tick loop, the tick cond weighted by units/ticks
-  (executed); flops: HLO dots x loop trips with both conds weighted (costmodel.hlo_cond_weights)
+  (executed); flops: HLO dots x loop trips with both conds weighted (counts.hlo_cond_weights)
   and unweighted (static: every tick and KV block).
   """
   require_devices(plan.devices)
@@ -59,7 +59,7 @@ def compile_engine(setup: Setup, plan: Plan, dtype=None) -> dict[str, Any]:
   out.update(
       collective_loop_executed=loop["loop"], collective_outside_loops=loop["outside_loops"],
       collective_loop_static=static_loop,
-      flops_executed=hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan)),
+      flops_executed=hlo.hlo_flops(hlo_text, counts.hlo_cond_weights(plan)),
       flops_static=hlo.hlo_flops(hlo_text),
       # per kind, as compiled: 4 where CPU XLA promoted bf16 to f32; 0 if the loop holds none
       collective_element_bytes={k: int(v or 0) for k, v in loop["element_bytes"].items()})
@@ -80,7 +80,7 @@ def time_forward(setup: Setup, plans: dict[str, Plan], repeats: int, dtype=jnp.f
     xr = jax.device_put(x, sharding.stream(mesh))
     compiled = engine.jit_forward(plan, setup.model, mesh, dtype=dtype,
                                   differentiable=False).lower(placed, xr).compile()
-    flops[name] = hlo.hlo_flops(compiled.as_text(), costmodel.hlo_cond_weights(plan))
+    flops[name] = hlo.hlo_flops(compiled.as_text(), counts.hlo_cond_weights(plan))
     fns[name] = (lambda c=compiled, p=placed, xx=xr: c(p, xx))
     if progress:
       progress(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.placement import planner
 from experiments import common
 
@@ -24,7 +25,7 @@ def run(ctx: common.Context) -> common.Result:
   for label, plan in (("planner's chunk", fitted), ("seed's chunk (128 x 64)", seed_chunk)):
     ws = memory.step_working_set(cfg, memory.step_shape(plan))
     resident = sum(ws.values())
-    weights = memory.weight_shard_bytes(cfg, plan.tp, 1)
+    weights = shards.weight_shard_bytes(cfg, plan.tp, 1)
     entry = {"plan": plan.to_dict(), "resident_bytes": resident, "weights_per_step": weights,
              "peak_phase_bytes": memory.step_peak_bytes(cfg, memory.step_shape(plan))}
     if ctx.measure:

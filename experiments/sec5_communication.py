@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxpart import config
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.placement import planner
 from experiments import common, measured, sec2_memory
 
@@ -23,10 +24,10 @@ def tiny_plans() -> tuple[config.Setup, dict]:
 def compare(setup, plan, m) -> dict:
   """Model vs compiled HLO for one plan: collective bytes (loop, executed and static), FLOPs."""
   eb = {k: m["collective_element_bytes"][k] or setup.model.dtype_bytes for k in KINDS}
-  fl = costmodel.plan_flops(setup.model, plan)
+  fl = counts.plan_flops(setup.model, plan)
   out = {"element_bytes": eb, "kinds": {}}
   for k in KINDS:
-    model = costmodel.collective_bytes(setup.model, plan, element_bytes=eb[k])
+    model = counts.collective_bytes(setup.model, plan, element_bytes=eb[k])
     out["kinds"][k] = {
         "model_executed": model["executed"][k], "hlo_executed": m["collective_loop_executed"][k],
         "model_static": model["static"][k], "hlo_static": m["collective_loop_static"][k]}
@@ -64,7 +65,7 @@ def run(ctx: common.Context) -> common.Result:
   full_act = setup.run.tokens * cfg.d_model * cfg.dtype_bytes
   rows = []
   for name, plan in plans.items():
-    cb = costmodel.collective_bytes(cfg, plan)
+    cb = counts.collective_bytes(cfg, plan)
     p = preds[name]
     per_layer_ar = cb["executed"]["all-reduce"] / plan.layers_per_stage
     rows += [
@@ -75,7 +76,7 @@ def run(ctx: common.Context) -> common.Result:
         [name, "bytes a device sends for them (ring, 2(t-1)/t)", "-",
          common.gb(cb["link"]["all-reduce"] / plan.layers_per_stage) + " per layer"],
         [name, "pipeline transfer per unit", "~12 MB per chunk" if name == "layerwise" else "-",
-         f"{common.mb(costmodel.unit_bytes(cfg, plan))} ({plan.rows} x {plan.chunk_tokens} x "
+         f"{common.mb(counts.unit_bytes(cfg, plan))} ({plan.rows} x {plan.chunk_tokens} x "
          f"{cfg.d_model} x {cfg.dtype_bytes} B), {plan.ticks:,} ticks"],
         [name, "modelled time: all-reduce / pipeline / compute", "overlapped (async)",
          f"{p.tp_comm_s:.3f} s / {p.pipe_comm_s:.3f} s / {p.compute_s:.3f} s"],
@@ -89,7 +90,7 @@ def run(ctx: common.Context) -> common.Result:
           "per chunk is not what its own 128 x 64 chunk weighs (256 MiB). The engine's transfer "
           "is not overlapped with compute: it is issued after each tick's step.", "")
 
-  data = {"modelled": {k: {"collective_bytes": costmodel.collective_bytes(cfg, p),
+  data = {"modelled": {k: {"collective_bytes": counts.collective_bytes(cfg, p),
                            "prediction": preds[k].to_dict()} for k, p in plans.items()}}
   if ctx.measure:
     bar = ctx.bar(2, "sec5 compile tiny")
@@ -112,7 +113,7 @@ def run(ctx: common.Context) -> common.Result:
             "operand bytes and every dot's FLOPs times the trip counts of the loops around it "
             "(jaxpart.measure.compiled). Conditionals weighted as executed: the tick's compute branch "
             "runs on units / ticks of the ticks, attention's per-block branch on the share of "
-            "KV blocks a chunk needs (costmodel.hlo_cond_weights); the static rows count every "
+            "KV blocks a chunk needs (counts.hlo_cond_weights); the static rows count every "
             "branch as taken. Only ops inside the tick loop are compared: the gather of the "
             "output to all devices after the loop is laid out by XLA's partitioner and is not "
             "part of the model (listed below).", "")

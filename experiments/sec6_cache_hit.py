@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.placement import planner
 from experiments import common
 
@@ -23,7 +24,7 @@ def run(ctx: common.Context) -> common.Result:
   rows, data = [], {}
   for name, plan in plans.items():
     p = costmodel.predict(setup, plan)
-    steps = [costmodel.layer_step(setup, plan, costmodel.kv_positions(plan, k))
+    steps = [costmodel.layer_step(setup, plan, counts.kv_positions(plan, k))
              for k in range(plan.n_chunks)]
     weight_reads = plan.layers_per_stage * plan.microbatches * sum(s["weight_bytes"] for s in steps)
     hbm = p.hbm_read_bytes_per_device + p.hbm_write_bytes_per_device

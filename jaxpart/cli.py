@@ -3,7 +3,7 @@
 A command module defines NAME, HELP, `add_arguments(parser)` and `run(args) -> int`. Modules are
 found by listing the package, so adding a command touches no shared file. A module that sets
 DISTRIBUTED = True gets the multi-host flags, and jax.distributed is started before its run; as
-one of several processes it runs under a supervisor (supervise.py) that says how it ended.
+one of several processes it runs under a supervisor (runtime/supervise.py) that says how it ended.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def _command_modules():
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="jaxpart",
-      description="Place a dense transformer on N accelerators, check it, predict its cost.")
+      description="Place a dense or Llama-family transformer on N accelerators (pipeline stages x "
+                  "tensor parallelism), predict its cost, run and check it against one device, "
+                  "generate text, and convert, save and verify checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for mod in _command_modules():
     p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._distributed and supervise.needed(argv):   # one of several: a parent reports ends
       return supervise.run(args.command, argv)
     if args._distributed:
-      distributed.initialize(args)
+      distributed.initialize(distributed.LaunchFlags.from_flags(vars(args)))
     return int(args._run(args) or 0)
   except UserError as e:
     print(f"jaxpart {args.command}: error: {e}", file=sys.stderr)

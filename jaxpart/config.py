@@ -1,8 +1,10 @@
 """Configuration: presets of the model, run shape and hardware, and TOML/flag loading.
 
-The frozen types and their checks are in jaxpart.configtypes and re-exported here, so callers
-name everything config.X. Every check raises ConfigError naming the field, the bad value and
-what would be valid.
+config is the public home of the config types: they are defined in jaxpart.configtypes (split
+off to keep each module small) and their public names are re-exported here, so callers name
+everything config.X and one import gives the types with their presets. Private helpers are not
+re-exported. Every check raises ConfigError naming the field, the bad value and what would be
+valid.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Mapping
 
 from jaxpart.configtypes import (  # noqa: F401  (re-exported: config.X is the public name)
     DTYPE_BYTES, DTYPES, MAX_INDEX, MAX_LAYERS, ConfigError, Hardware, ModelConfig,
-    RopeScaling, RunShape, _positive, _positive_int)
+    RopeScaling, RunShape)
 
 
 # --- presets -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 from jaxpart import config  # noqa: E402
 from jaxpart.placement import planner  # noqa: E402
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import memory
 from jaxpart.placement.plan import PlanError  # noqa: E402
@@ -71,7 +71,7 @@ def flop_rows(devices: int = 16) -> list[dict]:
     causal = memory.forward_flops_per_token(setup.model, setup.run.seq) * setup.run.tokens
     out.append({"strategy": name, "split": plan.split, "compiled_flops": compiled,
                 "causal_flops": causal, "ratio": compiled / causal,
-                "modelled_executed": costmodel.plan_flops(setup.model, plan)["executed"] * devices})
+                "modelled_executed": counts.plan_flops(setup.model, plan)["executed"] * devices})
   return out
 
 

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
                  help="this process raises an uncaught error right after start-up")
   distributed.add_arguments(p)
   args = p.parse_args(argv)
-  distributed.initialize(args)
+  distributed.initialize(distributed.LaunchFlags.from_flags(vars(args)))
 
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415

@@ -1,6 +1,6 @@
 """A small reader of compiled HLO text: which ops run only under a conditional branch.
 
-Independent of jaxpart's own HLO reader (measure.py), so that a test of the engine's bubble
+Independent of jaxpart's own HLO reader (measure/compiled.py), so that a test of the engine's bubble
 skipping does not trust the code it might share a bug with.
 """
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import require_devices
 from jaxpart import cli, config
 from jaxpart.measure import autotune
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import params as costparams
 
 
 def test_ranks_average_ties():
@@ -86,7 +86,7 @@ def test_calibrate_writes_a_hardware_toml_that_config_loads(tmp_path, capsys):
   assert all(g["median_s"] > 0 for g in res["gemm"] + res["attention"])
   hw = res["hardware"]
   fit = res["gemm_fit"]
-  assert hw["peak_flops"] == pytest.approx(fit["flops_per_s"] / costmodel.DEFAULT.gemm_fraction)
+  assert hw["peak_flops"] == pytest.approx(fit["flops_per_s"] / costparams.DEFAULT.gemm_fraction)
   assert min(hw["gemm_call_s"], hw["gemm_element_s"], hw["score_element_s"]) >= 0
   assert res["base"] == "cpu" and hw["host_cores"] == len(os.sched_getaffinity(0))
   setup = config.load_setup("tiny", config_file=str(out))

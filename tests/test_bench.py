@@ -8,7 +8,7 @@ import pytest
 from conftest import require_devices
 from jaxpart import cli, config
 from jaxpart.measure import bench
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.placement import planner
 
 
@@ -44,7 +44,7 @@ def test_bench_layerwise_figures(tmp_path, capsys):
   assert gspmd["collective_bytes"]["all-reduce"] > 0
   s = config.load_setup("tiny")
   plan = planner.make_plan(s, 4, "layerwise", chunk_tokens=32)
-  want = costmodel.collective_bytes(s.model, plan, 2)["executed"]["collective-permute"]
+  want = counts.collective_bytes(s.model, plan, 2)["executed"]["collective-permute"]
   assert eng["collective_bytes"]["collective-permute"] >= want > 0
   # compiled matmul FLOPs of 4 devices cover the model's useful FLOPs (padding and masked
   # attention blocks add, nothing is missing)

@@ -6,7 +6,7 @@ Model and measurement count the same thing on purpose:
   only on valid ticks; the ppermute runs on every tick). The gather of the output after the
   loop belongs to XLA's partitioner and is in neither.
 - FLOPs: matmul (dot) FLOPs times loop trip counts; the tick cond weighted by units / ticks and
-  attention's per-KV-block cond by the share of blocks visited (costmodel.hlo_cond_weights), or
+  attention's per-KV-block cond by the share of blocks visited (counts.hlo_cond_weights), or
   every branch counted as taken for the static count. XLA's cost_analysis() is not used: it
   counts a loop body once. Elementwise FLOPs are in neither.
 float32, because CPU XLA promotes bf16 collectives to float32.
@@ -21,6 +21,11 @@ import pytest
 from conftest import require_devices
 from jaxpart import cli, config
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import params as costparams
+from jaxpart.cost import units as unitcosts
+from jaxpart.cost import counts
+from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.runtime import engine
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import planner
@@ -59,7 +64,7 @@ def compiled():
 @pytest.mark.parametrize("name", sorted(TINY_PLANS))
 def test_collective_bytes_match_compiled_hlo(compiled, name):
   plan, hlo = compiled[name]
-  modelled = costmodel.collective_bytes(TINY32.model, plan)
+  modelled = counts.collective_bytes(TINY32.model, plan)
   loop = measure.engine_loop_bytes(hlo, plan)["loop"]
   static = {k: 0.0 for k in COLLECTIVE_KINDS}
   for op in collective_ops(hlo):
@@ -76,8 +81,8 @@ def test_collective_bytes_match_compiled_hlo(compiled, name):
 @pytest.mark.parametrize("name", sorted(TINY_PLANS))
 def test_flops_match_compiled_hlo(compiled, name):
   plan, hlo = compiled[name]
-  fl = costmodel.plan_flops(TINY32.model, plan)
-  executed = hlo_flops(hlo, costmodel.hlo_cond_weights(plan))
+  fl = counts.plan_flops(TINY32.model, plan)
+  executed = hlo_flops(hlo, counts.hlo_cond_weights(plan))
   assert fl["executed"] == pytest.approx(executed, rel=RTOL)
   assert fl["static"] == pytest.approx(hlo_flops(hlo), rel=RTOL)
   # The counts differ where they should: bubble ticks and skipped KV blocks are real savings.
@@ -85,16 +90,16 @@ def test_flops_match_compiled_hlo(compiled, name):
 
 
 def test_ring_allreduce_and_collective_link_bytes():
-  assert costmodel.ring_allreduce_link_bytes(1000, 1) == 0
-  assert costmodel.ring_allreduce_link_bytes(1000, 2) == pytest.approx(1000)
-  assert costmodel.ring_allreduce_link_bytes(1000, 8) == pytest.approx(1750)
+  assert counts.ring_allreduce_link_bytes(1000, 1) == 0
+  assert counts.ring_allreduce_link_bytes(1000, 2) == pytest.approx(1000)
+  assert counts.ring_allreduce_link_bytes(1000, 8) == pytest.approx(1750)
   hw = PAPER.hardware
-  p = costmodel.DEFAULT
-  assert costmodel.allreduce_seconds(1e9, 4, hw, p) == pytest.approx(
+  p = costparams.DEFAULT
+  assert unitcosts.allreduce_seconds(1e9, 4, hw, p) == pytest.approx(
       1.5e9 / (hw.link_bw * p.link_fraction) + hw.link_latency)
-  assert costmodel.allreduce_seconds(1e9, 1, hw, p) == 0
+  assert unitcosts.allreduce_seconds(1e9, 1, hw, p) == 0
   plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
-  cb = costmodel.collective_bytes(PAPER.model, plan)
+  cb = counts.collective_bytes(PAPER.model, plan)
   unit = plan.rows * plan.seq * PAPER.model.d_model * 2
   # Megatron forward: two all-reduces of the unit per layer, on each of the units.
   assert cb["executed"]["all-reduce"] == 2 * plan.layers_per_stage * plan.units * unit
@@ -156,8 +161,8 @@ def test_paper_layerwise_streams_its_weights():
   n = plan.rows * plan.chunk_tokens
   assert p.arithmetic_intensity == pytest.approx(n, rel=0.25)
   assert n < PAPER.hardware.ridge_flop_per_byte and p.bound == "hbm"
-  step = costmodel.layer_step(PAPER, plan, costmodel.kv_positions(plan, 0))
-  assert step["weight_bytes"] == costmodel.memory.weight_shard_bytes(PAPER.model, plan.tp, 1)
+  step = costmodel.layer_step(PAPER, plan, counts.kv_positions(plan, 0))
+  assert step["weight_bytes"] == shards.weight_shard_bytes(PAPER.model, plan.tp, 1)
 
 
 def test_small_model_weights_stay_in_l2():
@@ -172,20 +177,20 @@ def test_small_model_weights_stay_in_l2():
 def test_tile_visits_follow_blocked_attention():
   plan = planner.make_plan(PAPER, 16, "layerwise", chunk_tokens=100, chunk_rows=1, kv_block=64)
   # chunk 0: queries 0..63 need block 0, queries 64..99 blocks 0..1
-  assert costmodel.tile_visits(plan, 0).tolist() == [1, 2]
+  assert counts.tile_visits(plan, 0).tolist() == [1, 2]
   # chunk 1: queries 100..163 need blocks 0..2, queries 164..199 blocks 0..3
-  assert costmodel.tile_visits(plan, 1).tolist() == [3, 4]
+  assert counts.tile_visits(plan, 1).tolist() == [3, 4]
   # every (tile, block) pair in full: 3 and 7 pairs of 64 x 64, over the chunk's 100 queries
-  assert costmodel.kv_positions(plan, 0) == pytest.approx(3 * 64 * 64 / 100)
-  assert costmodel.kv_positions(plan, 1) == pytest.approx(7 * 64 * 64 / 100)
-  last = costmodel.tile_visits(plan, plan.n_chunks - 1)
+  assert counts.kv_positions(plan, 0) == pytest.approx(3 * 64 * 64 / 100)
+  assert counts.kv_positions(plan, 1) == pytest.approx(7 * 64 * 64 / 100)
+  last = counts.tile_visits(plan, plan.n_chunks - 1)
   assert last[-1] == plan.cache_len // plan.kv_block
 
 
 def test_whole_sequence_attention_is_causal_not_square():
   """A 10,000-token microbatch in 128 x 128 tiles does the triangle plus the diagonal tiles."""
   plan = planner.make_plan(PAPER, 16, "baseline", tp=8, pp=2)
-  visits = costmodel.tile_visits(plan, 0).tolist()
+  visits = counts.tile_visits(plan, 0).tolist()
   tiles = -(-plan.seq // 128)
   assert plan.kv_block == 128 and visits == [i + 1 for i in range(tiles)]
   pairs = tiles * (tiles + 1) // 2
@@ -195,11 +200,11 @@ def test_whole_sequence_attention_is_causal_not_square():
 def test_flop_counts_are_ordered():
   for strategy, kw in (("baseline", {"tp": 8, "pp": 2}), ("layerwise", {})):
     plan = planner.make_plan(PAPER, 16, strategy, **kw)
-    fl = costmodel.plan_flops(PAPER.model, plan)
+    fl = counts.plan_flops(PAPER.model, plan)
     assert fl["useful"] <= fl["executed"] <= fl["static"]
     assert fl["executed"] == pytest.approx(fl["matmul"] + fl["attention"])
     per_token = fl["useful"] * plan.devices / (plan.batch * plan.seq)
-    assert per_token == pytest.approx(costmodel.memory.forward_flops_per_token(PAPER.model,
+    assert per_token == pytest.approx(memory.forward_flops_per_token(PAPER.model,
                                                                                 plan.seq))
 
 
@@ -247,7 +252,7 @@ def test_predict_command_table_and_errors(capsys):
                                       ({"static_watts": -1.0}, "static_watts = -1.0")])
 def test_bad_model_params_name_the_field(kw, match):
   with pytest.raises(config.ConfigError, match=match):
-    costmodel.ModelParams(**kw)
+    costparams.ModelParams(**kw)
 
 
 def test_step_time_equals_a_hand_computed_figure():
@@ -304,4 +309,4 @@ def test_visit_sum_closed_form_equals_the_tiles(seq, chunk, kv_block):
   plan = planner.make_plan(setup, 4, "layerwise", chunk_tokens=chunk, chunk_rows=1,
                            kv_block=kv_block)
   for k in range(plan.n_chunks):
-    assert costmodel.visit_sum(plan, k) == int(costmodel.tile_visits(plan, k).sum())
+    assert counts.visit_sum(plan, k) == int(counts.tile_visits(plan, k).sum())

@@ -16,6 +16,8 @@ from conftest import require_devices
 from jaxpart import config
 from jaxpart.measure import calibfit
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import params as costparams
+from jaxpart.cost import units as unitcosts
 from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.measure import hlo
@@ -71,11 +73,11 @@ def test_host_tick_by_hand():
   The tick takes the larger: 11, 25, 41, 31 ms."""
   plan = _plan(2, 2, 3)
   unit_s, work_s = np.array([10e-3, 20e-3, 30e-3]), np.array([8e-3, 16e-3, 24e-3])
-  got = costmodel.tick_seconds(unit_s, plan, HOST, 1e-3, costmodel.DEFAULT,
+  got = costmodel.tick_seconds(unit_s, plan, HOST, 1e-3, costparams.DEFAULT,
                                unit_work_s=work_s, pipe_work_s=0.5e-3)
   np.testing.assert_allclose(got, [11e-3, 25e-3, 41e-3, 31e-3], rtol=1e-12)
   chip = costmodel.tick_seconds(unit_s, plan, dataclasses.replace(HOST, host_cores=0), 1e-3,
-                                costmodel.DEFAULT, unit_work_s=work_s, pipe_work_s=0.5e-3)
+                                costparams.DEFAULT, unit_work_s=work_s, pipe_work_s=0.5e-3)
   np.testing.assert_allclose(chip, [11e-3, 21e-3, 31e-3, 31e-3], rtol=1e-12)
 
 
@@ -99,17 +101,17 @@ def test_on_a_host_bubbles_are_cheap_and_tensor_parallelism_buys_nothing():
 
 
 def test_cache_share_on_a_host():
-  assert costmodel.cache_bytes(SMALL.hardware, 16) == SMALL.hardware.l2_bytes * 2 / 16
-  assert costmodel.cache_bytes(SMALL.hardware, 1) == SMALL.hardware.l2_bytes
+  assert unitcosts.cache_bytes(SMALL.hardware, 16) == SMALL.hardware.l2_bytes * 2 / 16
+  assert unitcosts.cache_bytes(SMALL.hardware, 1) == SMALL.hardware.l2_bytes
   gpu = config.HARDWARE_PRESETS["h100"]
-  assert costmodel.cache_bytes(gpu, 16) == gpu.l2_bytes
+  assert unitcosts.cache_bytes(gpu, 16) == gpu.l2_bytes
 
 
 def test_gemm_overhead_by_hand():
   hw = dataclasses.replace(SMALL.hardware, gemm_call_s=1e-6, gemm_element_s=1e-9,
                            gemm_spill_element_s=3e-9)
   # arrays of 100 and 10,000 elements (2 B each) against a 1,000-byte cache: 100 fits
-  got = costmodel.gemm_overhead_seconds(2, [100, 10_000], 2, hw, 1_000.0)
+  got = unitcosts.gemm_overhead_seconds(2, [100, 10_000], 2, hw, 1_000.0)
   assert got == pytest.approx(2e-6 + 100e-9 + 30_000e-9)
 
 

@@ -10,6 +10,7 @@ from jaxpart import cli, config
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import decode as decode_cost
 from jaxpart.placement import planner
+from jaxpart.placement.plan import decode_microbatches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed
 
@@ -17,10 +18,10 @@ from experiments import common, sec4_throughput  # noqa: E402
 
 
 def test_decode_microbatches():
-  assert decode_cost.decode_microbatches(64, 16) == 16
-  assert decode_cost.decode_microbatches(8, 16) == 8
-  assert decode_cost.decode_microbatches(1, 16) == 1
-  assert decode_cost.decode_microbatches(12, 8) == 6
+  assert decode_microbatches(64, 16) == 16
+  assert decode_microbatches(8, 16) == 8
+  assert decode_microbatches(1, 16) == 1
+  assert decode_microbatches(12, 8) == 6
 
 
 def test_bound_by_hand_tiny():

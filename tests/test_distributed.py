@@ -41,12 +41,18 @@ HEARTBEAT_S = 5
 
 
 def _args(**kw):
+  return distributed.LaunchFlags(**kw)
+
+
+def test_launch_flags_match_the_parsers_names_and_defaults():
   p = argparse.ArgumentParser()
   distributed.add_arguments(p)
-  ns = p.parse_args([])
-  for k, v in kw.items():
-    setattr(ns, k, v)
-  return ns
+  assert distributed.LaunchFlags.from_flags(vars(p.parse_args([]))) == distributed.LaunchFlags()
+  given = p.parse_args(["--coordinator", "10.0.0.1:1234", "--num-processes", "2",
+                        "--process-id", "1", "--local-device-ids", "0,1", "--init-timeout", "7"])
+  flags = distributed.LaunchFlags.from_flags(vars(given))
+  assert (flags.coordinator, flags.num_processes, flags.process_id, flags.local_device_ids,
+          flags.init_timeout) == ("10.0.0.1:1234", 2, 1, "0,1", 7)
 
 
 # --- start-up settings (no processes) ------------------------------------------------------

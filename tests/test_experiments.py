@@ -18,6 +18,7 @@ from experiments import common, measured, runner  # noqa: E402
 from jaxpart import cli, config  # noqa: E402
 from jaxpart.placement import planner  # noqa: E402
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 
 MODEL_ONLY = ["sec2_memory", "sec3_partitioning", "sec3_cache", "sec4_throughput",
               "sec5_communication", "sec6_cache_hit", "sec7_scaling", "sec8_correctness",
@@ -129,11 +130,11 @@ def test_compiled_engine_figures_match_the_model():
   assert m["collective_element_bytes"] == {"all-reduce": 4, "collective-permute": 2,
                                            "all-gather": 2, "reduce-scatter": 0, "all-to-all": 0}
   for kind in ("all-reduce", "collective-permute", "all-gather"):
-    model = costmodel.collective_bytes(setup.model, plan,
+    model = counts.collective_bytes(setup.model, plan,
                                        element_bytes=m["collective_element_bytes"][kind])
     assert m["collective_loop_executed"][kind] == pytest.approx(model["executed"][kind],
                                                                 rel=0.05)
-  assert m["flops_executed"] == pytest.approx(costmodel.plan_flops(setup.model, plan)["executed"],
+  assert m["flops_executed"] == pytest.approx(counts.plan_flops(setup.model, plan)["executed"],
                                               rel=0.05)
 
 

@@ -50,7 +50,7 @@ def _grad_fn(strategy: str, remat: str = "none"):
 
 @functools.lru_cache(maxsize=None)
 def _ref_grad_fn():
-  return train.value_and_grads(train.reference_forward(_setup().model))
+  return train.value_and_grads(runs.reference_forward(_setup().model))
 
 
 def _problem(cfg, key, dtype):
@@ -194,7 +194,7 @@ def test_float64_central_differences(where, fresh_key):
     setup = _setup({**FD_OVERRIDES, "model.dtype": "float64"})
     cfg = setup.model
     if where == "reference":
-      forward = train.reference_forward(cfg)
+      forward = runs.reference_forward(cfg)
     else:
       plan = planner.make_plan(setup, 16, "layerwise", chunk_tokens=4)   # chunks 4, 4, 2
       assert plan.n_chunks == 3 and plan.last_chunk_tokens == 2

@@ -303,9 +303,9 @@ def test_compare_fails_when_a_placement_is_not_finite(capsys, monkeypatch):
 
 
 def test_bench_fails_when_a_program_is_not_finite(capsys, monkeypatch):
-  from jaxpart.commands import bench
+  from jaxpart.measure import bench
   bad = types.SimpleNamespace(name="gspmd", out=np.array([1.0, np.nan, np.inf]))
-  monkeypatch.setattr(bench, "bench_point", lambda *a, **k: {"_variants": [bad]})
+  monkeypatch.setattr(bench, "bench_point", lambda *a, **k: bench.BenchPoint({}, [bad]))
   _one_error(capsys, ["bench", *TINY], "output of bench program 'gspmd': 2 of 3 values")
 
 

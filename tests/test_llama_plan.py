@@ -13,6 +13,9 @@ from jaxpart import cli, config
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import counts
 from jaxpart.placement import memory
+from jaxpart.placement import shards
+from jaxpart.placement.grids import layerwise_grids
+from jaxpart.placement.plan import valid_tps
 from jaxpart.placement import planner
 from jaxpart.config import ModelConfig
 
@@ -42,7 +45,7 @@ def test_llama3_8b_weights_per_device_at_tp8():
   # The same from the total: 1/8 of every weight, plus 7/8 of the replicated norm scales.
   norms = 32 * 2 * 4096 + 4096
   assert per_device == 8_030_261_248 // 8 + norms - norms // 8
-  assert memory.device_weight_bytes(L8B, 8, 32) == 2 * per_device
+  assert shards.device_weight_bytes(L8B, 8, 32) == 2 * per_device
   setup = config.load_setup("llama3-8b")
   plan = planner.make_plan(setup, 8, "layerwise", tp=8)
   pd = memory.per_device(setup.model, setup.run, plan)
@@ -52,21 +55,21 @@ def test_llama3_8b_weights_per_device_at_tp8():
 
 
 def test_kv_heads_local_rules():
-  assert [memory.kv_heads_local(L70B, t) for t in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+  assert [shards.kv_heads_local(L70B, t) for t in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
   # 6 query heads over 3 K/V heads at tp 2: a shard's 3 query heads straddle two groups, so it
   # computes one K/V head per query head (llama._local_kv_heads).
   odd = ModelConfig(layers=1, d_model=64, n_heads=6, head_dim=8, d_ff=64, arch="llama",
                     n_kv_heads=3, vocab=64)
-  assert memory.kv_heads_local(odd, 2) == 3
+  assert shards.kv_heads_local(odd, 2) == 3
   # At tp 16 the 70B's K/V weights are replicated: held whole, 1 head's columns read.
-  held = memory.weight_shard_bytes(L70B, 16, 1)
-  read = memory.weight_shard_bytes(L70B, 16, 1, held=False)
+  held = shards.weight_shard_bytes(L70B, 16, 1)
+  read = shards.weight_shard_bytes(L70B, 16, 1, held=False)
   assert held - read == 2 * 2 * 8192 * (1024 - 128)
 
 
 def test_kv_cache_uses_kv_dim_not_attn_dim():
   # 70B, 8 rows x 4096 positions, 5 layers, tp 4: 2 K/V heads of 128 per shard.
-  assert memory.kv_cache_bytes(L70B, 8, 4096, 4, 5) == 2 * 5 * 8 * 4096 * 256 * 2
+  assert shards.kv_cache_bytes(L70B, 8, 4096, 4, 5) == 2 * 5 * 8 * 4096 * 256 * 2
   fp = memory.footprint(L70B, config.RUN_PRESETS["llama3-70b"])
   assert fp["kv_bytes_per_token_per_layer"] == 2 * 1024 * 2
 
@@ -85,9 +88,9 @@ def test_flops_count_swiglu_and_the_head():
 
 
 def test_llama_grids_need_heads_and_d_ff_not_kv_heads():
-  grids = planner.layerwise_grids(L70B, 16)
+  grids = layerwise_grids(L70B, 16)
   assert [(s, t) for s, t, p in grids if not p] == [(16, 1), (8, 2), (4, 4), (2, 8), (1, 16)]
-  assert 16 in planner.valid_tps(L70B)           # 16 does not divide 8 K/V heads: replicated
+  assert 16 in valid_tps(L70B)           # 16 does not divide 8 K/V heads: replicated
 
 
 def test_program_bytes_llama_streams():

@@ -1,5 +1,5 @@
-"""measure.py: compile statistics of a program whose FLOPs are known by hand, and the engine's
-compiled HLO against the cost model's formulas for its Plan."""
+"""measure/compiled.py: compile statistics of a program whose FLOPs are known by hand, and the
+engine's compiled HLO against the cost model's formulas for its Plan."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import require_devices
 from jaxpart import config
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.measure import hlo
 from jaxpart.measure import compiled as measure
@@ -24,7 +24,7 @@ def test_hlo_flops_apply_trip_counts():
   w = jnp.ones((32, 32), jnp.float32)
   stats = measure.compile_stats(jax.jit(f), x, w)
   assert stats["flops"] == 10 * 2 * 64 * 32 * 32
-  # cost_analysis counts the loop body once (documented in hlo.py); ours must not
+  # cost_analysis counts the loop body once (documented in measure/hlo.py); ours must not
   assert stats["xla_cost_flops"] < stats["flops"]
   for k in ("argument_bytes", "output_bytes", "temp_bytes"):
     assert isinstance(stats[k], int) and stats[k] >= 0
@@ -66,7 +66,7 @@ def test_engine_collectives_match_megatron(strategy, kw):
   assert plan.units > 1 and plan.stages > 1 and plan.tp > 1
   hlo_text = _engine_hlo(plan, s.model, jnp.float32)
   got = measure.engine_loop_bytes(hlo_text, plan)["loop"]
-  want = costmodel.collective_bytes(s.model, plan, F32)["executed"]
+  want = counts.collective_bytes(s.model, plan, F32)["executed"]
   print(strategy, "measured", got, "formula", want)
   for kind in hlo.COLLECTIVE_KINDS:
     assert got[kind] == pytest.approx(want.get(kind, 0.0), rel=0.05), kind
@@ -74,7 +74,7 @@ def test_engine_collectives_match_megatron(strategy, kw):
   # the unweighted count is the upper bound that bubble ticks would add
   upper = hlo.collective_bytes(hlo_text)["all-reduce"]
   assert upper > got["all-reduce"]
-  flops = hlo.hlo_flops(hlo_text, costmodel.hlo_cond_weights(plan))
+  flops = hlo.hlo_flops(hlo_text, counts.hlo_cond_weights(plan))
   assert flops == pytest.approx(_expected_flops(plan, s.model), rel=1e-6)
 
 

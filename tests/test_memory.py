@@ -4,6 +4,7 @@ import pytest
 
 from jaxpart import config
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.placement import planner
 from jaxpart.placement.plan import PlanError
 
@@ -93,8 +94,8 @@ def test_paper_footprint_by_hand():
   assert fp["kv_cache_bytes_per_layer"] == 20_971_520_000
   assert fp["kv_bytes_per_token_per_layer"] == 16_384
   # (805,306,368 / 4 + 65,536) x 2: ~403 MB, the per-GPU weights of both seed placements
-  assert memory.weight_shard_bytes(_cfg("paper"), 4, 1) == 402_784_256
-  assert memory.weight_shard_bytes(_cfg("paper"), 8, 2) == 2 * (100_663_296 + 65_536) * 2
+  assert shards.weight_shard_bytes(_cfg("paper"), 4, 1) == 402_784_256
+  assert shards.weight_shard_bytes(_cfg("paper"), 8, 2) == 2 * (100_663_296 + 65_536) * 2
 
 
 def test_run_streamed_bytes_by_hand():

@@ -8,6 +8,7 @@ import pytest
 from jaxpart import config
 from jaxpart.models import attention
 from jaxpart.models import dense as model
+from jaxpart.runtime import runs
 
 TINY = config.MODEL_PRESETS["tiny"]
 # bf16 keeps 8 significant bits: each rounding of the residual stream costs up to 2^-9
@@ -33,7 +34,7 @@ def test_shapes_and_dtypes(fresh_key):
   assert params["mlp"]["w_out"].shape == (4, 128, 128)
   y = model.forward(params, x, TINY)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16
-  y32 = model.reference_forward(params, x, TINY, jnp.float32)
+  y32 = runs.reference_forward(TINY, jnp.float32)(params, x)
   assert y32.dtype == jnp.float32
 
 
@@ -58,7 +59,7 @@ def test_deterministic_under_fixed_key():
 def test_bf16_close_to_float32(fresh_key):
   params, x = _inputs(fresh_key)
   y16 = np.asarray(model.forward(params, x, TINY), np.float64)
-  y32 = np.asarray(model.reference_forward(params, x, TINY, jnp.float32), np.float64)
+  y32 = np.asarray(runs.reference_forward(TINY, jnp.float32)(params, x), np.float64)
   scale_rms = np.sqrt(np.mean(y32**2))
   assert np.sqrt(np.mean((y16 - y32)**2)) / scale_rms < BF16_RMS_REL
   assert np.max(np.abs(y16 - y32)) / np.max(np.abs(y32)) < BF16_MAX_REL

@@ -12,7 +12,6 @@ import numpy as np
 import oracle
 from conftest import require_devices
 from jaxpart import config
-from jaxpart.models import dense as model
 from jaxpart.placement import planner
 from jaxpart.runtime import runs
 
@@ -71,7 +70,7 @@ def test_reference_float64_equals_oracle(fresh_key):
   params, x = _host(setup, fresh_key)
   want = oracle.forward(params, x, TINY.head_dim, TINY.ln_eps)
   with _x64():
-    y = model.reference_forward(params, jnp.asarray(x), TINY, jnp.float64)
+    y = runs.reference_forward(TINY, jnp.float64)(params, jnp.asarray(x))
     assert y.dtype == jnp.float64
     got = np.asarray(y)
   assert oracle.rel_err(got, want) < runs.F64_REL_TOL

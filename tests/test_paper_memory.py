@@ -7,6 +7,7 @@ from conftest import require_devices
 from jaxpart import config
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.placement import planner
 
 PAPER = config.load_setup("paper")
@@ -36,6 +37,6 @@ def test_no_device_holds_more_than_its_share(compiled):
   plan, stats = compiled
   cfg, run = PAPER.model, PAPER.run
   share = run.batch * run.seq * cfg.d_model * cfg.dtype_bytes // 16
-  weights = memory.weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage)
+  weights = shards.weight_shard_bytes(cfg, plan.tp, plan.layers_per_stage)
   assert stats["argument_bytes"] <= share + weights
   assert stats["output_bytes"] <= share

@@ -112,13 +112,13 @@ def test_place_for_plan_refuses_other_mesh(fresh_key):
     sharding.place_for_plan(host, lw, sharding.mesh_for(base))
 
 
-def test_activation_shardings():
+def test_stream_sharding():
   require_devices(16)
   _, plan = _plan("layerwise")
-  sh = sharding.activation_shardings(sharding.mesh_for(plan))
-  # Never replicated: the width is split over both mesh axes, tensor-major.
-  assert sh["input_BxTxD"].spec == P(None, None, ("tensor", "stage"))
-  assert sh["output_BxTxD"].spec == sh["input_BxTxD"].spec
+  sh = sharding.stream(sharding.mesh_for(plan))
+  # Never replicated: the engine's input and output width is split over both mesh axes,
+  # tensor-major.
+  assert sh.spec == P(None, None, ("tensor", "stage"))
 
 
 def test_mesh_needs_enough_devices():

@@ -11,6 +11,7 @@ from conftest import require_devices
 from jaxpart import config
 from jaxpart.models import attention
 from jaxpart.placement import planner
+from jaxpart.placement.plan import PlanError
 from jaxpart.runtime import runs
 from jaxpart.runtime import sharding
 
@@ -54,7 +55,7 @@ def test_stream_width_must_split_over_devices():
   setup = config.load_setup("tiny", overrides={"model.d_model": "120", "model.head_dim": "3",
                                                 "model.d_ff": "120"})
   plan = planner.make_plan(setup, 16, "layerwise")
-  with pytest.raises(planner.PlanError, match="d_model = 120 is not divisible by devices = 16"):
+  with pytest.raises(PlanError, match="d_model = 120 is not divisible by devices = 16"):
     from jaxpart.runtime import engine
     engine.make_forward(plan, setup.model, sharding.mesh_for(plan))
 

@@ -14,17 +14,14 @@ import dataclasses
 import os
 import sys
 
-import jax
 from tqdm import tqdm
 
 from jaxpart import config, jsonable, validate
 from jaxpart.measure import bench
 from jaxpart.runtime import distributed
 from jaxpart.measure import hlo
-from jaxpart.measure import load
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import memory
-from jaxpart.models import dense as model
 from jaxpart.runtime import sizeguard
 from jaxpart.measure import tracing
 from jaxpart.commands import _common
@@ -100,8 +97,9 @@ def run(args) -> int:
   if args.memory_only:
     result = {"preset": setup.preset, "plan": plan.to_dict()}
   else:
-    result = bench_point(setup, plan, args)
-    _check_outputs(result.pop("_variants"))
+    point = bench.bench_point(setup, plan, _options(args))
+    _check_outputs(point.variants)
+    result = point.record
   if seqs:
     result["memory_by_seq"] = memory_by_seq(setup, args, seqs)
   if not distributed.is_main():
@@ -120,45 +118,16 @@ def run(args) -> int:
 def _check_outputs(variants) -> None:
   """A program whose output holds NaN or Inf fails the command, naming the program."""
   for v in variants:
-    if getattr(v, "out", None) is not None:
+    if v.out is not None:
       validate.check_finite(f"output of bench program {v.name!r}", v.out)
 
 
-def _inputs(setup, seed: int):
-  kp, kx = jax.random.split(jax.random.key(seed))
-  return (model.init_params(setup.model, kp),
-          model.random_input(setup.model, setup.run.batch, setup.run.seq, kx))
-
-
-def bench_point(setup, plan, args, params_x=None, reference=None) -> dict:
-  """reference: a bench.Variant compiled by an earlier point, reused (sweeps)."""
-  params, x = params_x or _inputs(setup, args.seed)
-  variants = bench.build_variants(
-      setup, plan, params, x, reference=reference or not args.no_reference,
-      gspmd=not args.no_gspmd and plan.devices > 1,
-      own_steps=not getattr(args, "no_own_steps", False) and jax.process_count() == 1)
-  total = (sum(v.stats is None for v in variants)
-           + len(variants) * (args.warmup + args.repeats))
-  before = load.start(f"bench {plan.strategy} on {plan.devices} devices:")
-  with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
-            file=sys.stderr, leave=False) as bar, tracing.maybe_trace(getattr(args, "trace", None)):
-    rows = bench.bench_variants(setup, variants, args.repeats, args.warmup, bar.update)
-  machine_load = load.finish(before)
-  return {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
-          "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
-          "machine_note": _machine_note(), "load": machine_load, "repeats": args.repeats, "warmup": args.warmup,
-          "variants": rows, "ratios": bench.ratios(rows),
-          "megatron": measure.megatron_comparison(variants[0].stats["hlo"], plan, setup.model),
-          "_variants": variants}
-
-
-def _machine_note() -> str:
-  d = jax.devices()
-  if d[0].platform == "cpu":
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"CPU, {len(d)} simulated devices on {os.cpu_count()} cores (load average {load} "
-            f"at the end): wall times measure total work and overhead, not parallel speed-up")
-  return f"{len(d)} x {d[0].device_kind}"
+def _options(args, **changes) -> bench.BenchOptions:
+  """The typed options measure.bench takes, from the flags."""
+  return dataclasses.replace(bench.BenchOptions(
+      repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+      reference=not args.no_reference, gspmd=not args.no_gspmd,
+      own_steps=not args.no_own_steps, trace=args.trace), **changes)
 
 
 def print_point(result: dict) -> None:
@@ -252,7 +221,8 @@ def print_memory(rows: list[dict]) -> None:
 def _sweep(args, setup) -> int:
   counts = _int_list("--device-counts", args.device_counts)
   chunks = _int_list("--chunks", args.chunks) if args.strategy == "layerwise" else [None]
-  params_x = _inputs(setup, args.seed)
+  params_x = bench.inputs(setup, args.seed)
+  options = _options(args, gspmd=False)
   main = distributed.is_main()  # every process measures; only process 0 writes
   sink = (open(args.jsonl, "w") if args.jsonl else sys.stdout) if main else open(os.devnull, "w")
   points = [(n, c) for n in counts for c in chunks]
@@ -270,10 +240,10 @@ def _sweep(args, setup) -> int:
       except PlanError as e:
         print(f"skip devices={n} chunk={c}: {e}", file=sys.stderr)
         continue
-      res = bench_point(setup, plan, argparse_ns(args, no_gspmd=True), params_x, reference)
-      _check_outputs(res["_variants"])
-      reference = reference or next((v for v in res["_variants"] if v.name == "reference"),
-                                    None)
+      point = bench.bench_point(setup, plan, options, params_x, reference)
+      _check_outputs(point.variants)
+      reference = reference or point.reference
+      res = point.record
       eng = res["variants"][0]
       line = {"devices": n, "chunk_tokens": plan.chunk_tokens, "strategy": plan.strategy,
               "stages": plan.stages, "tp": plan.tp, "units": plan.units,

@@ -76,7 +76,7 @@ def run(args) -> int:
 
   dev0 = jax.local_devices()[0]
   p0, x0 = jax.device_put(params_h, dev0), jax.device_put(x_h, dev0)
-  ref_fn = jax.jit(lambda p, x: runs.reference_forward(p, x, setup.model))
+  ref_fn = jax.jit(runs.reference_forward(setup.model))
   fns["reference"] = lambda: ref_fn(p0, x0)
   timing = bench.time_interleaved(fns, repeats=args.repeats, warmup=1)
 

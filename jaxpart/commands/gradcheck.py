@@ -78,7 +78,7 @@ def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> di
     out = {"forward": y, "loss": loss, "grad": grads[0]}
     return out | ({} if fam.tokens_in else {"grad.x": grads[1]})
 
-  ref = evaluate(train.reference_forward(cfg), params, x_f32, jnp.float32)
+  ref = evaluate(runs.reference_forward(cfg), params, x_f32, jnp.float32)
   dt = jnp.dtype(dtype)
   placed_params = sharding.place_params(model.cast_params(params, dt), mesh, cfg)
   nan = float("nan")
@@ -90,7 +90,7 @@ def check(setup, plan, dtype: str, remat: str, seed: int, grad_tol: float) -> di
            for n in train.named_leaves(ref)}
     basis = f"float32: forward rel < {F32_FORWARD_TOL:g}, loss and gradients rel < {grad_tol:g}"
   else:
-    ref_low = evaluate(train.reference_forward(cfg), params, x_f32, dt)
+    ref_low = evaluate(runs.reference_forward(cfg), params, x_f32, dt)
     tol = train.bf16_tolerances(ref_low, ref)
     basis = ("bfloat16: per leaf, 4 x rel(bf16 reference vs float32 reference), at least 2^-8 "
              "(one bf16 rounding); compared against the float32 reference")

@@ -12,6 +12,7 @@ import functools
 import numpy as np
 
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.config import ModelConfig
 from jaxpart.placement.plan import Plan
 
@@ -19,7 +20,7 @@ from jaxpart.placement.plan import Plan
 def matmul_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   """Q, K, V, O and the MLP projections (two for dense, gate, up and down for SwiGLU) of
   `tokens` row-tokens on one tensor shard; K and V for the shard's own K/V heads."""
-  return 2 * tokens * memory.projection_params_local(cfg, tp, held=False)
+  return 2 * tokens * shards.projection_params_local(cfg, tp, held=False)
 
 
 def step_gemms(cfg: ModelConfig, tokens: int, tp: int) -> list[tuple[int, int, int]]:
@@ -27,9 +28,9 @@ def step_gemms(cfg: ModelConfig, tokens: int, tp: int) -> list[tuple[int, int, i
   own K/V heads), O, the MLP in-projection(s) and out-projection. 2 m k n summed over them is
   matmul_flops."""
   D, A, F = cfg.d_model, cfg.attn_dim // tp, cfg.d_ff // tp
-  K = memory.kv_dim_local(cfg, tp)
+  K = shards.kv_dim_local(cfg, tp)
   return ([(tokens, D, A), (tokens, D, K), (tokens, D, K), (tokens, A, D)]
-          + [(tokens, D, F)] * memory.mlp_in_projections(cfg) + [(tokens, F, D)])
+          + [(tokens, D, F)] * shards.mlp_in_projections(cfg) + [(tokens, F, D)])
 
 
 def step_gemm_arrays(cfg: ModelConfig, tokens: int, tp: int) -> list[int]:
@@ -56,7 +57,7 @@ def head_flops(cfg: ModelConfig, tokens: int, tp: int) -> int:
   embedding is a lookup (no FLOPs). 0 for dense."""
   if not cfg.family.token_edges:
     return 0
-  return 2 * tokens * cfg.d_model * memory.vocab_local(cfg, tp)
+  return 2 * tokens * cfg.d_model * shards.vocab_local(cfg, tp)
 
 
 def attention_flops(cfg: ModelConfig, rows: int, tokens: int, positions: float, tp: int) -> float:
@@ -141,7 +142,7 @@ def stream_slices(cfg: ModelConfig, plan: Plan, element_bytes: int | None = None
   float32 logits."""
   unit = unit_bytes(cfg, plan, element_bytes)
   if cfg.family.token_edges:
-    out = plan.rows * plan.chunk_tokens * memory.vocab_local(cfg, plan.devices) * (
+    out = plan.rows * plan.chunk_tokens * shards.vocab_local(cfg, plan.devices) * (
         element_bytes or memory.LOGIT_BYTES)
     return {"in": 0, "out": out, "gather": 0}
   return {"in": unit // plan.devices, "out": unit // plan.devices,

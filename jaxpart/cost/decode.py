@@ -2,7 +2,7 @@
 
 What the engine will run (design.md section 9). Prefill is the Plan's forward over the prompt
 that keeps the whole batch's K/V where the Plan puts each layer: its time is
-costmodel.predict's total_s, the TTFT of the batch (the first new token comes from its logits).
+cost/forward.predict's total_s, the TTFT of the batch (the first new token comes from its logits).
 Decode then feeds one token per sequence per step through every stage.
 
 Schedule. The batch is split into M decode microbatches of B/M rows: M = S (the stage count)
@@ -37,20 +37,18 @@ from typing import Any
 import numpy as np
 
 from jaxpart.cost import forward as costmodel
+from jaxpart.cost import params as costparams
+from jaxpart.cost import units as unitcosts
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.config import Setup
 from jaxpart.cost.counts import attention_flops, head_flops, matmul_flops
-from jaxpart.placement.plan import Plan, PlanError, divisors
+from jaxpart.placement.plan import Plan, PlanError, decode_microbatches
 
 # predict --decode walks every decode step; beyond this it refuses rather than run long.
 MAX_NEW_TOKENS = 2**20
 TOKEN_ID_BYTES = memory.TOKEN_ID_BYTES
 ARGMAX_BYTES = 8   # per row: the local best logit (float32) and its index (int32)
-
-
-def decode_microbatches(batch: int, stages: int) -> int:
-  """M = stages when it divides the batch, else the largest divisor of the batch below it."""
-  return max(d for d in divisors(batch) if d <= stages)
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class DecodePrediction:
   rows: int                        # B / M
   cycle_ticks: int                 # ticks per decode step of one microbatch (S)
   bubble_fraction: float           # over the K steps: 1 - K*M / (K*S + M - 1)
-  ttft_s: float                    # prefill of the whole batch (costmodel.predict total_s)
+  ttft_s: float                    # prefill of the whole batch (cost.forward.predict total_s)
   prefill_tokens_per_s: float
   tpot_s: float                    # mean over the decode steps
   tpot_first_s: float
@@ -94,15 +92,15 @@ def _stage_reads(setup: Setup, plan: Plan, rows: int, positions: np.ndarray,
   cfg = setup.model
   lps = plan.layers_per_stage
   pos = (np.ceil(positions / plan.kv_block) * plan.kv_block) if blocked else positions
-  edges = memory.edge_weight_bytes(cfg, plan.tp)
+  edges = shards.edge_weight_bytes(cfg, plan.tp)
   head_w = (edges["lm_head"] or edges["embedding"]) + edges["final_norm"]
-  weights = memory.weight_shard_bytes(cfg, plan.tp, lps, held=False) + head_w
-  kv = memory.kv_cache_bytes(cfg, rows, 1, plan.tp, lps) * pos
+  weights = shards.weight_shard_bytes(cfg, plan.tp, lps, held=False) + head_w
+  kv = shards.kv_cache_bytes(cfg, rows, 1, plan.tp, lps) * pos
   return {"weights": np.full_like(pos, float(weights)), "kv_cache": kv.astype(float)}
 
 
 def predict_decode(setup: Setup, plan: Plan, new_tokens: int,
-                   params: costmodel.ModelParams = costmodel.DEFAULT) -> DecodePrediction:
+                   params: costparams.ModelParams = costparams.DEFAULT) -> DecodePrediction:
   """TTFT (the prefill of the batch) and TPOT (per decode step) of `plan` on setup.hardware,
   for prompts of plan.seq tokens and `new_tokens` generated tokens; see the module docstring
   for the schedule and the bound."""
@@ -119,7 +117,7 @@ def predict_decode(setup: Setup, plan: Plan, new_tokens: int,
   positions = plan.seq + np.arange(1, max(new_tokens, 2), dtype=np.float64)
   reads = _stage_reads(setup, plan, r, positions, blocked=True)
   exact = _stage_reads(setup, plan, r, positions, blocked=False)
-  write = memory.kv_cache_bytes(cfg, r, 1, tp, lps) + 2 * r * cfg.d_model * b
+  write = shards.kv_cache_bytes(cfg, r, 1, tp, lps) + 2 * r * cfg.d_model * b
   flops = (lps * (matmul_flops(cfg, r, tp) + attention_flops(
       cfg, r, 1, np.ceil(positions / plan.kv_block) * plan.kv_block, tp))
       + head_flops(cfg, r, tp))
@@ -127,23 +125,23 @@ def predict_decode(setup: Setup, plan: Plan, new_tokens: int,
   compute_s = flops / (hw.peak_flops * params.gemm_fraction)
   payload = r * cfg.d_model * b
   allreduce_s = (cfg.family.allreduces_per_layer * lps
-                 * costmodel.allreduce_seconds(payload, tp, hw, params))
+                 * unitcosts.allreduce_seconds(payload, tp, hw, params))
   edge_s = 0.0
   if cfg.family.token_edges:   # stage 0's embedding psum; the last stage's argmax over tp shards
-    edge_s = max(costmodel.allreduce_seconds(payload, tp, hw, params),
-                 costmodel.allreduce_seconds(r * ARGMAX_BYTES, tp, hw, params))
+    edge_s = max(unitcosts.allreduce_seconds(payload, tp, hw, params),
+                 unitcosts.allreduce_seconds(r * ARGMAX_BYTES, tp, hw, params))
   pipe_s = 0.0
   if S > 1:   # activations to the next stage; sampled ids back to stage 0
-    pipe_s = (costmodel.transfer_seconds(payload, hw, params)
-              + costmodel.transfer_seconds(r * TOKEN_ID_BYTES, hw, params))
+    pipe_s = (unitcosts.transfer_seconds(payload, hw, params)
+              + unitcosts.transfer_seconds(r * TOKEN_ID_BYTES, hw, params))
   tick = np.maximum(hbm_s, compute_s) + allreduce_s + edge_s + pipe_s
   tpot = S * tick
   bound = S * (exact["weights"] + exact["kv_cache"]) / hw.hbm_bw
   steps = new_tokens - 1
   tpot_mean = float(tpot.mean()) if steps else float(tpot[0])
   bound_mean = float(bound.mean()) if steps else float(bound[0])
-  last = memory.decode_cache_len(plan, new_tokens)
-  ideal_kv = memory.kv_cache_bytes(cfg, B, plan.seq + new_tokens // 2, 1, cfg.layers)
+  last = plan.decode_cache_len(new_tokens)
+  ideal_kv = shards.kv_cache_bytes(cfg, B, plan.seq + new_tokens // 2, 1, cfg.layers)
   ideal = (cfg.total_params * b + ideal_kv) / (plan.devices * hw.hbm_bw)
   gen = memory.generation_bytes(cfg, setup.run, plan, new_tokens)
   mem = {**memory.program_bytes(cfg, setup.run, plan), **gen, "decode_cache_len": last}

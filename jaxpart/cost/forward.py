@@ -31,19 +31,17 @@ from typing import Any
 import numpy as np
 
 from jaxpart.placement import memory
+from jaxpart.placement import shards
 from jaxpart.config import ModelConfig, Setup
-from jaxpart.cost.params import DEFAULT, ModelParams  # noqa: F401  (re-exported)
-from jaxpart.cost.units import (  # noqa: F401  (re-exported)
-    allreduce_seconds, cache_bytes, gemm_overhead_seconds, move_seconds, stream_seconds,
-    transfer_seconds)
+from jaxpart.cost.params import DEFAULT, ModelParams
+from jaxpart.cost.units import (allreduce_seconds, cache_bytes, gemm_overhead_seconds,
+                                move_seconds, stream_seconds, transfer_seconds)
 from jaxpart.placement.plan import Plan, PlanError
 from jaxpart.placement.planner import Scorer
-from jaxpart.cost.counts import (  # noqa: F401  (re-exported: the cost model's vocabulary)
-    _floats, allreduce_payload_bytes, attention_flops, collective_bytes, head_flops,
-    hlo_cond_weights, kv_positions, matmul_flops, plan_flops, q_block,
-    ring_allreduce_link_bytes, attention_visits, score_elements, step_gemm_arrays, step_gemms,
-    stream_collective_bytes, stream_slices, tick_move_bytes, tile_visits, unit_bytes, n_tiles,
-    visit_sum)
+from jaxpart.cost.counts import (
+    allreduce_payload_bytes, attention_flops, attention_visits, collective_bytes, head_flops,
+    kv_positions, matmul_flops, plan_flops, score_elements, step_gemm_arrays, step_gemms,
+    unit_bytes)
 
 # predict models one layer step per token chunk (about 30 us each) and every tick of the
 # pipeline as an array element: beyond these it would run for minutes, so it refuses and says
@@ -65,12 +63,12 @@ def edge_seconds(cfg: ModelConfig, plan: Plan, hw, params: "ModelParams") -> dic
   if not cfg.family.token_edges:
     return {"embed_s": 0.0, "head_s": 0.0, "head_flops": 0.0, "head_hbm": 0.0}
   n = plan.rows * plan.chunk_tokens
-  edges = memory.edge_weight_bytes(cfg, plan.tp)
+  edges = shards.edge_weight_bytes(cfg, plan.tp)
   payload = allreduce_payload_bytes(cfg, plan)
   embed_s = (2 * payload / (hw.hbm_bw * params.hbm_fraction)
              + allreduce_seconds(payload, plan.tp, hw, params))
   flops = head_flops(cfg, n, plan.tp)
-  v_local = memory.vocab_local(cfg, plan.tp)
+  v_local = shards.vocab_local(cfg, plan.tp)
   hbm = ((edges["lm_head"] or edges["embedding"]) + n * v_local * memory.LOGIT_BYTES
          + n * cfg.d_model * cfg.dtype_bytes)
   head_s = max(flops / (hw.peak_flops * params.gemm_fraction)
@@ -99,11 +97,11 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
   t = plan.tp
   n = plan.rows * plan.chunk_tokens
   D, A, F = cfg.d_model, cfg.attn_dim // t, cfg.d_ff // t
-  K = memory.kv_dim_local(cfg, t)
-  g = memory.mlp_in_projections(cfg)
-  ws = plan_working_set(cfg, plan)
+  K = shards.kv_dim_local(cfg, t)
+  g = shards.mlp_in_projections(cfg)
+  ws = memory.working_set_bytes(cfg, memory.step_shape(plan))
   fits = ws <= l2_bytes
-  w_layer = memory.weight_shard_bytes(cfg, t, 1, held=False)
+  w_layer = shards.weight_shard_bytes(cfg, t, 1, held=False)
   weights_resident = plan.layers_per_stage * w_layer + ws <= l2_bytes
   act_io = 2 * n * D * b                                       # input read, output write
   kv_read = 2 * plan.rows * positions * K * b
@@ -127,12 +125,6 @@ def layer_step_traffic(cfg: ModelConfig, plan: Plan, positions: int, l2_bytes: f
           "weights_resident": weights_resident, "working_set_fits": fits,
           "weight_bytes": float(0 if weights_resident else w_layer),
           "intermediate_bytes": float(inter)}
-
-
-def plan_working_set(cfg: ModelConfig, plan: Plan) -> int:
-  step = memory.StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block,
-                          tp=plan.tp)
-  return sum(memory.step_working_set(cfg, step).values())
 
 
 # --- the prediction ------------------------------------------------------------------------
@@ -309,7 +301,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
   def run_sum(key):  # per device over the run: every stage runs each unit once per layer
     return float(lps * m * sum(st[key] for st in steps))
 
-  w_dev = memory.device_weight_bytes(cfg, plan.tp, lps)
+  w_dev = shards.device_weight_bytes(cfg, plan.tp, lps)
   hbm_read, hbm_write, l2_read = run_sum("hbm_read"), run_sum("hbm_write"), run_sum("l2_read")
   hbm_read += U * edge["head_hbm"]                                   # the last stage's head
   if steps[0]["weights_resident"]:
@@ -351,7 +343,7 @@ def predict(setup: Setup, plan: Plan, params: ModelParams = DEFAULT) -> Predicti
       l2_read_bytes_per_device=l2_read, link_bytes_per_device=link,
       collective_payload_bytes=coll["executed"],
       l2_hit_rate=max(0.0, 1.0 - hbm_read / l2_read) if l2_read else 0.0,
-      working_set_bytes=plan_working_set(cfg, plan),
+      working_set_bytes=memory.working_set_bytes(cfg, memory.step_shape(plan)),
       working_set_fits_l2=bool(steps[0]["working_set_fits"]),
       weights_per_device_bytes=w_dev, weights_resident_in_l2=bool(steps[0]["weights_resident"]),
       device_memory_bytes=engine_bytes,

@@ -4,8 +4,11 @@ beside its time."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,13 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from jaxpart.runtime import compat
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
 from jaxpart.runtime import engine
 from jaxpart.models import families
 from jaxpart.models.spec import kv_heads_local
 from jaxpart.measure import compiled as measure
+from jaxpart.measure import load
+from jaxpart.measure import tracing
 from jaxpart.placement import memory
 from jaxpart.models import dense as model
 from jaxpart.runtime import runs
@@ -108,10 +114,10 @@ def build_variants(setup, plan, params, x_BxTxD, *, reference: "bool | Variant" 
   out = [Variant(f"engine:{plan.strategy}", plan.devices,
                  engine.jit_forward(plan, cfg, mesh, differentiable=False),
                  (placed, jax.device_put(x_BxTxD, sharding.input_sharding(mesh, cfg))),
-                 costmodel.hlo_cond_weights(plan))]
+                 counts.hlo_cond_weights(plan))]
   if own_steps:
     out.append(own_steps_variant(cfg, plan, placed, mesh, x_BxTxD))
-  fwd = jax.jit(functools.partial(runs.reference_forward, cfg=cfg))
+  fwd = jax.jit(runs.reference_forward(cfg))
   if isinstance(reference, Variant):
     out.append(reference)
   elif reference:
@@ -190,6 +196,76 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
       if a in by and b in by and by[b] > 0:
         out[label + (" (cpu)" if key == "cpu_median_s" else "")] = by[a] / by[b]
   return out
+
+
+# --- one benchmark point: typed options in, a record and the timed programs out -----------
+
+@dataclass(frozen=True)
+class BenchOptions:
+  """What bench_point times and how (`jaxpart bench` builds one from its flags)."""
+
+  repeats: int = 5                 # timed runs per program (median)
+  warmup: int = 1                  # untimed runs per program first
+  seed: int = 0                    # parameter and input key
+  reference: bool = True           # the single-device reference
+  gspmd: bool = True               # plain jax.jit with GSPMD annotations (when devices > 1)
+  own_steps: bool = True           # the engine's stage steps back to back on one device
+  trace: str | None = None         # a jax.profiler trace directory
+
+
+@dataclass(frozen=True)
+class BenchPoint:
+  """One timed point: `record` is what `jaxpart bench --json` writes; `variants` are the
+  programs timed, outputs included (to check them, or to reuse the compiled reference)."""
+
+  record: dict[str, Any]
+  variants: list[Variant]
+
+  @property
+  def reference(self) -> Variant | None:
+    return next((v for v in self.variants if v.name == "reference"), None)
+
+
+def inputs(setup, seed: int):
+  """Random parameters and a random B x T x D input for the setup, from one key."""
+  kp, kx = jax.random.split(jax.random.key(seed))
+  return (model.init_params(setup.model, kp),
+          model.random_input(setup.model, setup.run.batch, setup.run.seq, kx))
+
+
+def bench_point(setup, plan, options: BenchOptions, params_x=None,
+                reference: Variant | None = None) -> BenchPoint:
+  """Build, compile and time the programs for `plan`. reference: a Variant compiled by an
+  earlier point, reused (sweeps compile the reference once)."""
+  params, x = params_x or inputs(setup, options.seed)
+  variants = build_variants(
+      setup, plan, params, x, reference=reference or options.reference,
+      gspmd=options.gspmd and plan.devices > 1,
+      own_steps=options.own_steps and jax.process_count() == 1)
+  total = (sum(v.stats is None for v in variants)
+           + len(variants) * (options.warmup + options.repeats))
+  before = load.start(f"bench {plan.strategy} on {plan.devices} devices:")
+  with tqdm(total=total, desc=f"bench {plan.strategy} {plan.devices} dev", unit="step",
+            file=sys.stderr, leave=False) as bar, tracing.maybe_trace(options.trace):
+    rows = bench_variants(setup, variants, options.repeats, options.warmup, bar.update)
+  record = {"preset": setup.preset, "model": dataclasses.asdict(setup.model),
+            "run": dataclasses.asdict(setup.run), "plan": plan.to_dict(),
+            "machine_note": machine_note(), "load": load.finish(before),
+            "repeats": options.repeats, "warmup": options.warmup,
+            "variants": rows, "ratios": ratios(rows),
+            "megatron": measure.megatron_comparison(variants[0].stats["hlo"], plan, setup.model)}
+  return BenchPoint(record, variants)
+
+
+def machine_note() -> str:
+  """What the times were measured on: on CPU, how many simulated devices share how many cores."""
+  d = jax.devices()
+  if d[0].platform == "cpu":
+    averages = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"CPU, {len(d)} simulated devices on {os.cpu_count()} cores (load average "
+            f"{averages} at the end): wall times measure total work and overhead, not parallel "
+            f"speed-up")
+  return f"{len(d)} x {d[0].device_kind}"
 
 
 # --- the engine's own stage steps, without the pipeline -------------------------------------

@@ -20,7 +20,7 @@ class NoRateError(ValueError):
 def gemm_features(m: int, k: int, n: int, element_bytes: int, l2_bytes: float
                   ) -> tuple[float, float, float, float]:
   """The GEMM model's terms: one call; elements of its operands and result that fit the L2,
-  and of those that do not (each array whole); its FLOPs. As costmodel.gemm_overhead_seconds
+  and of those that do not (each array whole); its FLOPs. As cost/units.gemm_overhead_seconds
   splits them."""
   arrays = (m * k, k * n, m * n)
   small = sum(a for a in arrays if a * element_bytes <= l2_bytes)

@@ -2,7 +2,7 @@
 
 Memory comes from the compiled executable's memory analysis; FLOPs and collective bytes from its
 HLO text (jaxpart.measure.hlo), so the figures hold on any backend. The engine's figures are compared
-with the cost model's (costmodel.collective_bytes, costmodel.hlo_cond_weights), never
+with the cost model's (counts.collective_bytes, counts.hlo_cond_weights), never
 re-derived here.
 """
 
@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxpart.cost import forward as costmodel
+from jaxpart.cost import counts
+from jaxpart.runtime import compat
 from jaxpart.runtime import engine
 from jaxpart.models import dense as model
 from jaxpart.runtime import sharding
@@ -42,21 +43,10 @@ def compile_stats(jitted_fn, *args, cond_weight: float | Sequence[float] = 1.0) 
   t0 = time.perf_counter()
   compiled = jitted_fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  ma = compiled.memory_analysis()
-  if ma is None:
-    raise RuntimeError(f"{jax.devices()[0].platform}: the compiled program has no "
-                       f"memory_analysis(); per-device memory cannot be read on this backend")
   hlo = compiled.as_text()
   cost = _cost_dict(compiled)
   return {
-      "argument_bytes": int(ma.argument_size_in_bytes),
-      "output_bytes": int(ma.output_size_in_bytes),
-      "temp_bytes": int(ma.temp_size_in_bytes),
-      "alias_bytes": int(ma.alias_size_in_bytes),
-      # What the program holds at once per device: donated or aliased bytes count once.
-      "total_bytes": int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes),
-      "generated_code_bytes": int(ma.generated_code_size_in_bytes),
+      **compat.compiled_memory(compiled).to_dict(),
       "flops": hlo_flops(hlo, cond_weight),
       "xla_cost_flops": float(cost.get("flops", 0.0)),
       "xla_cost_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
@@ -76,12 +66,12 @@ def public(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 def engine_loop_bytes(hlo_text: str, plan) -> dict[str, Any]:
   """Measured per-device collective bytes of a compiled engine forward, split into the
-  pipeline loop (ops inside the tick loop, weighted by costmodel.hlo_cond_weights) and the rest
+  pipeline loop (ops inside the tick loop, weighted by counts.hlo_cond_weights) and the rest
   (outside every loop: GSPMD's gather of the last stage's output to all devices), with the
   element size each kind of loop collective was compiled with (None: none, or mixed sizes).
   On XLA:CPU a bf16 all-reduce is promoted to float32 (4 bytes), while the forward-only
   engine's sends and gathers move bit patterns of the model's own width."""
-  ops = collective_ops(hlo_text, costmodel.hlo_cond_weights(plan))
+  ops = collective_ops(hlo_text, counts.hlo_cond_weights(plan))
   loop = {k: 0.0 for k in COLLECTIVE_KINDS}
   rest = {k: 0.0 for k in COLLECTIVE_KINDS}
   sizes: dict[str, set] = {k: set() for k in COLLECTIVE_KINDS}
@@ -99,7 +89,7 @@ def megatron_comparison(hlo_text: str, plan, cfg) -> dict[str, Any]:
   element size."""
   m = engine_loop_bytes(hlo_text, plan)
   eb = {k: int(v or cfg.dtype_bytes) for k, v in m["element_bytes"].items()}
-  want = {k: costmodel.collective_bytes(cfg, plan, eb[k])["executed"].get(k, 0.0)
+  want = {k: counts.collective_bytes(cfg, plan, eb[k])["executed"].get(k, 0.0)
           for k in COLLECTIVE_KINDS}
   return {"element_bytes": eb, "measured_loop": m["loop"], "formula": want,
           "outside_loops": m["outside_loops"],
@@ -143,4 +133,4 @@ def forward_memory(setup, plan) -> dict[str, Any]:
   x = jax.ShapeDtypeStruct((run.batch, run.seq, cfg.d_model), jnp.dtype(cfg.dtype),
                            sharding=sharding.stream(mesh))
   return compile_stats(engine.jit_forward(plan, cfg, mesh, differentiable=False), params, x,
-                       cond_weight=costmodel.hlo_cond_weights(plan))
+                       cond_weight=counts.hlo_cond_weights(plan))

@@ -49,7 +49,7 @@ def blocked_causal(q_BxQxHxE, kcache_BxCxGxE, vcache_BxCxGxE, q_start, kv_block:
   Each query tile visits, with a running max and sum (flash-style), only the KV blocks that
   start at or before its own last query; the others are skipped by lax.cond. So a whole
   sequence costs the causal triangle plus half a tile per diagonal block, not the full square
-  (costmodel.tile_visits counts the blocks each tile visits),
+  (cost/counts.tile_visits counts the blocks each tile visits),
   and a step never holds more than a q_block x kv_block score tile. The last tile is padded
   with zero queries and its padded rows are dropped. Keys after the chunk's last real query are
   masked and their values zeroed, so stale or padded cache slots (even NaN) never reach an

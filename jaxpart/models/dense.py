@@ -150,14 +150,6 @@ def forward(params: Params, x_BxTxD, cfg: ModelConfig):
   return y_BxTxD
 
 
-def reference_forward(params: Params, x_BxTxD, cfg: ModelConfig, dtype=None):
-  """`forward` at a chosen precision: dtype None keeps the config's, else casts x (and with it,
-  layer by layer, the parameters)."""
-  if dtype is not None:
-    x_BxTxD = x_BxTxD.astype(dtype)
-  return forward(params, x_BxTxD, cfg)
-
-
 def param_count(params: Params) -> int:
   return sum(int(a.size) for a in jax.tree.leaves(params))
 

@@ -12,7 +12,7 @@ from jaxpart.config import MAX_INDEX, ModelConfig
 from jaxpart.placement.plan import PlanError, check_tp, contiguous_stage_layers, divisors, tp_problems
 
 
-def _positive_int(name: str, value) -> None:
+def positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise PlanError(f"{name} = {value!r}: must be a positive integer")
   if value > MAX_INDEX:
@@ -30,16 +30,16 @@ def layerwise_grids(cfg: ModelConfig, devices: int) -> list[tuple[int, int, list
   return out
 
 
-def _layerwise_grid(cfg: ModelConfig, devices: int, tp: int | None = None) -> tuple[int, int, str]:
+def layerwise_grid(cfg: ModelConfig, devices: int, tp: int | None = None) -> tuple[int, int, str]:
   """(stages, tp, why): as many stages as layers and devices allow, the rest tensor-parallel.
 
   The most stages is gcd(layers, devices). Every other stage count divides it, so its tp is a
   multiple of this tp: if this tp cannot split the heads or MLP columns, none can.
   """
-  _positive_int("devices", devices)
-  valid_here = _fmt([t for s, t, p in layerwise_grids(cfg, devices) if not p])
+  positive_int("devices", devices)
+  valid_here = fmt_list([t for s, t, p in layerwise_grids(cfg, devices) if not p])
   if tp is not None:
-    _positive_int("tp", tp)
+    positive_int("tp", tp)
     if devices % tp:
       raise PlanError(f"tp = {tp} does not divide devices = {devices}; stages = devices / tp "
                       f"must divide layers = {cfg.layers}. Valid tp here: {valid_here}")
@@ -59,7 +59,7 @@ def _layerwise_grid(cfg: ModelConfig, devices: int, tp: int | None = None) -> tu
         f"devices = {devices} cannot place this model layer-wise: the most stages is "
         f"gcd(layers = {cfg.layers}, devices = {devices}) = {stages}, leaving tp = {tp}, and "
         f"{'; '.join(problems)} (fewer stages only multiply tp and fail the same way). Device "
-        f"counts that plan this model layer-wise: {_fmt(counts)}"
+        f"counts that plan this model layer-wise: {fmt_list(counts)}"
         + (f"; the largest below {devices} is {below[-1]} (--devices {below[-1]})" if below else ""))
   return stages, tp, (f"{stages} stage{'s' * (stages > 1)} x tp {tp}: the most stages that "
                       f"divide layers = {cfg.layers} and devices = {devices}")
@@ -76,6 +76,6 @@ def baseline_grids(cfg: ModelConfig, devices: int) -> list[tuple[int, int]]:
           if cfg.layers % pp == 0 and not tp_problems(cfg, devices // pp)]
 
 
-def _fmt(values: Iterable) -> str:
+def fmt_list(values: Iterable) -> str:
   values = list(values)
   return ", ".join(map(str, values)) if values else "none"

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
 from jaxpart.placement.plan import PlanError
-from jaxpart.placement.shards import (  # noqa: F401  (re-exported: what a device holds, in bytes)
-    device_weight_bytes, edge_weight_bytes, kv_cache_bytes, kv_dim_local, kv_heads_local,
-    mlp_in_projections, projection_params_local, vocab_local, weight_shard_bytes)
+from jaxpart.placement.shards import (edge_weight_bytes, kv_cache_bytes, kv_dim_local,
+                                     mlp_in_projections, vocab_local, weight_shard_bytes)
 
 F32 = 4
 MB = 10**6
@@ -115,6 +114,12 @@ def step_working_set(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
   }
 
 
+def working_set_bytes(cfg: ModelConfig, s: StepShape) -> int:
+  """The resident working set of one step, in total: what the planner sizes chunks by, the cost
+  model prices L2 residency by and per_device reports (build `s` with step_shape for a Plan)."""
+  return sum(step_working_set(cfg, s).values())
+
+
 def step_phase_bytes(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
   """Resident bytes per phase: what must sit in L2 together while that phase runs."""
   out = {"attention": 0, "mlp": 0}
@@ -126,17 +131,6 @@ def step_phase_bytes(cfg: ModelConfig, s: StepShape) -> dict[str, int]:
 def step_peak_bytes(cfg: ModelConfig, s: StepShape) -> int:
   """The larger phase: closer to a compiler's peak live bytes than the whole-step sum."""
   return max(step_phase_bytes(cfg, s).values())
-
-
-def step_streamed_bytes(cfg: ModelConfig, s: StepShape, prefix_tokens: int) -> dict[str, int]:
-  """Bytes one layer's step reads once and does not reuse: its weight shard and the KV prefix.
-
-  prefix_tokens is how many cached positions the step's queries attend to (the chunk's end).
-  """
-  return {
-      "weight_shard": weight_shard_bytes(cfg, s.tp, 1, held=False),
-      "kv_prefix": kv_cache_bytes(cfg, s.rows, prefix_tokens, s.tp, 1),
-  }
 
 
 def run_streamed_bytes(cfg: ModelConfig, batch: int, seq: int, rows: int, tokens: int,
@@ -192,6 +186,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
 
 
 def step_shape(plan) -> StepShape:
+  """The StepShape of a Plan's unit step: the one way a Plan becomes a StepShape."""
   return StepShape(rows=plan.rows, tokens=plan.chunk_tokens, kv_block=plan.kv_block, tp=plan.tp)
 
 
@@ -260,19 +255,12 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
 DECODE_NEW_TOKENS = 256
 
 
-def decode_cache_len(plan, new_tokens: int) -> int:
-  """Positions of the whole batch's preallocated cache: prefill writes the padded prompt
-  (cache_len); decode appends from position seq, up to seq + new_tokens, in whole KV blocks."""
-  need = -(-(plan.seq + new_tokens) // plan.kv_block) * plan.kv_block
-  return max(plan.cache_len, need)
-
-
 def generation_bytes(cfg: ModelConfig, run: RunShape, plan, new_tokens: int) -> dict[str, int]:
   """Per device for prefill then decode: the forward program with its one-microbatch KV cache
   replaced by the whole batch's (prompt + new tokens, preallocated), which both phases hold.
   Decode's own buffers (one token per row) are far smaller than the prefill's and not added."""
   prog = program_bytes(cfg, run, plan)
-  kv = kv_cache_bytes(cfg, run.batch, decode_cache_len(plan, new_tokens), plan.tp,
+  kv = kv_cache_bytes(cfg, run.batch, plan.decode_cache_len(new_tokens), plan.tp,
                       plan.layers_per_stage)
   return {"decode_kv_cache_bytes": kv,
           "generation_hbm_bytes": prog["total"] - prog["kv_cache"] + kv}
@@ -293,8 +281,7 @@ def per_device(cfg: ModelConfig, run: RunShape, plan, hbm_bytes: float = 0.0,
   capacity) set, fits_prefill and fits_generation say whether each fits.
   """
   step = step_shape(plan)
-  ws = step_working_set(cfg, step)
-  total = sum(ws.values())
+  total = working_set_bytes(cfg, step)
   prog = program_bytes(cfg, run, plan)
   gen = generation_bytes(cfg, run, plan, new_tokens)
   fit = {} if not hbm_bytes else {"fits_prefill": prog["total"] <= hbm_bytes,
@@ -317,7 +304,7 @@ def per_device(cfg: ModelConfig, run: RunShape, plan, hbm_bytes: float = 0.0,
       "program_bytes": {k: v for k, v in prog.items() if k != "total"},
       "predicted_hbm_bytes": prog["total"],
       "decode_new_tokens": new_tokens,
-      "decode_cache_len": decode_cache_len(plan, new_tokens),
+      "decode_cache_len": plan.decode_cache_len(new_tokens),
       **gen, **fit,
       "cache_utilisation": total / plan.cache_budget_bytes if plan.cache_budget_bytes else 0.0,
   }

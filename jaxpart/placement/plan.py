@@ -121,6 +121,13 @@ class Plan:
     """KV cache positions per layer: the padded sequence rounded up to whole KV blocks."""
     return math.ceil(self.padded_seq / self.kv_block) * self.kv_block
 
+  def decode_cache_len(self, new_tokens: int) -> int:
+    """Positions of the whole batch's cache when generating: prefill writes the padded prompt
+    (cache_len), decode appends from position seq up to seq + new_tokens, in whole KV blocks.
+    The one rule both the runtime (what runs) and memory.py (what is predicted) use."""
+    need = math.ceil((self.seq + new_tokens) / self.kv_block) * self.kv_block
+    return max(self.cache_len, need)
+
   @property
   def units(self) -> int:
     return self.microbatches * self.n_chunks
@@ -229,6 +236,13 @@ def contiguous_stage_layers(layers: int, stages: int) -> tuple[tuple[int, ...], 
                     f"{', '.join(map(str, divisors(layers)))}")
   per = layers // stages
   return tuple(tuple(range(s * per, (s + 1) * per)) for s in range(stages))
+
+
+def decode_microbatches(batch: int, stages: int) -> int:
+  """Decode microbatches in flight: M = stages when it divides the batch, else the largest
+  divisor of the batch below it. Here, not in cost/, because the runtime's decode schedule and
+  the decode cost model both follow it."""
+  return max(d for d in divisors(batch) if d <= stages)
 
 
 def divisors(n: int) -> list[int]:

@@ -11,10 +11,10 @@ from typing import Callable, Iterable, NamedTuple
 
 from jaxpart.placement import memory
 from jaxpart.config import ModelConfig, Setup
-from jaxpart.placement.grids import (_fmt, _layerwise_grid, _positive_int,  # noqa: F401 (re-exported)
-                           baseline_grids, layerwise_grids, valid_device_counts)
-from jaxpart.placement.plan import (Plan, PlanError, check_tp, contiguous_stage_layers,  # noqa: F401
-                          divisors, tp_problems, valid_tps)
+from jaxpart.placement.grids import (baseline_grids, fmt_list, layerwise_grid, layerwise_grids,
+                                    positive_int, valid_device_counts)
+from jaxpart.placement.plan import (Plan, PlanError, check_tp, contiguous_stage_layers, divisors,
+                                   valid_tps)
 
 MAX_KV_BLOCK = 128
 MIN_KV_BLOCK = 16
@@ -31,7 +31,7 @@ def default_kv_block(tokens: int) -> int:
 
 def working_set(cfg: ModelConfig, rows: int, tokens: int, tp: int, kv_block: int | None = None) -> int:
   kv = kv_block or default_kv_block(tokens)
-  return sum(memory.step_working_set(cfg, memory.StepShape(rows, tokens, kv, tp)).values())
+  return memory.working_set_bytes(cfg, memory.StepShape(rows, tokens, kv, tp))
 
 
 # --- device memory ---------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def plan_layerwise(setup: Setup, devices: int, *, tp: int | None = None,
   cache budget (see fit_chunk for how rows are traded against tokens). A chunk the user fixes
   in full is kept even over budget, and the reason says so.
   """
-  stages, tp, grid_why = _layerwise_grid(setup.model, devices, tp)
+  stages, tp, grid_why = layerwise_grid(setup.model, devices, tp)
   return _layerwise(setup, devices, stages, tp, grid_why, cache_bytes=cache_bytes,
                     chunk_tokens=chunk_tokens, chunk_rows=chunk_rows, kv_block=kv_block)
 
@@ -144,16 +144,16 @@ def _layerwise(setup: Setup, devices: int, stages: int, tp: int, grid_why: str, 
   cfg, run = setup.model, setup.run
   budget = _budget(setup, cache_bytes)
   if chunk_rows is not None:
-    _positive_int("chunk_rows", chunk_rows)
+    positive_int("chunk_rows", chunk_rows)
     if run.batch % chunk_rows:
       raise PlanError(f"chunk_rows = {chunk_rows}: must divide batch = {run.batch}; valid: "
-                      f"{_fmt(divisors(run.batch))}")
+                      f"{fmt_list(divisors(run.batch))}")
   if chunk_tokens is not None:
-    _positive_int("chunk_tokens", chunk_tokens)
+    positive_int("chunk_tokens", chunk_tokens)
     if chunk_tokens > run.seq:
       raise PlanError(f"chunk_tokens = {chunk_tokens}: must be in 1..seq = {run.seq}")
   if kv_block is not None:
-    _positive_int("kv_block", kv_block)
+    positive_int("kv_block", kv_block)
 
   if chunk_tokens is not None and chunk_rows is not None:
     rows, tokens = chunk_rows, chunk_tokens
@@ -189,15 +189,15 @@ def plan_baseline(setup: Setup, devices: int, *, tp: int | None, pp: int | None,
   the other is devices / it.
   """
   cfg, run = setup.model, setup.run
-  _positive_int("devices", devices)
+  positive_int("devices", devices)
   pairs = baseline_grids(cfg, devices)
-  valid = f"valid (tp, pp) on {devices} devices for this model: {_fmt(pairs)}"
+  valid = f"valid (tp, pp) on {devices} devices for this model: {fmt_list(pairs)}"
   if tp is None and pp is None:
     raise PlanError(f"baseline needs --tp and/or --pp (the seed's baseline is --tp 8 --pp 2); "
                     f"{valid}")
   for name, v in (("tp", tp), ("pp", pp)):
     if v is not None:
-      _positive_int(name, v)
+      positive_int(name, v)
       if devices % v:
         raise PlanError(f"{name} = {v} does not divide devices = {devices}; {valid}")
   tp = devices // pp if tp is None else tp
@@ -223,13 +223,13 @@ def plan_baseline(setup: Setup, devices: int, *, tp: int | None, pp: int | None,
         f" is {gpipe}; {microbatches} keeps the forward within {HBM_PLANNING_FRACTION:.0%} of "
         f"the device's {setup.hardware.hbm_bytes / 1e9:g} GB)")
   else:
-    _positive_int("microbatches", microbatches)
+    positive_int("microbatches", microbatches)
     if run.batch % microbatches:
       raise PlanError(f"microbatches = {microbatches} must divide batch = {run.batch}; valid: "
-                      f"{_fmt(divisors(run.batch))}")
+                      f"{fmt_list(divisors(run.batch))}")
     m_why = f"GPipe over {microbatches} microbatches"
   if kv_block is not None:
-    _positive_int("kv_block", kv_block)
+    positive_int("kv_block", kv_block)
   budget = _budget(setup, cache_bytes)
   plan = _baseline_plan(setup, devices, tp, pp, stage_layers, microbatches, kv_block, budget)
   ws = plan.predicted_working_set_bytes
@@ -257,7 +257,7 @@ def candidates(setup: Setup, devices: int, cache_bytes: float | None = None, *,
   counts; layer-wise with the cache-fitted chunk and with larger chunks that overflow it.
   tp and pp, when given, keep only grids with that tp or that many stages."""
   cfg, run = setup.model, setup.run
-  _positive_int("devices", devices)
+  positive_int("devices", devices)
   budget = _budget(setup, cache_bytes)
   out: list[Plan] = []
   grids = [(s, t) for s, t, p in layerwise_grids(cfg, devices) if not p
@@ -282,9 +282,9 @@ def candidates(setup: Setup, devices: int, cache_bytes: float | None = None, *,
   if not out:
     asked = "".join(f", {n} = {v}" for n, v in (("tp", tp), ("pp", pp)) if v is not None)
     raise PlanError(f"devices = {devices}{asked}: no (stages, tp) split works for this model. "
-                    f"Layer-wise device counts that do: {_fmt(valid_device_counts(cfg))}; "
+                    f"Layer-wise device counts that do: {fmt_list(valid_device_counts(cfg))}; "
                     f"(stages, tp) grids on {devices} devices: "
-                    f"{_fmt((s, t) for s, t, p in layerwise_grids(cfg, devices) if not p)}")
+                    f"{fmt_list((s, t) for s, t, p in layerwise_grids(cfg, devices) if not p)}")
   return out
 
 

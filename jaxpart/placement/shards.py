@@ -1,7 +1,7 @@
 """What one device holds of each weight and of the KV cache, per model family (plain Python).
 
 One home for the tensor-parallel split rules the engine applies (llama.block_apply,
-sharding.py): Q, O and the MLP split tp ways; K/V heads split when tp divides them, else
+runtime/sharding.py): Q, O and the MLP split tp ways; K/V heads split when tp divides them, else
 replicated with each shard computing only the heads its queries read; the Llama edges
 (embedding, final norm, LM head) held by every stage, split over tensor by vocabulary.
 memory, counts and the cost model read these; none re-derives them.

@@ -2,7 +2,7 @@
 
 The engine's decode schedule, built from the same pieces as its forward (engine.stage_step,
 the family's embed, block and head): the batch is split into M decode microbatches of R rows
-(decode_cost.decode_microbatches: M = S when S divides the batch). Microbatch m's step k enters
+(plan.decode_microbatches: M = S when S divides the batch). Microbatch m's step k enters
 stage 0 at tick k*P + m, P = max(M, S) = S, and moves one stage a tick; the last stage turns it
 into the next token (Llama: vocab-parallel logits gathered over the tensor group, then greedy
 or temperature/top-k sampling from a key every device derives alike; dense: the output hidden
@@ -28,12 +28,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxpart.runtime import compat
-from jaxpart.cost import decode as decode_cost
 from jaxpart.runtime import engine
 from jaxpart.models import families
 from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
-from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
+from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError, decode_microbatches
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Schedule:
 
   @property
   def microbatches(self) -> int:
-    return decode_cost.decode_microbatches(self.batch, self.stages)
+    return decode_microbatches(self.batch, self.stages)
 
   @property
   def rows(self) -> int:

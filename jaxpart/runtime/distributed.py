@@ -26,8 +26,9 @@ import signal
 import socket
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -73,6 +74,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                  metavar="S", help=f"seconds a finished process waits for the others at exit "
                                    f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S})")
+
+
+@dataclass(frozen=True)
+class LaunchFlags:
+  """The multi-host flags of add_arguments as typed values (same names and defaults): what
+  resolve and initialize read, so they never take an argparse Namespace."""
+
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_devices: int | None = None
+  local_device_ids: str | None = None
+  init_timeout: int = DEFAULT_INIT_TIMEOUT_S
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S
+  shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+  @classmethod
+  def from_flags(cls, flags: Mapping[str, Any]) -> "LaunchFlags":
+    """From parsed flags, e.g. vars(namespace); keys that are not launch flags are ignored."""
+    return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -143,20 +164,20 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
   return None
 
 
-def resolve(args, environ: Mapping[str, str] = os.environ) -> Launch | None:
+def resolve(flags: LaunchFlags, environ: Mapping[str, str] = os.environ) -> Launch | None:
   """Launch settings from flags, then environment, then a detected cluster; None: one process."""
   for name in ("init_timeout", "heartbeat_timeout", "shutdown_timeout"):
-    value = getattr(args, name)
+    value = getattr(flags, name)
     if value < 1:
       raise ConfigError(f"--{name.replace('_', '-')} = {value}: must be at least 1 second")
-  if args.local_devices is not None and args.local_devices < 1:
-    raise ConfigError(f"--local-devices = {args.local_devices}: must be at least 1")
-  ids = _device_ids(args.local_device_ids)
-  timeouts = dict(init_timeout=args.init_timeout, heartbeat_timeout=args.heartbeat_timeout,
-                  shutdown_timeout=args.shutdown_timeout)
-  coordinator = args.coordinator or environ.get(ENV_COORDINATOR) or None
-  n = _count(args.num_processes, environ, ENV_PROCESSES, "--num-processes")
-  pid = _count(args.process_id, environ, ENV_PROCESS_ID, "--process-id")
+  if flags.local_devices is not None and flags.local_devices < 1:
+    raise ConfigError(f"--local-devices = {flags.local_devices}: must be at least 1")
+  ids = _device_ids(flags.local_device_ids)
+  timeouts = dict(init_timeout=flags.init_timeout, heartbeat_timeout=flags.heartbeat_timeout,
+                  shutdown_timeout=flags.shutdown_timeout)
+  coordinator = flags.coordinator or environ.get(ENV_COORDINATOR) or None
+  n = _count(flags.num_processes, environ, ENV_PROCESSES, "--num-processes")
+  pid = _count(flags.process_id, environ, ENV_PROCESS_ID, "--process-id")
   given = {"--coordinator": coordinator, "--num-processes": n, "--process-id": pid}
   if all(v is None for v in given.values()):
     if detected_cluster(environ):
@@ -211,10 +232,10 @@ def _check_address(address: str) -> None:
                       f"e.g. 10.0.0.1:1234 (the address of process 0)")
 
 
-def initialize(args, environ: Mapping[str, str] = os.environ) -> Launch | None:
+def initialize(flags: LaunchFlags, environ: Mapping[str, str] = os.environ) -> Launch | None:
   """Start jax.distributed as the flags / environment / cluster say; must run before anything
   touches a JAX backend. Returns the settings used, or None for a single process."""
-  launch = resolve(args, environ)
+  launch = resolve(flags, environ)
   if launch is None:
     return None
   if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in environ:

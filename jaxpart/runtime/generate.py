@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpart.runtime import compat
 from jaxpart.runtime import decode
 from jaxpart.runtime import engine
 from jaxpart.models import families
@@ -65,11 +66,6 @@ def split_prompts(ids_BxT: np.ndarray, vocab: int | None) -> tuple[np.ndarray, n
   return np.where(real, ids, 0).astype(np.int32), lens.astype(np.int32)
 
 
-def cache_len_for(plan: Plan, new_tokens: int) -> int:
-  need = max(plan.padded_seq, plan.seq + new_tokens)
-  return -(-need // plan.kv_block) * plan.kv_block
-
-
 def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int,
              sampling: Sampling = Sampling(), *, dtype=None, keep_logits: bool = False,
              memory: bool = False) -> Generation:
@@ -84,7 +80,7 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
   params = jax.jit(lambda p: model.cast_params(p, dt))(params)
   x = runs.global_array(inp if fam.tokens_in else np.asarray(inp, dt),
                         sharding.input_sharding(mesh, cfg))
-  cache_len = cache_len_for(plan, new_tokens)
+  cache_len = plan.decode_cache_len(new_tokens)
   prefill = jax.jit(engine.make_prefill(plan, cfg, mesh, cache_len)).lower(params, x).compile()
   sched = Schedule(plan.stages, plan.batch, new_tokens - 1)
   key = jax.random.PRNGKey(sampling.seed)
@@ -101,8 +97,9 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
   state = decode.init_state(plan, cfg, mesh, sched, kc, vc, first, lens_B, dt, keep_logits)
   mem = {}
   if memory:
-    mem = {"prefill": _memory(prefill), "decode_cycle": _memory(
-        cycle.lower(params, state, jnp.int32(0), key).compile())}
+    mem = {"prefill": compat.compiled_memory(prefill).to_dict(),
+           "decode_cycle": compat.compiled_memory(
+               cycle.lower(params, state, jnp.int32(0), key).compile()).to_dict()}
   times = []
   for c in range(sched.cycles if sched.steps else 0):
     t = time.perf_counter()
@@ -117,9 +114,3 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
                     float("nan"), cycle_s=times, schedule=sched, cache_len=cache_len,
                     logits=logits, memory=mem)
 
-
-def _memory(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes":
-          int(m.output_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
-          "alias_bytes": int(m.alias_size_in_bytes)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +94,23 @@ class Placed:
 
 def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=None,
           **engine_kw) -> Placed:
+  """Parameters and input (x_host may be None) on the Plan's mesh, and the jitted forward."""
   mesh = sharding.mesh_for(plan, devices)
   shardings = sharding.param_shardings(mesh, setup.model)
   params = jax.tree.map(global_array, params_host, shardings)
-  x = global_array(x_host, sharding.input_sharding(mesh, setup.model))
+  x = None if x_host is None else global_array(x_host, sharding.input_sharding(mesh, setup.model))
   fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
+
+
+def make_forward(setup: Setup, plan: Plan, params_host, *, dtype=None, devices=None,
+                 **engine_kw) -> Callable[[Any], np.ndarray]:
+  """The Plan's forward as a host function, inp -> out (numpy), for scripts: the parameters are
+  placed on the Plan's mesh once; each call places its input, runs the engine and gathers the
+  output. (engine.make_forward is the traced, mesh-level function this jits.)"""
+  placed = place(setup, plan, params_host, None, dtype=dtype, devices=devices, **engine_kw)
+  shard = sharding.input_sharding(placed.mesh, setup.model)
+  return lambda inp: fetch(placed.forward(placed.params, global_array(inp, shard)))
 
 
 def fetch(y) -> np.ndarray:
@@ -114,19 +125,23 @@ def reference(setup: Setup, params_host, x_host, dtype=None) -> np.ndarray:
   dev = jax.local_devices()[0]
   p = jax.device_put(params_host, dev)
   x = jax.device_put(x_host, dev)
-  f = jax.jit(lambda p, x: reference_forward(p, x, setup.model, dtype))
+  f = jax.jit(reference_forward(setup.model, dtype))
   return np.asarray(f(p, x))
 
 
-def reference_forward(params, inp, cfg, dtype=None):
-  """The family's single-device forward at a chosen precision: dtype None keeps the config's,
-  else casts the parameters (and hidden-vector input; token ids stay ids)."""
+def reference_forward(cfg, dtype=None) -> Callable[[Any, jax.Array], jax.Array]:
+  """The family's single-device forward, (params, inp) -> out: the one reference every check
+  compares with. dtype None keeps the config's, else the parameters are cast (and a hidden-vector
+  input; token ids stay ids)."""
   fam = families.of(cfg)
-  if dtype is not None and fam.tokens_in:
-    params = model.cast_params(params, dtype)
-  elif dtype is not None:   # dense: model.forward casts each layer to the input's dtype
-    inp = inp.astype(dtype)
-  return fam.reference(params, inp, cfg)
+
+  def forward(params, inp):
+    if dtype is not None and fam.tokens_in:
+      params = model.cast_params(params, dtype)
+    elif dtype is not None:   # dense: model.forward casts each layer to the input's dtype
+      inp = inp.astype(dtype)
+    return fam.reference(params, inp, cfg)
+  return forward
 
 
 def errors(y, y_ref) -> dict[str, float]:

@@ -1,4 +1,8 @@
-"""Every PartitionSpec jaxpart uses, and the Mesh for a Plan. Nothing else names a mesh axis.
+"""The PartitionSpecs of the parameters, caches and streams, and the Mesh for a Plan.
+
+The mesh axis names are defined once, in placement/plan.py (STAGE_AXIS, TENSOR_AXIS); the
+collectives in runtime/engine.py and runtime/decode.py, decode's per-stage specs and
+measure/bench.py's one-axis mesh name the axes through those constants, never by a string.
 
 Parameters are stacked on a leading layer axis, which is split over `stage` (stage s holds its
 contiguous layer group); Megatron's column-parallel weights (wq, wk, wv, w_in) split their
@@ -90,16 +94,6 @@ def stream(mesh) -> NamedSharding:
 def place_params(params, mesh, cfg=None):
   """Put a parameter tree on the mesh as the Plan says (a no-op for leaves already there)."""
   return jax.device_put(params, param_shardings(mesh, cfg))
-
-
-def activation_specs() -> dict:
-  """The engine's activations at its boundary: input and output both B x T x D, split over
-  every device along D (see Specs.stream)."""
-  return {"input_BxTxD": SPECS.stream, "output_BxTxD": SPECS.stream}
-
-
-def activation_shardings(mesh) -> dict:
-  return {k: NamedSharding(mesh, s) for k, s in activation_specs().items()}
 
 
 def local_shape(shape: tuple[int, ...], spec: P, plan: Plan) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from jaxpart.runtime import compat
 from jaxpart.runtime import engine
 from jaxpart.models import families
 from jaxpart.models import dense as model
@@ -36,11 +37,6 @@ def mse(y_BxTxD, target_BxTxD):
   """Mean squared error in float32 (float64 under x64 checks), whatever the activation dtype."""
   acc = jnp.promote_types(y_BxTxD.dtype, jnp.float32)
   return jnp.mean(jnp.square(y_BxTxD.astype(acc) - target_BxTxD.astype(acc)))
-
-
-def reference_forward(cfg: ModelConfig) -> Forward:
-  """The family's single-device forward (params, inp) -> out."""
-  return functools.partial(families.of(cfg).reference, cfg=cfg)
 
 
 def engine_forward(plan, cfg: ModelConfig, mesh, **engine_kw) -> Forward:
@@ -87,9 +83,7 @@ def grad_memory(forward: Forward, params_abstract, x_abstract) -> dict[str, int]
   The abstract arguments are ShapeDtypeStructs carrying the shardings the step will see.
   """
   compiled = value_and_grads(forward).lower(params_abstract, x_abstract, x_abstract).compile()
-  m = compiled.memory_analysis()
-  return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
-          "output_bytes": int(m.output_size_in_bytes)}
+  return compat.compiled_memory(compiled).to_dict()
 
 
 def abstract_inputs(cfg: ModelConfig, plan, mesh, dtype):
@@ -320,5 +314,5 @@ def train_reference(cfg: ModelConfig, params, batches, oc: OptimConfig, device=N
   params = jax.device_put(params, device, may_alias=False)  # steps donate; keep the caller's
   opt_state = jax.jit(opt.init)(params)
   batches = [(jax.device_put(x, device), jax.device_put(t, device)) for x, t in batches]
-  return train(make_step(reference_forward(cfg), opt), params, opt_state, batches,
+  return train(make_step(runs.reference_forward(cfg), opt), params, opt_state, batches,
                oc.total_steps, "train reference", progress)
