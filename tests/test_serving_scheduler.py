@@ -18,7 +18,8 @@ import pytest
 
 from jaxpart.errors import UserError
 from jaxpart.serving import workload
-from jaxpart.serving.kv_pages import BlockPool, blocks_from_bytes, kv_bytes_per_token
+from jaxpart.serving.kv_pages import (BlockPool, blocks_from_bytes, kv_bytes_per_token,
+                                      pool_capacity)
 from jaxpart.serving.requests import Request, RequestError, SamplingParams, check_fits
 from jaxpart.serving.scheduler import Scheduler, SchedulerConfig
 
@@ -75,10 +76,11 @@ def drive(requests, cfg, num_blocks, cancel_after=None, on_step=None):
   return sched
 
 
-def test_1000_requests_with_cancels_and_preemptions_lose_nothing():
+@pytest.mark.parametrize("mode", ["chunked", "continuous"])
+def test_1000_requests_with_cancels_and_preemptions_lose_nothing(mode):
   rng = np.random.default_rng(SEED)
   reqs = workload.poisson(1000, rate=60.0, context=256, vocab=VOCAB, seed=SEED)
-  cfg = SchedulerConfig(slots=16, chunk_tokens=64, context=256)
+  cfg = SchedulerConfig(slots=16, chunk_tokens=64, context=256, mode=mode)
   cancelled = rng.choice(1000, 100, replace=False)
   cancel_after = {int(i): int(rng.integers(1, max(2, reqs[i].params.max_tokens)))
                   for i in cancelled}
@@ -202,10 +204,10 @@ def test_bad_requests_give_one_line_errors():
   with pytest.raises(RequestError, match=r"prompt is empty") as e:
     Request(5, ())
   assert "\n" not in str(e.value)
-  with pytest.raises(RequestError, match=r"prompt of 300 tokens is longer than the context of 256"):
+  with pytest.raises(RequestError, match=r"prompt of 300 tokens is longer than the context"):
     check_fits(Request(1, (1,) * 300), 256)
   with pytest.raises(RequestError, match=r"prompt of 200 tokens \+ max_tokens 100 = 300 exceeds "
-                                         r"the context of 256 tokens; max_tokens can be at most 56"):
+                     r"the context of 256 tokens; max_tokens can be at most 56"):
     check_fits(Request(2, (1,) * 200, params=SamplingParams(max_tokens=100)), 256)
   sched = Scheduler(SchedulerConfig(slots=2, chunk_tokens=8, context=64), BlockPool(4))
   with pytest.raises(RequestError, match="exceeds the context of 64"):
@@ -239,6 +241,8 @@ def test_pool_invariants_and_sizing():
   left = int(rng.integers(10**6, 10**8))
   blocks = blocks_from_bytes(cfg, left, tp=2, layers=2)
   assert blocks * 16 * per_token <= left < (blocks + 1) * 16 * per_token
+  cap = pool_capacity(blocks, 16, 1000)
+  assert cap["tokens"] == blocks * 16 and cap["context_sequences"] == blocks // 63
 
 
 def test_workloads_fit_the_context_and_follow_their_shape():

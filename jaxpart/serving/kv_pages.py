@@ -142,6 +142,14 @@ def blocks_from_bytes(cfg: ModelConfig, bytes_left: float, tp: int = 1, layers: 
   return max(0, int(bytes_left // per_block))
 
 
+def pool_capacity(num_blocks: int, block_tokens: int, context: int) -> dict[str, int]:
+  """What `plan` and `memory` report of a pool: its blocks, the tokens they hold and how many
+  sequences of the whole context fit at once (more fit when they are shorter)."""
+  return {"blocks": num_blocks, "block_tokens": block_tokens,
+          "tokens": num_blocks * block_tokens,
+          "context_sequences": num_blocks // -(-context // block_tokens)}
+
+
 def check_pool_fits(num_blocks: int, block_tokens: int, context: int,
                     field: str = "--kv-blocks") -> None:
   """A pool must hold one sequence of the whole context, else a request could never finish."""
