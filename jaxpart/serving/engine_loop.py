@@ -117,8 +117,11 @@ def serve(stepper, requests: Sequence[Request], opts: LoopOptions,
     while pending and pending[0].arrival_s <= clock.now():
       sched.add(pending.popleft())
     batch = sched.schedule()
-    if batch is None:
-      clock.wait_until(pending[0].arrival_s)
+    if batch is None:          # idle (or only cancelled requests were left, now reaped)
+      if pending:
+        clock.wait_until(pending[0].arrival_s)
+      elif sched.has_work():
+        raise RuntimeError("the scheduler holds requests but scheduled nothing")
       continue
     settings = row_settings(
         [by_id[r].params if r is not None else None for r in batch.request_ids],

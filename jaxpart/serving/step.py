@@ -115,8 +115,8 @@ def _body(params, kpool, vpool, ids_T, pos_T, slot_T, write_T, tables_SxM, logit
 class Stepper:
   """A Plan's compiled serving step with its placed parameters and paged KV pool.
 
-  `traces` counts how often the step was traced (one per StepBatch shape: jit caches the
-  rest), which the tests hold to at most one per shape.
+  `traced` lists the token count T of every trace of the step (jit caches the rest, so a
+  trace is a compilation): the tests hold it to one per StepBatch shape.
   """
 
   def __init__(self, setup, plan: Plan, params_host, num_blocks: int, block_tokens: int,
@@ -124,7 +124,7 @@ class Stepper:
     cfg = setup.model
     if not families.of(cfg).tokens_in:
       raise StepError(f"model arch {cfg.arch!r}: serving needs a token model (arch 'llama')")
-    self.cfg, self.plan, self.traces = cfg, plan, 0
+    self.cfg, self.plan, self.traced = cfg, plan, []
     self.num_blocks, self.block_tokens = num_blocks, block_tokens
     self.mesh = sharding.mesh_for(plan)
     self.dtype = jnp.dtype(dtype or cfg.dtype)
@@ -155,10 +155,14 @@ class Stepper:
         out_specs=(cache, cache, rep))
 
     def step(params, kpool, vpool, *arrays):
-      self.traces += 1      # Python side effect: runs once per trace, i.e. per compiled shape
+      self.traced.append(arrays[0].shape[0])   # Python side effect: runs once per trace
       return mapped(params, kpool, vpool, *arrays)
 
     return jax.jit(step, donate_argnums=(1, 2))
+
+  @property
+  def traces(self) -> int:
+    return len(self.traced)
 
   def __call__(self, batch: StepBatch, settings: RowSettings) -> np.ndarray:
     """Run one step: writes its tokens' K/V into the pool; returns the sampled id per slot
