@@ -10,6 +10,7 @@ recomputes, which must not change a token; one compiled step serves the whole st
 """
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from jaxpart.placement import planner
 from jaxpart.runtime import generate, runs
 from jaxpart.serving.engine_loop import LoopError, LoopOptions, serve
 from jaxpart.serving.requests import Request, SamplingParams
+from jaxpart.serving.sampling import row_settings
 from jaxpart.serving.step import StepError, Stepper
 
 PLACEMENTS = {"baseline": dict(tp=8, pp=2), "layerwise": dict(chunk_tokens=4, kv_block=8)}
@@ -173,3 +175,19 @@ def test_bad_pool_or_model_is_refused(placements):
     serve(stepper, reqs, _opts(kv_blocks=POOL + 1))
   with pytest.raises(LoopError, match="block_tokens = 16"):
     serve(stepper, reqs, _opts(block_tokens=16))
+
+
+def test_logits_only_at_the_logit_rows(placements):
+  """The compiled step holds S x V logits (S x V/tp per shard), never T x V."""
+  stepper, reqs, _ = placements("baseline")
+  t, vocab, tp = SLOTS + CHUNK, stepper.cfg.vocab, stepper.plan.tp
+  m = -(-CONTEXT // BT)
+  args = (np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
+          np.full(t, -1, np.int32), np.full((SLOTS, m), -1, np.int32),
+          np.full(SLOTS, -1, np.int32)) + row_settings([None] * SLOTS, [0] * SLOTS).arrays()
+  text = stepper._fn.lower(stepper.params, stepper.kpool, stepper.vpool, *args).as_text()
+  shapes = {tuple(int(d) for d in s.split("x")) for s in
+            re.findall(r"tensor<((?:\d+x)+)f32>", text) for s in [s.rstrip("x")]}
+  logits = {s for s in shapes if s[-1] in (vocab, vocab // tp)}
+  assert (SLOTS, vocab) in logits and (SLOTS, vocab // tp) in logits, sorted(logits)
+  assert not [s for s in logits if t in s], sorted(logits)
