@@ -11,8 +11,8 @@ recomputes, which must not change a token; one compiled step serves the whole st
 
 import dataclasses
 import re
+import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -191,3 +191,21 @@ def test_logits_only_at_the_logit_rows(placements):
   logits = {s for s in shapes if s[-1] in (vocab, vocab // tp)}
   assert (SLOTS, vocab) in logits and (SLOTS, vocab // tp) in logits, sorted(logits)
   assert not [s for s in logits if t in s], sorted(logits)
+
+
+def test_wall_clock_waits_for_arrivals_and_stamps_tokens():
+  """The wall clock admits a request no earlier than its arrival (sleeping while idle) and
+  stamps each token when its step returns; a bad clock is one error line. No device: the step
+  is a stand-in that answers token 7 for every slot."""
+  def stand_in(batch, settings):
+    assert len(settings.temperature_S) == SLOTS
+    return np.full(SLOTS, 7)
+  reqs = [Request(0, (1, 2, 3), 0.0, SamplingParams(max_tokens=2)),
+          Request(1, (4,), 0.05, SamplingParams(max_tokens=3))]
+  t0 = time.perf_counter()
+  res = serve(stand_in, reqs, _opts(clock="wall"))
+  assert time.perf_counter() - t0 >= 0.05
+  assert res.completions[1].tokens == (7, 7, 7) and res.completions[0].tokens == (7, 7)
+  assert res.completions[1].token_times_s[0] >= 0.05 and res.completions[1].ttft_s >= 0
+  with pytest.raises(LoopError, match="clock = 'sundial': valid clocks are wall, virtual"):
+    _opts(clock="sundial")

@@ -85,9 +85,11 @@ class ServeResult:
 
 
 class _Clock:
+  """Seconds since the start of the stream: wall time, or steps x virtual_step_s."""
+
   def __init__(self, opts: LoopOptions):
-    self.virtual, self.dt, self.t0, self.now_v = opts.clock == "virtual", opts.virtual_step_s, \
-        time.perf_counter(), 0.0
+    self.virtual, self.dt = opts.clock == "virtual", opts.virtual_step_s
+    self.t0, self.now_v = time.perf_counter(), 0.0
 
   def now(self) -> float:
     return self.now_v if self.virtual else time.perf_counter() - self.t0
