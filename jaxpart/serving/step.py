@@ -46,7 +46,11 @@ def _stage_layers(p_stage, x_1xTxD, kpool, vpool, batch, *, cfg, tp_axis):
   """This stage's layers on the step's tokens, each attending through the paged pool."""
   pos_T, slot_T, write_T, tables_SxM = batch
   lps, n, p = kpool.shape[:3]
-  kflat, vflat = (a.reshape((lps * n,) + a.shape[2:]) for a in (kpool, vpool))
+  blocks = (lps * n,) + kpool.shape[2:]
+  # Carried flat (1-D): on XLA:CPU a carried 4-D pool with a size-1 axis (one local K/V head)
+  # takes a non-default layout inside the loops and copies to convert it (measured: temp 2.5x
+  # the pool, 1x carried flat; 0 once paged_attention also gathers and scatters on flat views).
+  kflat, vflat = kpool.reshape(-1), vpool.reshape(-1)
   block = families.of(cfg).block
 
   def one_layer(carry, layer):
@@ -57,9 +61,10 @@ def _stage_layers(p_stage, x_1xTxD, kpool, vpool, batch, *, cfg, tp_axis):
       kf, vf = state
       w_T = jnp.where(write_T >= 0, write_T + l * n * p, -1)
       tab_SxM = jnp.where(tables_SxM >= 0, tables_SxM + l * n, -1)
-      o_TxHxE, kf, vf = paged_step(q_1xTxHxE[0], k_1xTxGxE[0], v_1xTxGxE[0], kf, vf, pos_T,
-                                   slot_T, w_T, tab_SxM)
-      return o_TxHxE[None], (kf, vf)
+      o_TxHxE, kf, vf = paged_step(q_1xTxHxE[0], k_1xTxGxE[0], v_1xTxGxE[0],
+                                   kf.reshape(blocks), vf.reshape(blocks), pos_T, slot_T, w_T,
+                                   tab_SxM)
+      return o_TxHxE[None], (kf.reshape(-1), vf.reshape(-1))
 
     y, (kf, vf) = block(p_layer, x, pos_T, cfg, attend, (kf, vf), tp_axis)
     return (y, kf, vf), None
