@@ -13,6 +13,7 @@ import dataclasses
 import re
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,8 +48,9 @@ def _opts(**kw):
 
 @pytest.fixture(scope="module")
 def placements():
-  """Placement name -> (stepper, requests, generate's tokens per request), made on first use
-  with fresh parameters, so a test that needs one placement does not build the other."""
+  """Placement name -> (stepper, requests, generate's tokens per request, (setup, host
+  parameters)), made on first use with fresh parameters, so a test that needs one placement
+  does not build the other."""
   require_devices(16)
   made = {}
 
@@ -75,7 +77,8 @@ def _place(name):
   new = max(r.params.max_tokens for r in reqs)
   want = generate.generate(setup, plan, params, ids0, lens, new).tokens
   stepper = Stepper(setup, plan, params, POOL, BT)
-  return stepper, reqs, {r.id: tuple(want[i, :r.params.max_tokens]) for i, r in enumerate(reqs)}
+  want = {r.id: tuple(want[i, :r.params.max_tokens]) for i, r in enumerate(reqs)}
+  return stepper, reqs, want, (setup, params)
 
 
 @pytest.fixture(params=sorted(PLACEMENTS))
@@ -92,7 +95,7 @@ def _check_record(res, reqs):
 
 
 def test_greedy_tokens_equal_generate_with_random_arrivals(placed):
-  stepper, reqs, want = placed
+  stepper, reqs, want, _ = placed
   before = stepper.traces
   res = serve(stepper, reqs, _opts())
   got = {rid: c.tokens for rid, c in res.completions.items()}
@@ -108,7 +111,7 @@ def test_preemption_recompute_and_cancel_keep_tokens(placed):
   prompts fit a block each and grow to 3 blocks, so a sequence is preempted and recomputed. A
   cancelled request stops with a prefix of its tokens. The device pool still holds earlier
   runs' K/V in other slots: stale blocks must never be read."""
-  stepper, reqs, want = placed
+  stepper, reqs, want, _ = placed
   reqs = [dataclasses.replace(r, arrival_s=0.0) for r in reqs]
   victim = reqs[-1]
   res = serve(stepper, reqs, _opts(kv_blocks=6), cancel_after={victim.id: 2})
@@ -128,7 +131,7 @@ def test_continuous_mode_equals_generate_and_compiles_once_per_bucket(placements
   """Whole prompts padded to a bucket, then decode steps of S tokens: generate's tokens, and
   over a longer stream in both modes no shape is compiled twice, chunked mode compiles one
   shape and continuous at most 1 + buckets."""
-  stepper, reqs, want = placements("baseline")
+  stepper, reqs, want, _ = placements("baseline")
   before, buckets = stepper.traces, (24, CONTEXT)
   res = serve(stepper, reqs, _opts(mode="continuous", buckets=buckets, kv_blocks=12))
   assert {rid: c.tokens for rid, c in res.completions.items()} == want
@@ -148,7 +151,7 @@ def test_continuous_mode_equals_generate_and_compiles_once_per_bucket(placements
 def test_mixed_sampling_settings_in_one_batch(placements):
   """Greedy rows beside sampled ones keep generate's tokens; a seeded sampled request draws the
   same tokens alone as beside others; top_k 1 is greedy; another seed draws differently."""
-  stepper, reqs, want = placements("layerwise")
+  stepper, reqs, want, _ = placements("layerwise")
   hot = [dataclasses.replace(r, id=("hot", r.id), params=dataclasses.replace(
       r.params, temperature=1.3, top_p=0.9, seed=int(r.id) + 11)) for r in reqs[:3]]
   one = dataclasses.replace(reqs[3], id="top1", params=dataclasses.replace(
@@ -167,10 +170,23 @@ def test_mixed_sampling_settings_in_one_batch(placements):
   assert stepper.traced.count(SLOTS + CHUNK) == 1
 
 
+def test_bf16_tokens_do_not_depend_on_what_runs_beside(placements):
+  """bfloat16 (the pool holds bit patterns): each request's greedy tokens in a stream with
+  random arrivals equal the scheduler's own run of that request alone (generate chunks a
+  prompt differently, so in bf16 it is not the reference)."""
+  f32, reqs, _, (setup, params) = placements("layerwise")
+  stepper = Stepper(setup, f32.plan, params, POOL, BT, dtype=jnp.bfloat16)
+  assert stepper.kpool.dtype == jnp.uint16
+  res = serve(stepper, reqs, _opts())
+  for r in reqs[:4]:
+    assert serve(stepper, [r], _opts()).completions[r.id].tokens == res.completions[r.id].tokens
+  assert stepper.traces == 1
+
+
 def test_bad_pool_or_model_is_refused(placements):
   with pytest.raises(StepError, match="arch 'dense': serving needs a token model"):
     Stepper(config.load_setup("tiny"), None, None, POOL, BT)
-  stepper, reqs, _ = placements("layerwise")
+  stepper, reqs, _, _ = placements("layerwise")
   with pytest.raises(LoopError, match="kv_blocks = 41: the step's pool holds 40"):
     serve(stepper, reqs, _opts(kv_blocks=POOL + 1))
   with pytest.raises(LoopError, match="block_tokens = 16"):
@@ -179,7 +195,7 @@ def test_bad_pool_or_model_is_refused(placements):
 
 def test_logits_only_at_the_logit_rows(placements):
   """The compiled step holds S x V logits (S x V/tp per shard), never T x V."""
-  stepper, reqs, _ = placements("baseline")
+  stepper, reqs, _, _ = placements("baseline")
   t, vocab, tp = SLOTS + CHUNK, stepper.cfg.vocab, stepper.plan.tp
   m = -(-CONTEXT // BT)
   args = (np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
