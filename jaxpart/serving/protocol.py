@@ -104,9 +104,11 @@ def _common(body: dict, served: str, default_max: int | None, seed: int) -> dict
   seed = _get(body, "seed", (int,), seed, "an integer")
   stream = _get(body, "stream", (bool,), False, "true or false")
   opts = _get(body, "stream_options", (dict,), {}, "an object")
+  _get(body, "ignore_eos", (bool,), False, "true or false")   # vLLM's extension
   return dict(model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
               top_k=max(top_k, 0), seed=seed, stop=_stops(body), stream=stream,
-              include_usage=bool(opts.get("include_usage")))
+              include_usage=bool(opts.get("include_usage")),
+              ignore_eos=body.get("ignore_eos") is True)
 
 
 def _params(c: dict, eos_ids: tuple[int, ...], max_tokens: int) -> SamplingParams:
@@ -164,7 +166,7 @@ def parse_chat(body: dict, served: str, eos_ids, seed: int) -> tuple[Generation,
 
 def _generation(c: dict, chat: bool, prompt, text: bool, eos_ids):
   g = Generation(chat, c["model"], tuple(prompt) if not text or chat else prompt, text,
-                 _params(c, tuple(eos_ids), 1), c["stop"], c["stream"], c["include_usage"])
+                 _params(c, () if c["ignore_eos"] else tuple(eos_ids), 1), c["stop"], c["stream"], c["include_usage"])
   return g, c["max_tokens"]
 
 
