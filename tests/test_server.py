@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
+from jaxpart import cli
 from jaxpart.serving.text import TextError, TextModel
 
 openai = pytest.importorskip("openai")
@@ -105,10 +106,13 @@ def _at_rest(url, limit_s=10.0) -> float:
   return _metric(url, "jaxpart_kv_blocks_used")
 
 
-def test_missing_tokenizer_is_one_line_naming_the_file(tmp_path):
+def test_missing_tokenizer_is_one_line_naming_the_file(tmp_path, capsys):
   with pytest.raises(TextError, match=r"tokenizer\.json: missing") as e:
     TextModel(str(tmp_path))
   assert "\n" not in str(e.value)
+  assert cli.main(["serve", "--model-dir", str(tmp_path), "--port", str(_free_port())]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("jaxpart serve: error: ") and "tokenizer.json" in err[0]
 
 
 def test_greedy_text_equals_transformers_generate(server, model_dir):
