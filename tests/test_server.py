@@ -264,6 +264,28 @@ def test_fuzz_500_requests_server_stays_up_and_frees_everything(server):
   assert _at_rest(url) == 0
 
 
+def test_generate_prompt_and_forward_text_agree_with_the_server(server, model_dir, capsys,
+                                                                tmp_path):
+  """Runs before the signal test stops the server (file order)."""
+  _, url, name = server
+  rng = random.Random(int(np.random.SeedSequence().entropy % 2**31))
+  prompts, n = [_words(rng, rng.randint(1, 6)) for _ in range(2)], rng.randint(2, 6)
+  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+  common = ["--model-dir", str(model_dir), "--devices", "2", "--strategy", "layerwise", "--f32"]
+  assert cli.main(["generate", *common, "--prompt-file", str(tmp_path / "p.txt"),
+                   "--new-tokens", str(n), "--json"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  for prompt, text in zip(prompts, got["text"]):
+    want = _client(url).completions.create(model=name, prompt=prompt, max_tokens=n,
+                                           temperature=0).choices[0].text
+    assert text == want, prompt
+  assert cli.main(["forward", *common, "--text", prompts[0], "--json"]) == 0
+  ids = TextModel(str(model_dir)).encode(prompts[0])
+  assert json.loads(capsys.readouterr().out)["logits_shape"] == [1, len(ids), 256]
+  assert cli.main(["generate", *common, "--prompt", "a", "--input-ids", "x.npy"]) == 2
+  assert "give one" in capsys.readouterr().err
+
+
 def test_signal_drains_in_flight_then_exits_0(server):
   proc, url, name = server
   sig = random.choice([signal.SIGTERM, signal.SIGINT])
