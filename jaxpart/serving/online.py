@@ -90,9 +90,11 @@ class OnlineEngine:
     self._thread.start()
     return self
 
-  def submit(self, prompt: list[int], params: SamplingParams, loop, events) -> int:
-    """Queue a request; returns its id. Raises Busy when max_waiting requests already wait,
-    RequestError when it cannot fit the context."""
+  def submit(self, prompt: list[int], params: SamplingParams, loop, events,
+             arrival_s: float | None = None) -> int:
+    """Queue a request; returns its id. arrival_s (perf_counter; default now) is when the
+    server received it, the start of its TTFT and e2e. Raises Busy when max_waiting requests
+    already wait, RequestError when it cannot fit the context."""
     rid = next(self._ids)
     request = Request(rid, tuple(prompt), 0.0, params)
     check_fits(request, self.opts.context)
@@ -103,7 +105,7 @@ class OnlineEngine:
         raise Busy(f"{self._queued} requests are waiting (--max-waiting "
                    f"{self.opts.max_waiting}); retry later")
       self._queued += 1
-    self._live[rid] = _Live(loop, events, time.perf_counter(), params)
+    self._live[rid] = _Live(loop, events, arrival_s or time.perf_counter(), params)
     self._new.put(request)
     self._wake.set()
     return rid

@@ -108,13 +108,13 @@ async def _deltas(st: _State, rid: int, events: asyncio.Queue, stops: tuple[str,
     st.engine.cancel(rid)
 
 
-def _submit(st: _State, ids: list, params) -> tuple[int, asyncio.Queue]:
+def _submit(st: _State, ids: list, params, t_recv: float) -> tuple[int, asyncio.Queue]:
   events: asyncio.Queue = asyncio.Queue()
   if st.draining:
     raise ApiError(503, "the server is shutting down", None, "server_error",
                    {"Retry-After": str(RETRY_AFTER_S)})
   try:
-    return st.engine.submit(ids, params, asyncio.get_running_loop(), events), events
+    return st.engine.submit(ids, params, asyncio.get_running_loop(), events, t_recv), events
   except Busy as e:
     raise ApiError(503, str(e), None, "server_error",
                    {"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -123,6 +123,7 @@ def _submit(st: _State, ids: list, params) -> tuple[int, asyncio.Queue]:
 
 
 async def _handle(st: _State, request: Request, chat: bool):
+  t_recv = time.perf_counter()
   body = protocol.parse_json(await request.body())
   parse = protocol.parse_chat if chat else protocol.parse_completion
   g, max_tokens = parse(body, st.model, st.text.eos_ids, next(st.seeds))
@@ -133,7 +134,7 @@ async def _handle(st: _State, request: Request, chat: bool):
   except Exception as e:  # the tokenizer or the chat template refused the input
     raise ApiError(400, f"{'messages' if chat else 'prompt'}: {e}",
                    "messages" if chat else "prompt") from None
-  rid, events = _submit(st, ids, params)
+  rid, events = _submit(st, ids, params, t_recv)
   name = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
   stream = _deltas(st, rid, events, g.stop)
   if g.stream:
