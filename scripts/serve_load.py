@@ -32,7 +32,8 @@ from jaxpart.serving.text import TextModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = {"ttft": "jaxpart_time_to_first_token_seconds",
-          "itl": "jaxpart_inter_token_latency_seconds"}
+          "itl": "jaxpart_inter_token_latency_seconds",
+          "http": "jaxpart_http_overhead_seconds"}
 
 
 def _stats(xs) -> dict:
@@ -154,11 +155,14 @@ def _report(record, t0, before, after, rate) -> dict:
         f"machine's {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f})")
   print(f"{'':6} {'client mean':>12} {'p50':>9} {'p99':>9} | {'server mean':>12} {'p50':>9}"
         f" | mean/p50 within 10%")
-  for k in SERIES:
+  for k in ("ttft", "itl"):
     c, s = client[k], server[k]
     agree = all(abs(c[q] - s[q]) <= 0.1 * max(abs(s[q]), 1e-12) for q in ("mean", "p50"))
     print(f"{k:6} {c['mean'] * 1e3:10.2f}ms {c['p50'] * 1e3:7.2f}ms {c['p99'] * 1e3:7.2f}ms |"
           f" {s['mean'] * 1e3:10.2f}ms {s['p50'] * 1e3:7.2f}ms | {'yes' if agree else 'NO'}")
+  h = server["http"]
+  print(f"server-side time outside the engine (HTTP, tokenization, streaming): mean "
+        f"{h['mean'] * 1e3:.2f} ms, p50 {h['p50'] * 1e3:.2f} ms over {h['n']} requests")
   return {"rate": rate, "requests": len(record), "ok": len(ok), "output_tokens": toks,
           "wall_s": wall, "throughput_tok_s": toks / max(wall, 1e-9), "client": client,
           "server": server, "load": os.getloadavg()}

@@ -7,9 +7,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-# Seconds: 1 ms .. 60 s, dense where a CPU step of a small model lands.
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-           1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+# Seconds: 1 ms .. 60 s, 15% apart (p50 read from the buckets within ~7% of the true one).
+BUCKETS = tuple(round(0.001 * 1.15 ** i, 6) for i in range(64)) + (10.0, 20.0, 60.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -26,6 +25,10 @@ class ServerMetrics:
                          buckets=BUCKETS)
     self.e2e = Histogram("jaxpart_e2e_request_latency_seconds",
                          "request arrival to its end", registry=r, buckets=BUCKETS)
+    self.overhead = Histogram("jaxpart_http_overhead_seconds",
+                              "a request's time outside the engine (HTTP, tokenization, "
+                              "streaming): request time minus the engine's", registry=r,
+                              buckets=(0.0001, 0.00025, 0.0005, 0.001) + BUCKETS)
     self.waiting = Gauge("jaxpart_requests_waiting", "requests queued, not yet running",
                          registry=r)
     self.running = Gauge("jaxpart_requests_running", "requests holding a sequence slot",
@@ -33,7 +36,7 @@ class ServerMetrics:
     self.blocks = Gauge("jaxpart_kv_blocks_used", "KV cache blocks held by requests", registry=r)
     self.preemptions = Counter("jaxpart_preemptions", "running requests preempted for blocks",
                                registry=r)
-    self.http = Counter("jaxpart_http_requests", "HTTP requests refused, by status", ["status"],
+    self.http = Counter("jaxpart_http_errors", "HTTP requests refused, by status", ["status"],
                         registry=r)
 
   def observe(self, kind: str, value) -> None:

@@ -8,7 +8,8 @@ before the next step is scheduled, and the scheduler frees the request's blocks 
 client that goes away holds its blocks for at most one step.
 
 Events put on a request's queue: ("token", id, t_s) for each generated token, then exactly one
-("end", reason, None) (reason: eos, stop, length, cancelled, or "error: ..." if a step failed).
+("end", reason, engine_s) (reason: eos, stop, length, cancelled, or "error: ..." if a step
+failed; engine_s: seconds from submit to this end, the engine's part of the request's time).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _Live:
   events: object            # asyncio.Queue, filled from the engine thread
   arrival_s: float
   params: SamplingParams
+  submitted: float = 0.0
   sent: int = 0
   last: float = 0.0
 
@@ -105,7 +107,8 @@ class OnlineEngine:
         raise Busy(f"{self._queued} requests are waiting (--max-waiting "
                    f"{self.opts.max_waiting}); retry later")
       self._queued += 1
-    self._live[rid] = _Live(loop, events, arrival_s or time.perf_counter(), params)
+    now = time.perf_counter()
+    self._live[rid] = _Live(loop, events, arrival_s or now, params, now)
     self._new.put(request)
     self._wake.set()
     return rid
@@ -219,8 +222,10 @@ class OnlineEngine:
     self.sched.outputs.pop(rid, None)   # a long-running server keeps no record of ended ones
     if live is None:
       return
-    self.observer("e2e", time.perf_counter() - live.arrival_s)
+    now = time.perf_counter()
+    self.observer("e2e", now - live.arrival_s)
     try:
-      live.loop.call_soon_threadsafe(live.events.put_nowait, ("end", reason, None))
+      live.loop.call_soon_threadsafe(live.events.put_nowait,
+                                     ("end", reason, now - live.submitted))
     except RuntimeError:   # the event loop has closed (shutdown): nobody is listening
       pass

@@ -81,14 +81,17 @@ def _tokens(st: _State, g: protocol.Generation, max_tokens: int | None) -> tuple
   return ids, dataclasses.replace(g.params, max_tokens=max_tokens)
 
 
-async def _deltas(st: _State, rid: int, events: asyncio.Queue, stops: tuple[str, ...]):
+async def _deltas(st: _State, rid: int, events: asyncio.Queue, stops: tuple[str, ...],
+                  timing: dict):
   """(text, finish_reason or None, tokens so far) as tokens arrive; text held back while it
-  could still become a stop string. Cancels the request however the consumer ends."""
+  could still become a stop string. Cancels the request however the consumer ends; puts the
+  engine's seconds for it in timing["engine_s"]."""
   det, held, n = st.text.streamer(), "", 0
   try:
     while True:
-      kind, value, _ = await events.get()
+      kind, value, t = await events.get()
       if kind == "end":
+        timing["engine_s"] = t
         if value.startswith("error"):
           raise RuntimeError(value)
         yield held, protocol.FINISH.get(value, "stop"), n
@@ -105,6 +108,7 @@ async def _deltas(st: _State, rid: int, events: asyncio.Queue, stops: tuple[str,
       if out:
         yield out, None, n
   finally:
+    timing.setdefault("engine_s", time.perf_counter() - timing["submitted"])
     st.engine.cancel(rid)
 
 
@@ -134,21 +138,30 @@ async def _handle(st: _State, request: Request, chat: bool):
   except Exception as e:  # the tokenizer or the chat template refused the input
     raise ApiError(400, f"{'messages' if chat else 'prompt'}: {e}",
                    "messages" if chat else "prompt") from None
+  timing = {"received": t_recv, "submitted": time.perf_counter()}
   rid, events = _submit(st, ids, params, t_recv)
   name = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
-  stream = _deltas(st, rid, events, g.stop)
+  stream = _deltas(st, rid, events, g.stop, timing)
   if g.stream:
-    return StreamingResponse(_sse(st, g, name, len(ids), stream),
+    return StreamingResponse(_sse(st, g, name, len(ids), stream, timing),
                              media_type="text/event-stream")
   text, finish, n = [], None, 0
   async for piece, finish, n in stream:
     text.append(piece)
+  _overhead(st, timing)
   choice = protocol.choice(chat, "".join(text), finish, delta=False)
   return protocol.response(chat, name, st.model, [choice], False,
                            protocol.usage(len(ids), n))
 
 
-async def _sse(st: _State, g: protocol.Generation, name: str, n_prompt: int, stream):
+def _overhead(st: _State, timing: dict) -> None:
+  """The request's time outside the engine: HTTP, parsing, tokenization, detokenization."""
+  total = time.perf_counter() - timing["received"]
+  st.metrics.overhead.observe(max(0.0, total - timing.get("engine_s", 0.0)))
+
+
+async def _sse(st: _State, g: protocol.Generation, name: str, n_prompt: int, stream,
+               timing: dict):
   """Server-sent events: one chunk per text piece, the last with finish_reason and usage."""
   def event(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
@@ -168,6 +181,7 @@ async def _sse(st: _State, g: protocol.Generation, name: str, n_prompt: int, str
         if g.include_usage:
           yield event(protocol.response(g.chat, name, st.model, [], True, usage))
     yield "data: [DONE]\n\n"
+    _overhead(st, timing)
   finally:
     await stream.aclose()     # the client went away: cancel now, not when collected
 
