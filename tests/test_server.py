@@ -191,6 +191,36 @@ def test_bad_requests_get_4xx_naming_the_field(server):
   assert httpx.post(url + "/v1/completions", json=ok, timeout=30).status_code == 200
 
 
+def test_stop_string_and_seed(server):
+  """A stop string ends the text just before it (finish_reason stop), streamed or not; a
+  seeded sampled request gives the same text twice."""
+  _, url, name = server
+  rng = random.Random(int(np.random.SeedSequence().entropy % 2**31))
+  client, prompt = _client(url), _words(rng, rng.randint(2, 8))
+  full = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+  words = full.split(" ")
+  k = next((i for i in range(1, len(words)) if words[i] not in words[:i]), None)
+  if k is None:
+    pytest.skip(f"no new word after the first in {full!r}")
+  stop = " " + words[k]
+  want = full[:full.index(stop)]
+  got = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                  stop=[stop], extra_body={"ignore_eos": True})
+  assert (got.choices[0].text, got.choices[0].finish_reason) == (want, "stop")
+  chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=10,
+                                          temperature=0, stop=stop, stream=True,
+                                          extra_body={"ignore_eos": True}))
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+  seed = rng.randrange(2**31)
+  twice = {client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=1.0,
+                                     top_p=0.9, seed=seed, extra_body={"top_k": 20}
+                                     ).choices[0].text
+           for _ in range(2)}
+  assert len(twice) == 1
+  assert _at_rest(url) == 0
+
+
 def test_client_disconnect_mid_stream_frees_blocks(server):
   _, url, name = server
   itl0 = _metric(url, "jaxpart_inter_token_latency_seconds_count")
