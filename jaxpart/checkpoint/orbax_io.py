@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,14 +30,32 @@ from jaxpart.placement.plan import Plan
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
-  """orbax logs a warning for every read-only manager; keep the command output readable."""
+  """orbax logs a warning for every read-only manager, and a failed write logs its traceback
+  once from each writer thread; we report the failure once, as one line, so keep them quiet."""
+  _drop_closed_loop_reports()
   logger = logging.getLogger("absl")
   level = logger.level
-  logger.setLevel(logging.ERROR)
+  logger.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
     logger.setLevel(level)
+
+
+def _drop_closed_loop_reports() -> None:
+  """After a failed write orbax closes its event loop while tensorstore still completes the
+  other writes; each completion reports `RuntimeError: Event loop is closed` as unraisable,
+  possibly after the save has returned. Those (and only those) are dropped for the process."""
+  hook = sys.unraisablehook
+  if getattr(hook, "_jaxpart_drops_closed_loop", False):
+    return
+
+  def drop(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      hook(unraisable)
+  drop._jaxpart_drops_closed_loop = True
+  sys.unraisablehook = drop
 
 
 def _manager(root: Path, items: tuple[str, ...], read_only: bool):
