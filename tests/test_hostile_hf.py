@@ -183,22 +183,24 @@ full_disk = pytest.mark.skipif(not _can_mount_tmpfs(),
                                reason="needs unshare -rm and tmpfs (a Linux user namespace)")
 
 
-def _on_full_disk(size: str, commands: list[list[str]]) -> tuple[list[int], str, list[str]]:
+def _on_full_disk(size: str, commands: list[list[str]], prepare: str = "true"
+                  ) -> tuple[list[int], str, list[str]]:
   """Run jaxpart commands one after another on a fresh tmpfs of `size` mounted at /mnt (a private
-  mount); returns their exit codes, the last one's stderr, and after each a listing of /mnt with
-  file hashes."""
+  mount) after the shell command `prepare`; returns their exit codes, the last one's stderr,
+  and a listing of /mnt with file hashes before the first and after each."""
   err = f"/tmp/jaxpart_full_disk_{os.getpid()}"
-  script = ["mount -t tmpfs -o size=$0 tmpfs /mnt"]
+  listing = ("find /mnt -mindepth 1 | sort | while read f; do echo \"$f\"; "
+             "test -f \"$f\" && md5sum < \"$f\"; done; echo ===")
+  script = ["mount -t tmpfs -o size=$0 tmpfs /mnt", prepare, "echo rc=0", listing]
   for c in commands:
     script += [" ".join(map(repr, [sys.executable, "-m", "jaxpart", *c])) + f" >/dev/null 2>{err}",
-               "echo rc=$?", "find /mnt -mindepth 1 | sort | while read f; do echo \"$f\"; "
-               "test -f \"$f\" && md5sum < \"$f\"; done; echo ==="]
+               "echo rc=$?", listing]
   script.append(f"cat {err} >&2; rm -f {err}")
   r = subprocess.run(["unshare", "-rm", "sh", "-c", "\n".join(script), size],
                      env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                      timeout=600)
   blocks = r.stdout.split("===\n")[:-1]
-  codes = [int(b.split("\n", 1)[0][3:]) for b in blocks]
+  codes = [int(b.split("\n", 1)[0][3:]) for b in blocks[1:]]
   return codes, r.stderr, [b.split("\n", 1)[1] for b in blocks]
 
 
@@ -225,7 +227,7 @@ def test_full_disk(models, src, dst, extra):
   assert codes == [2], err
   line = _one_line(err, FULL)
   assert f"/mnt/{dst}: " in line and line.endswith("nothing was written there")
-  assert listings == [""]
+  assert listings == ["", ""]
 
 
 @full_disk
@@ -234,4 +236,4 @@ def test_full_disk_overwrite_keeps_the_checkpoint(models):
   codes, err, listings = _on_full_disk("700k", [argv, argv + ["--overwrite"]])
   assert codes == [0, 2], err
   assert _one_line(err, FULL).endswith("it is as it was")
-  assert listings[1] == listings[0] and "/mnt/out/manifest.json" in listings[0]
+  assert listings[2] == listings[1] and "/mnt/out/manifest.json" in listings[1]
