@@ -42,7 +42,9 @@ def add_arguments(p):
                  help="sample from the k likeliest (0: all); more than the vocabulary is "
                       "refused, not clamped")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, metavar="TOKENS.npy", help="write the new tokens here")
+  p.add_argument("--out", default=None, metavar="TOKENS.npy",
+                 help="write the new tokens here (a .npy name; an existing file is replaced "
+                      "only once the new one is whole)")
   p.add_argument("--f32", action="store_true", help="run in float32 instead of the model dtype")
   p.add_argument("--memory", action="store_true",
                  help="also report the compiled per-device memory of prefill and of a decode "
