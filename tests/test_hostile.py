@@ -24,7 +24,7 @@ import pytest
 from conftest import snapshot
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, paths, validate
-from jaxpart.runtime import distributed
+from jaxpart.runtime import distributed, supervise
 from jaxpart.checkpoint import hf
 from jaxpart.models import llama
 from jaxpart.models import dense as model
@@ -394,6 +394,14 @@ ENDS = [
 @pytest.mark.parametrize("rc, lines, want", ENDS, ids=[w[:30] for _, _, w in ENDS])
 def test_how_a_process_ended(rc, lines, want):
   assert distributed.explain_end(rc, lines).startswith(want)
+
+
+def test_a_child_that_said_ctrl_c_gets_no_second_line():
+  """cli.py ends an interrupted child with its own line and 130; the supervisor adds none."""
+  said = ["jaxpart forward: error: interrupted (Ctrl-C)\n"]
+  assert supervise.summary("forward", "0", 130, said) is None
+  assert supervise.exit_status(130) == 130
+  assert supervise.summary("forward", "0", 131, said) is not None
 
 
 def test_launcher_says_which_process_exited_how(tmp_path):
