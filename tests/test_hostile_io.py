@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,11 @@ def test_ctrl_c_in_process(capsys, model, tmp_path, monkeypatch, command, target
 
 
 COMPILING = textwrap.dedent("""
-    import runpy, sys, time
+    import runpy, sys
     from jax._src import compiler
     real, marker = compiler.backend_compile_and_load, sys.argv[1]
     def marked(*a, **k):
       open(marker, "w").close()           # the test sends SIGINT now, during XLA's compile
-      time.sleep(0.3)
       return real(*a, **k)
     compiler.backend_compile_and_load = marked
     sys.argv = ["jaxpart"] + sys.argv[2:]
@@ -147,7 +147,7 @@ def test_ctrl_c_during_compile(model, tmp_path, command):
       env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   while not marker.exists() and p.poll() is None:
-    pass
+    time.sleep(0.005)
   p.send_signal(signal.SIGINT)
   _, err = p.communicate(timeout=300)
   assert p.returncode == 130, err[-3000:]
