@@ -721,6 +721,9 @@ class _FailingManager:
       raise self.exc
     except Exception:
       logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
+      logging.getLogger("asyncio").error(    # as its loop reports an abandoned write task
+          "Task exception was never retrieved\nfuture: <Task finished coro=<orbax write>>",
+          exc_info=True)
     sys.unraisablehook(types.SimpleNamespace(
         exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
         exc_traceback=None, err_msg=None, object=None))
@@ -755,7 +758,8 @@ def test_write_fault_during_convert(capsys, ckpts, tmp_path, monkeypatch, where,
   """One line naming DST and the cause; the hidden .NAME.partial gone; DST as it was; none of
   orbax's logged tracebacks or tensorstore's unraisable reports."""
   monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
-  monkeypatch.setattr(logging.getLogger("absl"), "handlers", [_ToStderr()])
+  for name in ("absl", "asyncio"):
+    monkeypatch.setattr(logging.getLogger(name), "handlers", [_ToStderr()])
   dst = tmp_path / ("out.npz" if where == "npz leaf" else "out")
   extra = [] if dst.suffix == ".npz" else ["--to-strategy", "unsharded"]
   if existing:

@@ -42,10 +42,22 @@ def _quiet_orbax() -> Iterator[None]:
     logger.setLevel(level)
 
 
+def _orphaned_orbax_write(record: logging.LogRecord) -> bool:
+  """False (drop it) for asyncio's report of an orbax write task whose failure nobody collected:
+  orbax abandons its other writes once one fails, and we have reported the failure already."""
+  text = record.getMessage()
+  return not (text.startswith(("Task exception was never retrieved",
+                                "Future exception was never retrieved")) and "orbax" in text)
+
+
 def _drop_closed_loop_reports() -> None:
   """After a failed write orbax closes its event loop while tensorstore still completes the
-  other writes; each completion reports `RuntimeError: Event loop is closed` as unraisable,
-  possibly after the save has returned. Those (and only those) are dropped for the process."""
+  other writes; each completion reports `RuntimeError: Event loop is closed` as unraisable, and
+  each abandoned write task is logged by asyncio when collected, possibly after the save has
+  returned. Those (and only those) are dropped for the process."""
+  asyncio_log = logging.getLogger("asyncio")
+  if _orphaned_orbax_write not in asyncio_log.filters:
+    asyncio_log.addFilter(_orphaned_orbax_write)
   hook = sys.unraisablehook
   if getattr(hook, "_jaxpart_drops_closed_loop", False):
     return
