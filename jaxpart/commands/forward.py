@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import checkpoint, config, validate
+from jaxpart import checkpoint, config, paths, validate
 from jaxpart.measure import bench
 from jaxpart.runtime import distributed
 from jaxpart.checkpoint import hf
 from jaxpart.runtime import runs
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _ids
 
 NAME = "forward"
 HELP = "logits of a Hugging Face model or jaxpart checkpoint for given token ids, placed"
@@ -62,26 +62,12 @@ def load_model(model_dir: str, allow_nonfinite: bool = False):
                            f"({checkpoint.MANIFEST})")
 
 
-def load_ids(path: str, vocab: int) -> np.ndarray:
-  try:
-    ids = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise config.ConfigError(f"--input-ids = {path!r}: cannot read a .npy array ({e})") from None
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise config.ConfigError(f"--input-ids = {path!r}: a {ids.ndim}-D {ids.dtype} array; "
-                             f"expected batch x seq integers")
-  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-    raise config.ConfigError(f"--input-ids = {path!r}: ids in {ids.min()} .. {ids.max()}; the "
-                             f"model's vocabulary is 0 .. {vocab - 1}")
-  return ids.astype(np.int32)
-
-
 def run(args) -> int:
   cfg, params = load_model(args.model_dir, args.allow_nonfinite)
   if not cfg.family.token_edges:
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
                              f"forward takes token ids (a family with token edges, as llama)")
-  ids = load_ids(args.input_ids, cfg.vocab)
+  ids = _ids.load(args.input_ids, cfg.vocab)
   validate.warn_past_positions(cfg, ids.shape[1], f"forward of {ids.shape[1]:,}-token rows")
   setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),
                        hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
@@ -94,7 +80,8 @@ def run(args) -> int:
   if not distributed.is_main():
     return 0
   if args.out:
-    np.save(args.out, np.asarray(logits, np.float32))
+    with paths.atomic_file("--out", args.out) as tmp:
+      np.save(tmp, np.asarray(logits, np.float32))
   out = {"model_dir": args.model_dir, "model": config.to_dict(cfg), "plan": plan.to_dict(),
          "logits_shape": list(logits.shape), "out": args.out,
          "dtype": "float32" if args.f32 else cfg.dtype,
