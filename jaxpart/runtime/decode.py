@@ -126,11 +126,12 @@ def _body(params, kc, vc, recv, pending, out, logits_out, lens_B, t0, key, *, cf
     y, m, k = ops
     if not fam.tokens_in:
       return y, y[:, 0], jnp.zeros(lrec_shape, jnp.float32)
-    logits = fam.head(p_edges, y, cfg, tp_axis)[:, 0]
+    logits = engine.mask_padding(fam.head(p_edges, y, cfg, tp_axis)[:, 0], cfg, plan, tp_axis)
     if tp_axis:
       logits = jax.lax.all_gather(logits, TENSOR_AXIS, axis=1, tiled=True)
     ids = sample(logits, sampling, jax.random.fold_in(jax.random.fold_in(key, k), m))  # k < 2^31
-    return ids, ids, (logits if keep_logits else jnp.zeros(lrec_shape, jnp.float32))
+    return ids, ids, (logits[:, :cfg.vocab] if keep_logits else jnp.zeros(lrec_shape,
+                                                                          jnp.float32))
 
   fb_shape, rec_shape = pending.shape[1:], (R,) + out.shape[2:]
   rec_dt = out.dtype if fam.tokens_in else recv.dtype     # values; `out` may hold their bits

@@ -22,6 +22,7 @@ from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
 from jaxpart.models.dense import cast_params
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
+from jaxpart.placement.shards import padded_vocab
 
 
 def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, plan: Plan,
@@ -192,7 +193,7 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   cache_shape = (plan.layers_per_stage, plan.batch if keep else plan.rows,
                  keep_cache_len if keep else plan.cache_len,
                  families.kv_heads_local(cfg, plan.tp), cfg.head_dim)
-  out_local = (plan.rows, plan.chunk_tokens, fam.out_width(cfg) // plan.tp)
+  out_local = (plan.rows, plan.chunk_tokens, out_width(cfg, plan) // plan.tp)
 
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
 
@@ -225,7 +226,8 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
 
   def head(y):
     with jax.named_scope("head"):
-      return store(fam.head(p_edges, from_bits(y, dt), cfg, tp_axis).astype(out_dt))
+      out = fam.head(p_edges, from_bits(y, dt), cfg, tp_axis)
+      return store(mask_padding(out, cfg, plan, tp_axis).astype(out_dt))
 
   perm = [(s, s + 1) for s in range(S - 1)]
 
@@ -256,6 +258,29 @@ def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | s
   (_, kc, vc, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
   out = from_bits(out[:plan.batch, :plan.seq], out_dt)
   return (out, kc, vc) if keep else out
+
+
+def out_width(cfg: ModelConfig, plan: Plan) -> int:
+  """Width of the output stream as placed: the family's, the vocabulary padded to a multiple
+  of the devices (shards.padded_vocab) when the output is logits."""
+  w = families.of(cfg).out_width(cfg)
+  return padded_vocab(w, plan.devices) if families.of(cfg).tokens_in else w
+
+
+def mask_padding(out_RxCxWl, cfg: ModelConfig, plan: Plan, tp_axis: str | None):
+  """A tensor shard's slice of the head's output with the padded vocabulary's logits at -inf,
+  so that no sampler can pick them (unchanged when nothing is padded)."""
+  if out_width(cfg, plan) == families.of(cfg).out_width(cfg):
+    return out_RxCxWl
+  wl = out_RxCxWl.shape[-1]
+  first = jax.lax.axis_index(tp_axis) * wl if tp_axis else 0
+  return jnp.where(first + jnp.arange(wl) < cfg.vocab, out_RxCxWl, -jnp.inf)
+
+
+def unpad_output(out_BxTxW, cfg: ModelConfig):
+  """The output without the padded vocabulary's columns: what every caller sees."""
+  w = families.of(cfg).out_width(cfg)
+  return out_BxTxW if out_BxTxW.shape[-1] == w else out_BxTxW[..., :w]
 
 
 def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
@@ -291,7 +316,7 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
   fam = families.of(cfg)
   if not fam.tokens_in:
     check_stream_width(cfg.d_model, plan)
-  check_stream_width(fam.out_width(cfg), plan, "vocab" if fam.tokens_in else "d_model")
+  check_stream_width(out_width(cfg, plan), plan, "vocab" if fam.tokens_in else "d_model")
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
                            bubble_fill=bubble_fill, out_fill=out_fill,
                            differentiable=differentiable)
@@ -305,7 +330,7 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
     if inp.shape[:2] != (plan.batch, plan.seq):
       raise ValueError(f"input is batch x seq = {inp.shape[:2]}, the plan was made for "
                        f"{(plan.batch, plan.seq)}")
-    return mapped(params, inp)
+    return unpad_output(mapped(params, inp), cfg)
 
   return forward
 
@@ -325,9 +350,16 @@ def make_prefill(plan: Plan, cfg: ModelConfig, mesh, cache_len: int, **kw):
   if kw:
     raise TypeError(f"make_prefill: unknown options {sorted(kw)}")
   cache = sharding.SPECS.kv_cache
-  return compat.shard_map(body, mesh,
-                          in_specs=(sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg)),
-                          out_specs=(sharding.SPECS.stream, cache, cache))
+  mapped = compat.shard_map(body, mesh,
+                            in_specs=(sharding.param_specs(cfg, plan.tp),
+                                      sharding.input_spec(cfg)),
+                            out_specs=(sharding.SPECS.stream, cache, cache))
+
+  def prefill(params, inp):
+    out, kc, vc = mapped(params, inp)
+    return unpad_output(out, cfg), kc, vc
+
+  return prefill
 
 
 def _without_gradient(f):

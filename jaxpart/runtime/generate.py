@@ -80,7 +80,7 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
     raise PlanError(f"new_tokens = {new_tokens}: must be at least 1")
   mesh = sharding.mesh_for(plan)
   dt = jnp.dtype(dtype or cfg.dtype)
-  params = jax.tree.map(runs.global_array, params_host, sharding.param_shardings(mesh, cfg))
+  params = runs.global_params(params_host, mesh, cfg)
   params = jax.jit(lambda p: model.cast_params(p, dt))(params)
   x = runs.global_array(inp if fam.tokens_in else np.asarray(inp, dt),
                         sharding.input_sharding(mesh, cfg))

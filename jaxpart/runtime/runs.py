@@ -41,6 +41,13 @@ def global_array(host, shard):
   return jax.make_array_from_callback(host.shape, shard, lambda idx: host[idx])
 
 
+def global_params(params_host, mesh, cfg):
+  """A host parameter tree as the engine's global arrays: the Plan's shardings, the
+  vocabulary padded for the mesh (sharding.pad_vocab)."""
+  padded = sharding.pad_vocab(params_host, cfg, mesh.size)
+  return jax.tree.map(global_array, padded, sharding.param_shardings(mesh, cfg))
+
+
 def host_params(setup: Setup, seed: int) -> dict:
   """Parameters as numpy arrays (same on every process for the same seed), LayerNorm scales and
   biases random (model.randomize_norms) so that every check built on them can see a norm bug.
@@ -97,8 +104,7 @@ class Placed:
 def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=None,
           **engine_kw) -> Placed:
   mesh = sharding.mesh_for(plan, devices)
-  shardings = sharding.param_shardings(mesh, setup.model)
-  params = jax.tree.map(global_array, params_host, shardings)
+  params = global_params(params_host, mesh, setup.model)
   x = global_array(x_host, sharding.input_sharding(mesh, setup.model))
   fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
