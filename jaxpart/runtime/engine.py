@@ -291,6 +291,18 @@ def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
                     f"device count dividing {width}")
 
 
+def check_placeable(plan: Plan, cfg: ModelConfig) -> None:
+  """Every array the engine places for this Plan splits evenly over its mesh: the streams and
+  every parameter leaf (the vocabulary as padded). A PlanError naming the first that does
+  not, before anything is traced (JAX would raise from deep inside the trace)."""
+  fam = families.of(cfg)
+  if not fam.tokens_in:
+    check_stream_width(cfg.d_model, plan)
+  check_stream_width(out_width(cfg, plan), plan, "vocab" if fam.tokens_in else "d_model")
+  sharding.param_local_shapes(sharding.pad_vocab(fam.param_shapes(cfg), cfg, plan.devices),
+                              plan, cfg)
+
+
 def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,
                  bubble_fill: float = 0.0, out_fill: float = 0.0, differentiable: bool = True):
   """(params, inp) -> out, executing `plan` on `mesh` for the config's model family. Not
@@ -313,10 +325,7 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
   NaN to prove neither leaks.
   """
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
-  fam = families.of(cfg)
-  if not fam.tokens_in:
-    check_stream_width(cfg.d_model, plan)
-  check_stream_width(out_width(cfg, plan), plan, "vocab" if fam.tokens_in else "d_model")
+  check_placeable(plan, cfg)
   body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
                            bubble_fill=bubble_fill, out_fill=out_fill,
                            differentiable=differentiable)
@@ -341,6 +350,7 @@ def make_prefill(plan: Plan, cfg: ModelConfig, mesh, cache_len: int, **kw):
   placed as the Plan places its layers: a stage's layers on its devices, K/V heads split over
   tp (sharding.SPECS.kv_cache). Forward only (integer stream buffers); a bf16 cache comes back
   as its bit patterns (uint16, as decoding keeps it: from_bits(kc, dtype) gives the values)."""
+  check_placeable(plan, cfg)
   if cache_len % plan.kv_block or cache_len < plan.padded_seq:
     raise PlanError(f"cache_len = {cache_len}: must be a multiple of kv_block = {plan.kv_block} "
                     f"and at least the padded prompt, {plan.padded_seq}")

@@ -78,6 +78,7 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
   cfg, fam = setup.model, families.of(setup.model)
   if new_tokens < 1:
     raise PlanError(f"new_tokens = {new_tokens}: must be at least 1")
+  engine.check_placeable(plan, cfg)    # a one-line PlanError, before placing or tracing
   mesh = sharding.mesh_for(plan)
   dt = jnp.dtype(dtype or cfg.dtype)
   params = runs.global_params(params_host, mesh, cfg)
