@@ -48,8 +48,8 @@ def model(request, tmp_path_factory):
   for r, n in enumerate(LENS):
     ids[r, :n] = rng.integers(0, vocab, n)
     with torch.no_grad():
-      out = m.generate(torch.tensor(ids[r:r + 1, :n]), attention_mask=torch.ones(1, n, dtype=torch.long),
-                       max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+      out = m.generate(torch.tensor(ids[r:r + 1, :n]),
+                       attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     want.append(out[0, n:].numpy())
   return d, m, ids, np.stack(want)
 

@@ -14,6 +14,7 @@ splits what a step of one layer touches on one device into
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
@@ -207,29 +208,24 @@ STEP_UNIT_BUFFERS = 7.75
 STEP_HIDDEN_BUFFERS = 2.5
 
 
-# The Llama family's stream formats (the engine's contract): token ids in, replicated on
-# every device; float32 logits out, split over every device along the (padded) vocabulary.
+# The Llama family's streams: token ids in, on every device; float32 logits out, a slice at a time.
 TOKEN_ID_BYTES = 4
 LOGIT_BYTES = F32
-# `forward` writes the logits a slice of one row and this many tokens at a time: the pipeline
-# leaves the final hidden vectors (B x T x D/N), and the head turns one slice at a time into
-# logits, so no device holds more than this x V/tp of them (runtime/heads.make_logits_chunk).
 LOGITS_CHUNK_TOKENS = 2048
 
 
 def logits_chunk(run: RunShape) -> tuple[int, int]:
-  """(rows, tokens) of one slice of a forward's logits on the device."""
+  """(rows, tokens) of the slices `forward` makes logits of, one at a time, from the final
+  hidden vectors the pipeline leaves (runtime/heads.make_logits_chunk)."""
   return 1, min(run.seq, LOGITS_CHUNK_TOKENS)
 
 
 def stream_bytes(cfg: ModelConfig, batch: int, seq: int, devices: int) -> dict[str, int]:
-  """Input and output each device holds for batch x seq tokens. Dense: B x T x D in and out,
-  1/N each. Llama: B x T int32 ids on every device; out the final hidden vectors, B x T x D/N,
-  whose logits the head makes a chunk at a time (logits_chunk)."""
+  """Input and output each device holds for batch x seq tokens: B x T x D/N hidden vectors
+  (Llama: in, B x T int32 ids on every device; out, the vectors logits_chunk slices)."""
   share = batch * seq * cfg.d_model * cfg.dtype_bytes // devices
-  if cfg.arch == "llama":
-    return {"input": batch * seq * TOKEN_ID_BYTES, "output": share}
-  return {"input": share, "output": share}
+  return {"input": batch * seq * TOKEN_ID_BYTES if cfg.arch == "llama" else share,
+          "output": share}
 
 
 def program_bytes(cfg: ModelConfig, run: RunShape, plan, last_only: bool = False) -> dict[str, int]:
@@ -238,11 +234,9 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan, last_only: bool = False
   The input and output as stream_bytes holds them; the output is built in a loop buffer of
   (B + rows) x padded_seq rows of its width that is copied out at the end. The KV cache is the
   one the engine holds (one microbatch's rows, cache_len positions, the stage's layers, local
-  K/V heads). Llama adds the edges (held by every stage) and one chunk of logits (rows x
-  tokens x V/tp float32, logits_chunk); its SwiGLU has two hidden buffers where dense has one.
-  last_only: the forward that keeps each row's last position only (generation's prefill,
-  `forward --last-only`): its output is B x V/N logits, and the head runs on one position of
-  each unit row.
+  K/V heads). Llama adds the edges (held by every stage) and one slice of logits (logits_chunk,
+  x V/tp float32), or with last_only (generation's prefill, `forward --last-only`) B x V/N
+  logits out and the head's one position per unit row; its SwiGLU has two hidden buffers.
   """
   b = cfg.dtype_bytes
   io = stream_bytes(cfg, run.batch, run.seq, plan.devices)
@@ -260,16 +254,13 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan, last_only: bool = False
   }
   if cfg.arch == "llama":
     parts["edge_weights"] = sum(edge_weight_bytes(cfg, plan.tp).values())
+    v_dev, v_tp = (vocab_local(cfg, ways, plan.devices) * LOGIT_BYTES
+                   for ways in (plan.devices, plan.tp))
     if last_only:
-      v_dev = vocab_local(cfg, plan.devices) * LOGIT_BYTES
-      parts |= {"output_share": run.batch * v_dev,
-                "output_loop_buffer": (run.batch + plan.rows) * v_dev,
-                "head_logits_unit": plan.rows * vocab_local(cfg, plan.tp, plan.devices)
-                * LOGIT_BYTES}
+      parts |= {"output_share": run.batch * v_dev, "head_logits_unit": plan.rows * v_tp,
+                "output_loop_buffer": (run.batch + plan.rows) * v_dev}
     else:
-      rows, tokens = logits_chunk(run)
-      parts["logits_chunk"] = (rows * tokens * vocab_local(cfg, plan.tp, plan.devices)
-                               * LOGIT_BYTES)
+      parts["logits_chunk"] = math.prod(logits_chunk(run)) * v_tp
   parts["total"] = sum(parts.values())
   return parts
 
