@@ -17,6 +17,7 @@ from jaxpart import checkpoint, config, paths, validate
 from jaxpart.measure import bench
 from jaxpart.runtime import distributed
 from jaxpart.checkpoint import hf
+from jaxpart.placement import memory
 from jaxpart.runtime import runs
 from jaxpart.commands import _common, _ids
 
@@ -31,7 +32,10 @@ def add_arguments(p):
   p.add_argument("--input-ids", required=True, metavar="IDS.npy",
                  help="token ids, a batch x seq array of integers in 0 .. vocab-1")
   p.add_argument("--out", default=None, metavar="LOGITS.npy",
-                 help="write the logits (batch x seq x vocab, float32) here")
+                 help="write the logits (batch x seq x vocab, float32) here, a slice at a time "
+                      "(a device never holds them all)")
+  p.add_argument("--last-only", action="store_true",
+                 help="only each row's last position: batch x vocab logits")
   _common.add_plan_args(p)
   p.add_argument("--hardware", default=None, help="the hardware the Plan is made for "
                                                   "(default h100)")
@@ -73,23 +77,34 @@ def run(args) -> int:
                        hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
                        preset=Path(args.model_dir).name)
   plan = _common.plan_from(args, setup)
-  placed = runs.place(setup, plan, params, ids, dtype=jnp.float32 if args.f32 else None)
-  logits = runs.fetch(placed())
-  validate.check_finite(f"logits of the {plan.strategy} placement", logits)
+  dtype = jnp.float32 if args.f32 else None
+  # the final hidden vectors, their logits a slice at a time; whole logits only where the
+  # hidden stream cannot split over the devices
+  whole = args.last_only or cfg.d_model % plan.devices
+  output = "last" if args.last_only else "logits" if whole else "hidden"
+  placed = runs.place(setup, plan, params, ids, dtype=dtype, output=output)
+  out_path = args.out if distributed.is_main() else None
+  if whole:
+    logits = runs.fetch(placed())
+    validate.check_finite(f"logits of the {plan.strategy} placement", logits)
+    shape = logits.shape
+  else:
+    rows, tokens = memory.logits_chunk(setup.run)
+    shape = runs.write_logits(placed, cfg, rows, tokens, out_path, dtype)
   timing = bench.time_interleaved({"forward": placed}, repeats=args.repeats, warmup=0)
   if not distributed.is_main():
     return 0
-  if args.out:
+  if args.out and whole:
     with paths.atomic_file("--out", args.out) as tmp:
       np.save(tmp, np.asarray(logits, np.float32))
   out = {"model_dir": args.model_dir, "model": config.to_dict(cfg), "plan": plan.to_dict(),
-         "logits_shape": list(logits.shape), "out": args.out,
+         "logits_shape": list(shape), "out": args.out,
          "dtype": "float32" if args.f32 else cfg.dtype,
          "median_s": timing["forward"]["median_s"]}
   if args.json:
     _common.emit_json(out)
     return 0
   print(f"{plan.strategy} on {plan.devices} devices ({plan.stages} stages x tp {plan.tp}, "
-        f"{plan.split}): logits {' x '.join(map(str, logits.shape))} in {out['dtype']}, "
+        f"{plan.split}): logits {' x '.join(map(str, shape))} in {out['dtype']}, "
         f"{out['median_s'] * 1e3:.1f} ms" + (f"; written to {args.out}" if args.out else ""))
   return 0
