@@ -18,7 +18,7 @@ from jaxpart import commands
 from jaxpart.commands import _argcheck as argcheck
 from jaxpart.runtime import distributed
 from jaxpart.runtime import supervise
-from jaxpart.errors import UserError
+from jaxpart.errors import UserError, keep_interrupts
 
 DEFAULT_CPU_DEVICES = 16
 
@@ -68,15 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_arguments(p)
     if getattr(mod, "DISTRIBUTED", False):
       distributed.add_arguments(p)
-    p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False))
+    p.set_defaults(_run=mod.run, _distributed=getattr(mod, "DISTRIBUTED", False),
+                   _interrupted=getattr(mod, "interrupted", None))
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Run one command. Called as the program (argv None), Ctrl-C ends the process at once after
+  its line (os._exit: interpreter teardown with XLA's threads mid-compile has crashed); called
+  with argv, as tests do, it returns 130."""
+  as_program = argv is None
+  if as_program:
+    keep_interrupts()
   argv = list(sys.argv[1:] if argv is None else argv)
   _ensure_cpu_devices(argv)
-  args = build_parser().parse_args(argv)
+  args = None
   try:
+    args = build_parser().parse_args(argv)   # imports every command module: may take a while
     argcheck.check(args.command, args, argv)
     if args._distributed and supervise.needed(argv):   # one of several: a parent reports ends
       return supervise.run(args.command, argv)
@@ -86,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"jaxpart {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    return _interrupted(args, as_program)
+
+
+def _interrupted(args, as_program: bool) -> int:
+  """Ctrl-C anywhere in any command (tracing, compiling, running, writing): one line and the
+  shell's status for SIGINT, 130. A command may say more (convert: what became of DST) through
+  its module's `interrupted(args) -> str`; writers have cleaned up as the interrupt unwound."""
+  say = args._interrupted(args) if args and args._interrupted else "interrupted (Ctrl-C)"
+  print(f"jaxpart{' ' + args.command if args else ''}: error: {say}", file=sys.stderr)
+  if as_program:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+  return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from jaxpart.cost import params as costparams
 from jaxpart.cost import units as unitcosts
 from jaxpart.cost import counts
 from jaxpart.runtime import engine
+from jaxpart.runtime import streams
 from jaxpart.measure import hlo
 from jaxpart.measure import compiled as measure
 from jaxpart.placement import planner
@@ -252,7 +253,7 @@ def test_forward_only_kv_cache_updates_in_place():
   kc = jnp.asarray(rng.standard_normal(cache.shape), jnp.bfloat16)
   vc = jnp.asarray(rng.standard_normal(cache.shape), jnp.bfloat16)
   y1, k1, v1 = step(real, xv, kc, vc, jnp.int32(256))
-  y2, k2, v2 = step(real, xv, engine.as_bits(kc), engine.as_bits(vc), jnp.int32(256))
+  y2, k2, v2 = step(real, xv, streams.as_bits(kc), streams.as_bits(vc), jnp.int32(256))
   np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y2, np.float32))
-  np.testing.assert_array_equal(np.asarray(engine.as_bits(k1)), np.asarray(k2))
-  np.testing.assert_array_equal(np.asarray(engine.as_bits(v1)), np.asarray(v2))
+  np.testing.assert_array_equal(np.asarray(streams.as_bits(k1)), np.asarray(k2))
+  np.testing.assert_array_equal(np.asarray(streams.as_bits(v1)), np.asarray(v2))

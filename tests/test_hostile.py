@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import pytest
 from conftest import snapshot
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, paths, validate
-from jaxpart.runtime import distributed
+from jaxpart.runtime import distributed, supervise
 from jaxpart.checkpoint import hf
 from jaxpart.models import llama
 from jaxpart.models import dense as model
@@ -395,6 +396,14 @@ def test_how_a_process_ended(rc, lines, want):
   assert distributed.explain_end(rc, lines).startswith(want)
 
 
+def test_a_child_that_said_ctrl_c_gets_no_second_line():
+  """cli.py ends an interrupted child with its own line and 130; the supervisor adds none."""
+  said = ["jaxpart forward: error: interrupted (Ctrl-C)\n"]
+  assert supervise.summary("forward", "0", 130, said) is None
+  assert supervise.exit_status(130) == 130
+  assert supervise.summary("forward", "0", 131, said) is not None
+
+
 def test_launcher_says_which_process_exited_how(tmp_path):
   code = ("import os, signal, sys\n"
           "i = int(sys.argv[sys.argv.index('--process-id') + 1])\n"
@@ -669,13 +678,28 @@ FAULTS = [
     ("npz leaf", ENOSPC, 2, "writing failed: No space left on device (ENOSPC)"),
     ("orbax data", ValueError("DATA_LOSS: Error writing local file \"/x/d/1\": [OS error 28: No "
                               "space left on device]"), 2,
+     "writing failed: No space left on device (ENOSPC)"),
+    ("orbax data", ValueError("DATA_LOSS: Error writing local file \"/x/d/1\""), 2,
      "writing failed: ValueError: DATA_LOSS: Error writing local file"),
+    # what orbax 0.11 raises on a full disk, after logging it with a traceback from each writer
+    # thread and while tensorstore reports `Event loop is closed` as unraisable (_FailingManager)
+    ("orbax data", ValueError("RESOURCE_EXHAUSTED: Error writing \"attn.wo/0.0.0\" in OCDBT "
+                              "database at local file \"/x/\": Failed to write 14367 bytes to "
+                              "file 17: No space left on device [os_error_code='28']"), 2,
+     "writing failed: No space left on device (ENOSPC): expected a writable destination"),
     ("orbax manifest", OSError(errno.EACCES, "Permission denied"), 2,
      "writing failed: Permission denied (EACCES)"),
     ("orbax manifest", KeyboardInterrupt(), 130, "interrupted (Ctrl-C) before the write finished"),
     ("orbax data", KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
     ("npz leaf", KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
 ]
+
+
+class _ToStderr(logging.Handler):
+  """Log records (with their tracebacks) to whatever sys.stderr is now, as absl's handler does."""
+
+  def emit(self, record):
+    sys.stderr.write(self.format(record) + "\n")
 
 
 class _FailingManager:
@@ -691,6 +715,18 @@ class _FailingManager:
     return False
 
   def save(self, *a, **k):
+    """As orbax does on a full disk: log the failure with its traceback, let tensorstore report
+    its closed event loop as unraisable, then raise."""
+    try:
+      raise self.exc
+    except Exception:
+      logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
+      logging.getLogger("asyncio").error(    # as its loop reports an abandoned write task
+          "Task exception was never retrieved\nfuture: <Task finished coro=<orbax write>>",
+          exc_info=True)
+    sys.unraisablehook(types.SimpleNamespace(
+        exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+        exc_traceback=None, err_msg=None, object=None))
     raise self.exc
 
 
@@ -719,7 +755,11 @@ def _strike(monkeypatch, where, exc):
                               for w, e, _, _ in FAULTS])
 def test_write_fault_during_convert(capsys, ckpts, tmp_path, monkeypatch, where, exc, code,
                                     needle, existing):
-  """One line naming DST and the cause; the hidden .NAME.partial gone; DST as it was."""
+  """One line naming DST and the cause; the hidden .NAME.partial gone; DST as it was; none of
+  orbax's logged tracebacks or tensorstore's unraisable reports."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  for name in ("absl", "asyncio"):
+    monkeypatch.setattr(logging.getLogger(name), "handlers", [_ToStderr()])
   dst = tmp_path / ("out.npz" if where == "npz leaf" else "out")
   extra = [] if dst.suffix == ".npz" else ["--to-strategy", "unsharded"]
   if existing:

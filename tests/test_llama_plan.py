@@ -98,10 +98,14 @@ def test_program_bytes_llama_streams():
   plan = planner.make_plan(setup, 16, "layerwise", tp=4, chunk_tokens=256, chunk_rows=2)
   prog = memory.program_bytes(setup.model, setup.run, plan)
   assert prog["input_share"] == 8 * 4096 * 4                          # int32 ids everywhere
-  assert prog["output_share"] == 8 * 4096 * (128256 // 16) * 4        # float32 logits, 1/16
-  assert prog["output_loop_buffer"] == (8 + 2) * 4096 * 8016 * 4
+  assert prog["output_share"] == 8 * 4096 * 8192 * 2 // 16           # bf16 hidden vectors, 1/16
+  assert prog["output_loop_buffer"] == (8 + 2) * 4096 * 8192 * 2 // 16
   assert prog["edge_weights"] == 2 * (2 * 32064 * 8192 + 8192)
-  assert prog["head_logits_unit"] == 2 * 256 * 32064 * 4
+  assert prog["logits_chunk"] == 2048 * 32064 * 4                    # one slice of logits, V/tp
+  gen = memory.program_bytes(setup.model, setup.run, plan, last_only=True)
+  assert gen["output_share"] == 8 * 8016 * 4                          # each row's last logits
+  assert gen["output_loop_buffer"] == (8 + 2) * 8016 * 4
+  assert gen["head_logits_unit"] == 2 * 32064 * 4
   assert prog["kv_cache"] == 2 * 20 * 2 * 4096 * 256 * 2
 
 

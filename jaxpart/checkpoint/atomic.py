@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -98,15 +99,26 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
 def write_failed(dst: Path, e: Exception) -> CheckpointError:
   """One line for an OS error (or orbax's report of one) while writing dst; the caller removes
   the partial write."""
-  if isinstance(e, OSError):
-    code = errno.errorcode.get(e.errno, "") if e.errno else ""
-    cause = (e.strerror or str(e) or type(e).__name__) + (f" ({code})" if code else "")
+  number = e.errno if isinstance(e, OSError) else _os_error_in(str(e))
+  if number:
+    code = errno.errorcode.get(number, "")
+    text = (e.strerror if isinstance(e, OSError) else None) or os.strerror(number)
+    cause = text + (f" ({code})" if code else "")
+  elif isinstance(e, OSError):
+    cause = str(e) or type(e).__name__
   else:
     cause = first_line(e)
   kept = "it is as it was" if dst.exists() else "nothing was written there"
   return CheckpointError(f"{dst}: writing failed: {cause}: expected a writable destination "
                          f"with room for the checkpoint; {_partial_path(dst).name} was removed "
                          f"and {kept}")
+
+
+def _os_error_in(message: str) -> int | None:
+  """The OS error number tensorstore puts in its messages (`[os_error_code='28']`, `[OS error
+  28: ...]`), so that a full disk under orbax reads as one, not as a page of tensorstore text."""
+  m = re.search(r"os_error_code='(\d+)'|OS error (\d+)", message)
+  return int(m.group(1) or m.group(2)) if m else None
 
 
 def _remove(path: Path) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,14 +30,44 @@ from jaxpart.placement.plan import Plan
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
-  """orbax logs a warning for every read-only manager; keep the command output readable."""
+  """orbax logs a warning for every read-only manager, and a failed write logs its traceback
+  once from each writer thread; we report the failure once, as one line, so keep them quiet."""
+  _drop_closed_loop_reports()
   logger = logging.getLogger("absl")
   level = logger.level
-  logger.setLevel(logging.ERROR)
+  logger.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
     logger.setLevel(level)
+
+
+def _orphaned_orbax_write(record: logging.LogRecord) -> bool:
+  """False (drop it) for asyncio's report of an orbax write task whose failure nobody collected:
+  orbax abandons its other writes once one fails, and we have reported the failure already."""
+  text = record.getMessage()
+  return not (text.startswith(("Task exception was never retrieved",
+                                "Future exception was never retrieved")) and "orbax" in text)
+
+
+def _drop_closed_loop_reports() -> None:
+  """After a failed write orbax closes its event loop while tensorstore still completes the
+  other writes; each completion reports `RuntimeError: Event loop is closed` as unraisable, and
+  each abandoned write task is logged by asyncio when collected, possibly after the save has
+  returned. Those (and only those) are dropped for the process."""
+  asyncio_log = logging.getLogger("asyncio")
+  if _orphaned_orbax_write not in asyncio_log.filters:
+    asyncio_log.addFilter(_orphaned_orbax_write)
+  hook = sys.unraisablehook
+  if getattr(hook, "_jaxpart_drops_closed_loop", False):
+    return
+
+  def drop(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      hook(unraisable)
+  drop._jaxpart_drops_closed_loop = True
+  sys.unraisablehook = drop
 
 
 def _manager(root: Path, items: tuple[str, ...], read_only: bool):

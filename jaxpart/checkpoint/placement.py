@@ -30,12 +30,12 @@ def param_shardings(plan: Plan | None, cfg: ModelConfig | None = None) -> dict:
     one = SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda _: one, sharding.param_specs(cfg),
                         is_leaf=lambda x: isinstance(x, P))
-  return sharding.param_shardings(sharding.mesh_for(plan), cfg)
+  return sharding.param_shardings(sharding.mesh_for(plan), cfg, padded=False)  # true vocab
 
 
 def param_targets(cfg: ModelConfig, plan: Plan | None) -> dict:
   """ShapeDtypeStructs carrying the target shardings: each device reads only its shard."""
-  return sharding.abstract_placed_params(cfg, plan)
+  return sharding.abstract_placed_params(cfg, plan, padded=False)   # the stored vocabulary
 
 
 def place(params, plan: Plan | None, cfg: ModelConfig | None = None):

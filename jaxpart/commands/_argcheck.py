@@ -101,6 +101,9 @@ def _outputs(command: str, args) -> None:
     paths.check_output_file("--json", args.json)
   if command in ("forward", "generate") and getattr(args, "out", None) is not None:
     paths.check_output_file("--out", args.out)
+    if not args.out.endswith(".npy"):   # np.save would quietly write OUT.npy instead
+      raise paths.PathError(f"--out = {args.out!r}: must end in .npy (the file is written in "
+                            f"NumPy's .npy format, under exactly the name given)")
   if getattr(args, "jsonl", None) is not None:
     paths.check_output_file("--jsonl", args.jsonl)
   if getattr(args, "results_dir", None) is not None:

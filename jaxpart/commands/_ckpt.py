@@ -41,14 +41,13 @@ def nonfinite_note(bad: dict[str, str]) -> str | None:
           + "; ".join(f"{p}: {why}" for p, why in bad.items()))
 
 
-def interrupted(command: str, dst) -> int:
-  """Ctrl-C while writing dst: one line on stderr and the shell's status for SIGINT (130). The
-  writers have removed their hidden .NAME.partial by the time this runs; dst is as it was."""
+def interrupted(dst) -> str:
+  """The line for Ctrl-C while writing dst (cli.py prints it and exits 130). The writers have
+  removed their hidden .NAME.partial by the time this runs; dst is as it was."""
   dst = Path(dst)
   kept = "it is as it was" if dst.exists() else "nothing was written there"
-  print(f"jaxpart {command}: error: {dst}: interrupted (Ctrl-C) before the write finished: "
-        f".{dst.name}.partial was removed and {kept}", file=sys.stderr)
-  return 130
+  return (f"{dst}: interrupted (Ctrl-C) before the write finished: .{dst.name}.partial was "
+          f"removed and {kept}")
 
 
 def progress_from(args) -> bool:

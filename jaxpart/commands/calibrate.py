@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import sys
 
+import jax.numpy as jnp
+import numpy as np
+
 from jaxpart import paths
 from jaxpart.measure import calibfit
 from jaxpart.measure import calibrate
+from jaxpart.runtime import sizeguard
 from jaxpart.commands import _common
 from jaxpart.config import ConfigError
 
@@ -32,6 +36,20 @@ def add_arguments(p):
   _common.add_json_arg(p)
 
 
+def _check_sizes(args, sizes: list[int], copy_bytes: int | None) -> None:
+  """The largest GEMM's operands and result (and the copy test's two arrays) must fit the
+  devices' memory: refused here rather than by XLA running out of it."""
+  item = np.dtype(jnp.dtype(args.dtype)).itemsize
+  m = max(sizes)
+  need, k, n = max(((m * k + k * n + m * n) * item, k, n) for k, n in calibrate.GEMM_KN)
+  sizeguard.check_bytes(need, f"--sizes = {args.sizes}",
+                        f"the {m:,} x {k} @ {k} x {n} {args.dtype} GEMM",
+                        "give smaller sizes, for example 64,256,1024,4096")
+  if copy_bytes is not None:
+    sizeguard.check_bytes(2 * copy_bytes, f"--copy-mb = {args.copy_mb:g}",
+                          "the copy test's source and destination", "give a smaller size")
+
+
 def run(args) -> int:
   paths.check_output_file("--out", args.out)
   try:
@@ -44,9 +62,10 @@ def run(args) -> int:
   if args.copy_mb is not None and not args.copy_mb > 0:
     raise ConfigError(f"--copy-mb = {args.copy_mb!r}: must be a positive number of MB")
   copy_bytes = None if args.copy_mb is None else int(args.copy_mb * 1e6)
+  _check_sizes(args, sizes, copy_bytes)
   result = calibrate.calibrate(sizes, copy_bytes, args.dtype, args.repeats,
                                args.hardware)
-  with open(args.out, "w") as f:
+  with paths.atomic_file("--out", args.out) as tmp, open(tmp, "w") as f:
     f.write(calibrate.toml_text(result))
   print(f"wrote {args.out}", file=sys.stderr)
   if args.json:

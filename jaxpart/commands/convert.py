@@ -45,14 +45,12 @@ def add_arguments(p):
   _common.add_json_arg(p)
 
 
+def interrupted(args) -> str:
+  """What cli.py says after Ctrl-C: the writers have removed DST's hidden partial copy."""
+  return _ckpt.interrupted(args.dst)
+
+
 def run(args) -> int:
-  try:
-    return _run(args)
-  except KeyboardInterrupt:
-    return _ckpt.interrupted(NAME, args.dst)
-
-
-def _run(args) -> int:
   src, dst = Path(args.src), Path(args.dst)
   if not src.exists():
     raise checkpoint.CheckpointError(f"{src}: no such checkpoint (the path does not exist)")
@@ -100,6 +98,21 @@ def _run(args) -> int:
   return 0 if ok else 1
 
 
+def _no_model_flags(args, src: Path) -> None:
+  """A Hugging Face source's config.json decides the model: flags naming another are refused,
+  not ignored. The run shape (--set run.*) and hardware still apply: the target Plan needs them."""
+  named = [f"--set {s}" for s in args.set if s.strip().startswith("model.")]
+  if args.preset:
+    named.insert(0, f"--preset {args.preset}")
+  if args.config and config.load_setup(config_file=args.config).model != config.load_setup(
+      config_file=None).model:
+    named.append(f"--config {args.config} (its preset or [model] table)")
+  if named:
+    raise config.ConfigError(f"{', '.join(named)}: does not apply to a Hugging Face source; "
+                             f"{src}/config.json decides the model (give the run shape with "
+                             f"--set run.batch=... --set run.seq=...)")
+
+
 def _huggingface(args, src: Path, dst: Path) -> int:
   """HF directory -> checkpoint placed as the target Plan, or checkpoint -> HF directory."""
   if args.npz_layout != "stacked" or dst.suffix == ".npz":
@@ -119,6 +132,7 @@ def _huggingface(args, src: Path, dst: Path) -> int:
       raise checkpoint.CheckpointError(
           f"{dst}: a checkpoint directory needs a placement: give --to-strategy (baseline, "
           f"layerwise, auto or unsharded) and --devices")
+    _no_model_flags(args, src)
     hf_cfg = hf.read_config(str(src))
     base = _common.setup_from(args) if _ckpt.setup_flags_given(args) else config.load_setup(
         hardware=args.hardware)

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import checkpoint, config, validate
+from jaxpart import checkpoint, config, paths, validate
 from jaxpart.measure import bench
 from jaxpart.runtime import distributed
 from jaxpart.checkpoint import hf
+from jaxpart.placement import memory
 from jaxpart.runtime import runs
-from jaxpart.commands import _common
+from jaxpart.commands import _common, _ids
 from jaxpart.serving.text import TextModel
 
 NAME = "forward"
@@ -34,7 +35,10 @@ def add_arguments(p):
   p.add_argument("--text", default=None, metavar="TEXT",
                  help="instead of --input-ids: one prompt, tokenized with tokenizer.json")
   p.add_argument("--out", default=None, metavar="LOGITS.npy",
-                 help="write the logits (batch x seq x vocab, float32) here")
+                 help="write the logits (batch x seq x vocab, float32) here, a slice at a time "
+                      "(a device never holds them all)")
+  p.add_argument("--last-only", action="store_true",
+                 help="only each row's last position: batch x vocab logits")
   _common.add_plan_args(p)
   p.add_argument("--hardware", default=None, help="the hardware the Plan is made for "
                                                   "(default h100)")
@@ -65,26 +69,12 @@ def load_model(model_dir: str, allow_nonfinite: bool = False):
                            f"({checkpoint.MANIFEST})")
 
 
-def load_ids(path: str, vocab: int) -> np.ndarray:
-  try:
-    ids = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise config.ConfigError(f"--input-ids = {path!r}: cannot read a .npy array ({e})") from None
-  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise config.ConfigError(f"--input-ids = {path!r}: a {ids.ndim}-D {ids.dtype} array; "
-                             f"expected batch x seq integers")
-  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-    raise config.ConfigError(f"--input-ids = {path!r}: ids in {ids.min()} .. {ids.max()}; the "
-                             f"model's vocabulary is 0 .. {vocab - 1}")
-  return ids.astype(np.int32)
-
-
-def _ids(args, vocab: int) -> np.ndarray:
+def _token_ids(args, vocab: int) -> np.ndarray:
   """Exactly one of --input-ids (a .npy) and --text (tokenized by the directory's tokenizer)."""
   if (args.input_ids is None) == (args.text is None):
     raise config.ConfigError("give the tokens as one of --input-ids IDS.npy or --text TEXT")
   if args.input_ids is not None:
-    return load_ids(args.input_ids, vocab)
+    return _ids.load(args.input_ids, vocab)
   row = TextModel(args.model_dir).encode(args.text)
   if not row or max(row) >= vocab:
     raise config.ConfigError(f"--text {args.text!r}: encodes to {len(row)} ids" +
@@ -98,28 +88,40 @@ def run(args) -> int:
   if not cfg.family.token_edges:
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
                              f"forward takes token ids (a family with token edges, as llama)")
-  ids = _ids(args, cfg.vocab)
+  ids = _token_ids(args, cfg.vocab)
   validate.warn_past_positions(cfg, ids.shape[1], f"forward of {ids.shape[1]:,}-token rows")
   setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),
                        hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
                        preset=Path(args.model_dir).name)
   plan = _common.plan_from(args, setup)
-  placed = runs.place(setup, plan, params, ids, dtype=jnp.float32 if args.f32 else None)
-  logits = runs.fetch(placed())
-  validate.check_finite(f"logits of the {plan.strategy} placement", logits)
+  dtype = jnp.float32 if args.f32 else None
+  # the final hidden vectors, their logits a slice at a time; whole logits only where the
+  # hidden stream cannot split over the devices
+  whole = args.last_only or cfg.d_model % plan.devices
+  output = "last" if args.last_only else "logits" if whole else "hidden"
+  placed = runs.place(setup, plan, params, ids, dtype=dtype, output=output)
+  out_path = args.out if distributed.is_main() else None
+  if whole:
+    logits = runs.fetch(placed())
+    validate.check_finite(f"logits of the {plan.strategy} placement", logits)
+    shape = logits.shape
+  else:
+    rows, tokens = memory.logits_chunk(setup.run)
+    shape = runs.write_logits(placed, cfg, rows, tokens, out_path, dtype)
   timing = bench.time_interleaved({"forward": placed}, repeats=args.repeats, warmup=0)
   if not distributed.is_main():
     return 0
-  if args.out:
-    np.save(args.out, np.asarray(logits, np.float32))
+  if args.out and whole:
+    with paths.atomic_file("--out", args.out) as tmp:
+      np.save(tmp, np.asarray(logits, np.float32))
   out = {"model_dir": args.model_dir, "model": config.to_dict(cfg), "plan": plan.to_dict(),
-         "logits_shape": list(logits.shape), "out": args.out,
+         "logits_shape": list(shape), "out": args.out,
          "dtype": "float32" if args.f32 else cfg.dtype,
          "median_s": timing["forward"]["median_s"]}
   if args.json:
     _common.emit_json(out)
     return 0
   print(f"{plan.strategy} on {plan.devices} devices ({plan.stages} stages x tp {plan.tp}, "
-        f"{plan.split}): logits {' x '.join(map(str, logits.shape))} in {out['dtype']}, "
+        f"{plan.split}): logits {' x '.join(map(str, shape))} in {out['dtype']}, "
         f"{out['median_s'] * 1e3:.1f} ms" + (f"; written to {args.out}" if args.out else ""))
   return 0

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart import config, validate
+from jaxpart import config, paths, validate
 from jaxpart.runtime import distributed
 from jaxpart.models import families
 from jaxpart.runtime import generate
 from jaxpart.runtime import runs
-from jaxpart.commands import _common, _text
+from jaxpart.runtime import sizeguard
+from jaxpart.commands import _common, _ids, _text
 from jaxpart.commands.forward import add_model_args, load_model
 from jaxpart.runtime.decode import Sampling
 
@@ -38,9 +39,13 @@ def add_arguments(p):
   _text.add_prompt_args(p)
   p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per prompt")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+  p.add_argument("--top-k", type=int, default=0,
+                 help="sample from the k likeliest (0: all); more than the vocabulary is "
+                      "refused, not clamped")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, metavar="TOKENS.npy", help="write the new tokens here")
+  p.add_argument("--out", default=None, metavar="TOKENS.npy",
+                 help="write the new tokens here (a .npy name; an existing file is replaced "
+                      "only once the new one is whole)")
   p.add_argument("--f32", action="store_true", help="run in float32 instead of the model dtype")
   p.add_argument("--memory", action="store_true",
                  help="also report the compiled per-device memory of prefill and of a decode "
@@ -49,6 +54,27 @@ def add_arguments(p):
   _common.add_setup_args(p)
   _common.add_plan_args(p)
   _common.add_json_arg(p)
+
+
+def _check_extremes(args, setup: config.Setup) -> None:
+  """--top-k and --new-tokens beyond what the model and this machine allow, refused before any
+  tracing: a top-k over the vocabulary is a mistake (refused, not clamped), and a KV cache of
+  prompt + new tokens per row that cannot fit would otherwise run out of memory or run for
+  days."""
+  cfg, run = setup.model, setup.run
+  vocab = cfg.vocab if families.of(cfg).tokens_in else 0
+  if args.top_k < 0 or (vocab and args.top_k > vocab):
+    top = f"{vocab:,}, the vocabulary" if vocab else "the vocabulary size"
+    raise config.ConfigError(f"--top-k = {args.top_k:,}: must be in 0 .. {top} (0: all of it)")
+  total = run.seq + args.new_tokens
+  if total > config.MAX_INDEX:
+    raise config.ConfigError(f"--new-tokens = {args.new_tokens:,}: prompt ({run.seq}) + new "
+                             f"tokens must be at most {config.MAX_INDEX:,}")
+  width = 4 if args.f32 else cfg.dtype_bytes
+  kv = 2 * cfg.layers * run.batch * total * (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
+  sizeguard.check_bytes(kv * width, f"--new-tokens = {args.new_tokens:,}",
+                        f"the KV cache of {run.batch} row(s) x {total:,} positions",
+                        "generate fewer tokens or give fewer prompts")
 
 
 def run(args) -> int:
@@ -63,7 +89,7 @@ def run(args) -> int:
       raise config.ConfigError("--model-dir needs --input-ids, --prompt or --prompt-file "
                                "(the prompts)")
     cfg, params = load_model(args.model_dir, args.allow_nonfinite)
-    raw = text[2] if text else np.load(args.input_ids, allow_pickle=False)
+    raw = text[2] if text else _ids.load(args.input_ids, cfg.vocab, padded=True)
     ids, lens = generate.split_prompts(raw, cfg.vocab)
     setup = config.Setup(model=cfg, run=config.RunShape(*ids.shape),
                          hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
@@ -81,6 +107,7 @@ def run(args) -> int:
     inp = runs.host_input(setup, args.seed)
     lens = np.full(setup.run.batch, setup.run.seq, np.int32)
   validate.check_generation_positions(setup.model, int(lens.max()), args.new_tokens)
+  _check_extremes(args, setup)
   plan = _common.plan_from(args, setup)
   sampling = Sampling(args.temperature, args.top_k, args.seed)
   g = generate.generate(setup, plan, params, inp, lens, args.new_tokens, sampling,
@@ -88,7 +115,8 @@ def run(args) -> int:
   if not distributed.is_main():
     return 0
   if args.out:
-    np.save(args.out, g.tokens)
+    with paths.atomic_file("--out", args.out) as tmp:
+      np.save(tmp, g.tokens)
   s = g.schedule
   out = {"model": config.to_dict(setup.model), "plan": plan.to_dict(), "batch": s.batch,
          "prompt_lengths": lens.tolist(), "new_tokens": args.new_tokens,

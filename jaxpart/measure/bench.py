@@ -23,6 +23,7 @@ from tqdm import tqdm
 from jaxpart.runtime import compat
 from jaxpart.cost import counts
 from jaxpart.runtime import engine
+from jaxpart.runtime import streams
 from jaxpart.models import families
 from jaxpart.models.spec import kv_heads_local
 from jaxpart.measure import compiled as measure
@@ -311,7 +312,7 @@ def own_steps_variant(cfg, plan, placed_params, mesh, x_BxTxD) -> Variant:
                  kv_heads_local(cfg, plan.tp), cfg.head_dim)
 
   def zeros():   # the caches as the forward-only engine keeps them (bit patterns for bf16)
-    return engine.narrow_as_bits(jnp.zeros(cache_shape, dt, device=dev0))
+    return streams.narrow_as_bits(jnp.zeros(cache_shape, dt, device=dev0))
 
   variant = Variant(OWN_STEPS, 1, measure.jit_stage_step(cfg, plan),
                     (shards[0, 0], units[0], zeros(), zeros(), q_starts[0]),

@@ -14,6 +14,7 @@ splits what a step of one layer touches on one device into
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from jaxpart.config import Hardware, ModelConfig, RunShape
@@ -202,34 +203,38 @@ STEP_UNIT_BUFFERS = 7.75
 STEP_HIDDEN_BUFFERS = 2.5
 
 
-# The Llama family's stream formats (the engine's contract): token ids in, replicated on
-# every device; float32 logits out, split over every device along the vocabulary.
+# The Llama family's streams: token ids in, on every device; float32 logits out, a slice at a time.
 TOKEN_ID_BYTES = 4
 LOGIT_BYTES = F32
+LOGITS_CHUNK_TOKENS = 2048
+
+
+def logits_chunk(run: RunShape) -> tuple[int, int]:
+  """(rows, tokens) of the slices `forward` makes logits of, one at a time, from the final
+  hidden vectors the pipeline leaves (runtime/heads.make_logits_chunk)."""
+  return 1, min(run.seq, LOGITS_CHUNK_TOKENS)
 
 
 def stream_bytes(cfg: ModelConfig, batch: int, seq: int, devices: int) -> dict[str, int]:
-  """Input and output each device holds for batch x seq tokens. Dense: B x T x D in and out,
-  1/N each. Llama: B x T int32 ids on every device; B x T x V/N float32 logits."""
-  if cfg.family.token_edges:
-    return {"input": batch * seq * TOKEN_ID_BYTES,
-            "output": batch * seq * vocab_local(cfg, devices) * LOGIT_BYTES}
+  """Input and output each device holds for batch x seq tokens: B x T x D/N hidden vectors
+  (Llama: in, B x T int32 ids on every device; out, the vectors logits_chunk slices)."""
   share = batch * seq * cfg.d_model * cfg.dtype_bytes // devices
-  return {"input": share, "output": share}
+  return {"input": batch * seq * TOKEN_ID_BYTES if cfg.family.token_edges else share,
+          "output": share}
 
 
-def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
+def program_bytes(cfg: ModelConfig, run: RunShape, plan, last_only: bool = False) -> dict[str, int]:
   """Per-device memory of the whole compiled forward: what `predicted_hbm_bytes` sums.
 
   The input and output as stream_bytes holds them; the output is built in a loop buffer of
   (B + rows) x padded_seq rows of its width that is copied out at the end. The KV cache is the
   one the engine holds (one microbatch's rows, cache_len positions, the stage's layers, local
-  K/V heads). Llama adds the edges (held by every stage) and the last stage's logits of one
-  unit (rows x chunk x V/tp float32); its SwiGLU has two hidden buffers where dense has one.
+  K/V heads). Llama adds the edges (held by every stage) and one slice of logits (logits_chunk,
+  x V/tp float32), or with last_only (generation's prefill, `forward --last-only`) B x V/N
+  logits out and the head's one position per unit row; its SwiGLU has two hidden buffers.
   """
   b = cfg.dtype_bytes
   io = stream_bytes(cfg, run.batch, run.seq, plan.devices)
-  loop_rows = (run.batch + plan.rows) * plan.padded_seq
   unit = plan.rows * plan.chunk_tokens * cfg.d_model * b
   hidden = plan.rows * plan.chunk_tokens * (cfg.d_ff // plan.tp) * b * mlp_in_projections(cfg)
   parts = {
@@ -237,16 +242,20 @@ def program_bytes(cfg: ModelConfig, run: RunShape, plan) -> dict[str, int]:
       "input_share": io["input"],
       "output_share": io["output"],
       # one spare unit of rows (where bubbles write) and the padded sequence
-      "output_loop_buffer": (loop_rows * vocab_local(cfg, plan.devices) * LOGIT_BYTES
-                             if cfg.family.token_edges
-                             else loop_rows * cfg.d_model * b // plan.devices),
+      "output_loop_buffer": (run.batch + plan.rows) * plan.padded_seq * cfg.d_model * b
+                            // plan.devices,
       "kv_cache": kv_cache_bytes(cfg, plan.rows, plan.cache_len, plan.tp, plan.layers_per_stage),
       "step_and_pipeline_buffers": int(STEP_UNIT_BUFFERS * unit + STEP_HIDDEN_BUFFERS * hidden),
   }
   if cfg.family.token_edges:
     parts["edge_weights"] = sum(edge_weight_bytes(cfg, plan.tp).values())
-    parts["head_logits_unit"] = (plan.rows * plan.chunk_tokens * vocab_local(cfg, plan.tp)
-                                 * LOGIT_BYTES)
+    v_dev, v_tp = (vocab_local(cfg, ways, plan.devices) * LOGIT_BYTES
+                   for ways in (plan.devices, plan.tp))
+    if last_only:
+      parts |= {"output_share": run.batch * v_dev, "head_logits_unit": plan.rows * v_tp,
+                "output_loop_buffer": (run.batch + plan.rows) * v_dev}
+    else:
+      parts["logits_chunk"] = math.prod(logits_chunk(run)) * v_tp
   parts["total"] = sum(parts.values())
   return parts
 
@@ -256,10 +265,11 @@ DECODE_NEW_TOKENS = 256
 
 
 def generation_bytes(cfg: ModelConfig, run: RunShape, plan, new_tokens: int) -> dict[str, int]:
-  """Per device for prefill then decode: the forward program with its one-microbatch KV cache
-  replaced by the whole batch's (prompt + new tokens, preallocated), which both phases hold.
-  Decode's own buffers (one token per row) are far smaller than the prefill's and not added."""
-  prog = program_bytes(cfg, run, plan)
+  """Per device for prefill then decode: the prefill program (logits at each row's last
+  position only) with its one-microbatch KV cache replaced by the whole batch's (prompt + new
+  tokens, preallocated), which both phases hold. Decode's own buffers (one token per row) are
+  far smaller than the prefill's and not added."""
+  prog = program_bytes(cfg, run, plan, last_only=True)
   kv = kv_cache_bytes(cfg, run.batch, plan.decode_cache_len(new_tokens), plan.tp,
                       plan.layers_per_stage)
   return {"decode_kv_cache_bytes": kv,

@@ -50,9 +50,19 @@ def weight_shard_bytes(cfg: ModelConfig, tp: int, layers: int = 1, held: bool = 
   return layers * per_layer * cfg.dtype_bytes
 
 
-def vocab_local(cfg: ModelConfig, ways: int) -> int:
-  """Vocabulary rows (or logit columns) of one of `ways` shards, rounded up."""
-  return -(-cfg.vocab // ways)
+def padded_vocab(vocab: int, devices: int) -> int:
+  """The vocabulary the engine places: `vocab` rounded up to a multiple of the devices its
+  output stream splits the logits over (a multiple of tp too, which splits the embedding and
+  the LM head). Not also to 128 as Megatron does: the padding stays under one row a device,
+  and the tiny test models keep their shapes. The padded rows are zero, their logits -inf,
+  and no output, checkpoint or export ever shows them."""
+  return -(-vocab // devices) * devices
+
+
+def vocab_local(cfg: ModelConfig, ways: int, devices: int | None = None) -> int:
+  """Vocabulary rows (or logit columns) of one of `ways` shards of the vocabulary padded for
+  `devices` (default `ways`) devices."""
+  return padded_vocab(cfg.vocab, devices or ways) // ways
 
 
 def edge_weight_bytes(cfg: ModelConfig, tp: int) -> dict[str, int]:

@@ -11,18 +11,24 @@ sits in the bubble input (NaN in the tests) is never read.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxpart.models import attention
-from jaxpart.runtime import compat
-from jaxpart.models import families
 from jaxpart.models.spec import kv_heads_local
-from jaxpart.runtime import sharding
 from jaxpart.config import ModelConfig
+from jaxpart.models import attention
+from jaxpart.models import families
 from jaxpart.models.dense import cast_params
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan, PlanError
+from jaxpart.runtime import compat
+from jaxpart.runtime import sharding
+from jaxpart.runtime.heads import (check_placeable, check_stream_width, mask_padding, out_width,
+                                   tensor_slice, unpad_output)
+from jaxpart.runtime.streams import (as_bits, from_bits, gather_unit, like, narrow_as_bits,
+                                     read_piece, scatter_unit, unit_origin, write_piece)
 
 
 def stage_step(p_stage, x_RxCxD, kcache, vcache, q_start, *, cfg: ModelConfig, plan: Plan,
@@ -88,195 +94,228 @@ def remat_step(step, remat: bool | str):
                    f"(or True / False for stage / none)")
 
 
-def _unit_origin(u, plan: Plan):
-  """First batch row and first token of unit u (microbatch-major, chunk-minor)."""
-  return (u // plan.n_chunks) * plan.rows, (u % plan.n_chunks) * plan.chunk_tokens
+OUTPUTS = ("logits", "last", "hidden")
 
 
-def like(a, cache):
-  """a as the cache stores it: values of its dtype, or their bit patterns (forward-only)."""
-  if a.dtype == cache.dtype:
-    return a
-  if jnp.issubdtype(cache.dtype, jnp.unsignedinteger):
-    return jax.lax.bitcast_convert_type(a, cache.dtype)
-  return a.astype(cache.dtype)
+class Tick(NamedTuple):
+  """The tick loop's carry on one device."""
+
+  recv: jax.Array      # the unit the previous stage sent last tick (as Device.store keeps it)
+  kcache: jax.Array    # this stage's K: local layers x rows x positions x local heads x E
+  vcache: jax.Array
+  out: jax.Array       # this device's share of the output, (B + rows) x positions x W/N
 
 
-def narrow_as_bits(a):
-  """as_bits for a 16-bit float array (which XLA:CPU widens to float32 to update), else a: a
-  float32 cache is updated in place as it is, and a bitcast at the boundary of a loop would
-  cost it a copy."""
-  return as_bits(a) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4 else a
+@dataclass(frozen=True)
+class Device:
+  """What one device's program reads at every tick, made once per trace inside shard_map.
 
-
-def as_bits(a):
-  """The same bytes as unsigned integers (see make_forward's `differentiable`)."""
-  return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
-
-
-def from_bits(a, dtype):
-  return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
-
-
-def _read_piece(x_BxTxW, row0, tok0, rows: int, tokens: int):
-  """This device's slice of one unit of a stream: `rows` rows from row0, `tokens` tokens from
-  tok0. Past the end of the sequence (a ragged last chunk) it repeats the last token: those
-  positions come after every real token, so causal attention never shows them to a real one,
-  their cache slots are masked, and their outputs are never written."""
-  x_RxTxW = jax.lax.dynamic_slice_in_dim(x_BxTxW, row0, rows, axis=0)
-  idx_C = jnp.minimum(tok0 + jnp.arange(tokens), x_BxTxW.shape[1] - 1)
-  return jnp.take(x_RxTxW, idx_C, axis=1)
-
-
-def _write_piece(out_BpxTpxW, piece_RxCxW, row0, tok0, valid):
-  """Write one unit's slice into this device's output buffer, in place. The buffer has a
-  spare block of rows past the batch, where invalid units land, and runs to the padded
-  sequence, so a ragged last chunk fits whole; both margins are cut off at the end."""
-  spare = out_BpxTpxW.shape[0] - piece_RxCxW.shape[0]
-  return jax.lax.dynamic_update_slice(out_BpxTpxW, piece_RxCxW,
-                                      (jnp.where(valid, row0, spare), tok0, 0))
-
-
-def _gather_unit(x_BxTxWn, row0, tok0, plan: Plan):
-  """The whole width of one input unit at stage 0, from the stream sharded over every device
-  (in the stream's own element type: values, or their bit patterns).
-
-  Device (s, t) holds width block t*S + s (sharding.SPECS.stream). Each stage s > 0 sends its
-  block of the unit to stage 0 (S - 1 one-pair ppermutes: nothing goes anywhere else), stage 0
-  lays the S blocks of its tensor slice side by side, and one all-gather over the tensor group
-  completes the width. Other stages run the same all-gather on their own blocks and discard it.
+  output: what the last stage writes of each finished unit: "logits" (the head's, every
+  position), "last" (the head's at each row's last real position only: what generation needs)
+  or "hidden" (the final hidden vectors; forward_logits applies the head chunk by chunk).
+  keep: prefill for generation, which keeps the whole batch's K/V.
   """
-  S = plan.stages
-  piece = _read_piece(x_BxTxWn, row0, tok0, plan.rows, plan.chunk_tokens)
-  with jax.named_scope("input_gather"):
-    pieces = [piece] + [jax.lax.ppermute(piece, STAGE_AXIS, [(k, 0)]) for k in range(1, S)]
-    slab = jnp.concatenate(pieces, axis=-1) if S > 1 else piece
-    if plan.tp > 1:
-      slab = jax.lax.all_gather(slab, TENSOR_AXIS, axis=slab.ndim - 1, tiled=True)
-  return slab
+
+  cfg: ModelConfig
+  plan: Plan
+  output: str
+  keep: bool
+  tp_axis: str | None
+  p_stage: Any
+  p_edges: Any
+  dt: Any               # activations: the weights' dtype
+  differentiable: bool  # False: units and outputs kept as bit patterns (make_forward)
+  step: Callable        # stage_step under the remat policy
+
+  def store(self, a):
+    """How units and outputs are kept between ticks: values, or their bit patterns."""
+    return a if self.differentiable else as_bits(a)
+
+  def store_cache(self, a):
+    """How the K/V caches are kept: values, or the bits of 16-bit floats (narrow_as_bits)."""
+    return a if self.differentiable else narrow_as_bits(a)
+
+  @property
+  def fam(self) -> families.Family:
+    return families.of(self.cfg)
+
+  @property
+  def out_dt(self):
+    hidden = self.output == "hidden" or not self.fam.tokens_in
+    return self.dt if hidden else self.fam.out_dtype(self.cfg)
+
+  @property
+  def out_local(self) -> tuple[int, int, int]:
+    """One finished unit's output on one tensor shard."""
+    width = self.cfg.d_model if self.output == "hidden" else out_width(self.cfg, self.plan)
+    tokens = 1 if self.output == "last" else self.plan.chunk_tokens
+    return self.plan.rows, tokens, width // self.plan.tp
 
 
-def _scatter_unit(y_RxCxWt, plan: Plan):
-  """The inverse at the last stage: device (S-1, t) holds its tensor slice of the output (the
-  family's head gives it), keeps width block t*S + S-1 of it and sends block t*S + k to stage
-  k. Returns the block this device stores."""
-  S = plan.stages
-  if S == 1:
-    return y_RxCxWt
-  blocks = jnp.split(y_RxCxWt, S, axis=-1)
-  with jax.named_scope("output_scatter"):
-    recv = [jax.lax.ppermute(blocks[k], STAGE_AXIS, [(S - 1, k)]) for k in range(S - 1)]
-  return jnp.stack(recv + [blocks[S - 1]])[jax.lax.axis_index(STAGE_AXIS)]
-
-
-def _pipeline_body(params, inp, *, cfg: ModelConfig, plan: Plan, remat: bool | str,
-                   bubble_fill: float, out_fill: float, differentiable: bool,
-                   keep_cache_len: int | None = None):
-  """Per-device program inside shard_map. inp is this device's share of the input stream
-  (B x T x D/N hidden vectors), or the token ids (B x T, replicated); the result is its share
-  of the output stream (B x T x W/N: hidden vectors or logits)."""
+def _device(params, *, cfg: ModelConfig, plan: Plan, output: str, keep: bool,
+            remat: bool | str, differentiable: bool) -> Device:
   fam = families.of(cfg)
-  S, U = plan.stages, plan.units
-  tp_axis = TENSOR_AXIS if plan.tp > 1 else None
-  stage = jax.lax.axis_index(STAGE_AXIS)
-  is_last = stage == S - 1
   p_stage, p_edges = fam.split(params)
-  dt = jax.tree.leaves(p_stage)[0].dtype              # activations: the weights' dtype
-  out_dt = fam.out_dtype(cfg) if fam.tokens_in else dt
-  store = (lambda a: a) if differentiable else as_bits
-  in_dt = inp.dtype
-  inp = inp if fam.tokens_in else store(inp)
-  unit_shape = (plan.rows, plan.chunk_tokens, cfg.d_model)
-  # Prefill for generation keeps the whole batch's K/V (keep_cache_len positions, room for the
-  # new tokens); a plain forward keeps one microbatch's, overwritten by the next.
-  keep = keep_cache_len is not None
-  cache_shape = (plan.layers_per_stage, plan.batch if keep else plan.rows,
-                 keep_cache_len if keep else plan.cache_len,
-                 kv_heads_local(cfg, plan.tp), cfg.head_dim)
-  out_local = (plan.rows, plan.chunk_tokens, fam.out_width(cfg) // plan.tp)
-
+  tp_axis = TENSOR_AXIS if plan.tp > 1 else None
   step = remat_step(functools.partial(stage_step, cfg=cfg, plan=plan, tp_axis=tp_axis), remat)
+  return Device(cfg, plan, output, keep, tp_axis, p_stage, p_edges,
+                jax.tree.leaves(p_stage)[0].dtype, differentiable, step)
 
-  # Units move between ticks, stages and devices as `store` keeps them (bit patterns in the
-  # forward-only engine): every device selects, sends and receives a unit every tick, bubble or
-  # not, and on XLA:CPU a bf16 select or send is widened to float32 and back. Only a stage that
-  # has a unit turns it into values, inside its cond.
-  bubble = store(jnp.asarray(bubble_fill, dt))
 
-  def run(operands):
-    x, kc, vc, q_start, row0 = operands
+def _stage_input(dev: Device, inp, in_dt, t):
+  """Unit t as stage 0 takes it (every device joins; on bubble ticks past the last unit it
+  re-reads the last one, which the stage's cond never uses)."""
+  plan = dev.plan
+  origin = unit_origin(jnp.minimum(t, plan.units - 1), plan)
+  if dev.fam.tokens_in:
+    ids_RxC = read_piece(inp, *origin, plan.rows, plan.chunk_tokens)
+    with jax.named_scope("embed"):
+      return dev.store(dev.fam.embed(dev.p_edges, ids_RxC, dev.cfg, dev.tp_axis))
+  unit = gather_unit(inp, *origin, plan)
+  return unit if in_dt == dev.dt else dev.store(from_bits(unit, in_dt).astype(dev.dt))
+
+
+def _work(dev: Device, x, kc, vc, valid, row0, q_start, bubble):
+  """The stage's layers on its unit, or (a bubble tick) nothing: what it sends on and the
+  caches. Units travel as `store` keeps them; only a stage with a unit makes values of it."""
+  def run(ops):
+    x, kc, vc = ops
     with jax.named_scope("stage_step"):
-      y, kc, vc = step(p_stage, from_bits(x, dt), kc, vc, q_start, row0=row0 if keep else 0)
-      return store(y), kc, vc
+      y, kc, vc = dev.step(dev.p_stage, from_bits(x, dev.dt), kc, vc, q_start,
+                           row0=row0 if dev.keep else 0)
+      return dev.store(y), kc, vc
 
-  def skip(operands):
-    x, kc, vc, _, _ = operands
+  def skip(ops):
+    x, kc, vc = ops
     return jnp.full_like(x, bubble), kc, vc   # what a bubble tick sends on
 
-  def first_unit(t):
-    """Unit t as stage 0 takes it (every device joins; on bubble ticks past the last unit it
-    re-reads the last one, which the stage's cond never uses)."""
-    origin = _unit_origin(jnp.minimum(t, U - 1), plan)
-    if fam.tokens_in:
-      ids_RxC = _read_piece(inp, *origin, plan.rows, plan.chunk_tokens)
-      with jax.named_scope("embed"):
-        return store(fam.embed(p_edges, ids_RxC, cfg, tp_axis))
-    unit = _gather_unit(inp, *origin, plan)
-    return unit if in_dt == dt else store(from_bits(unit, in_dt).astype(dt))
-
-  def head(y):
-    with jax.named_scope("head"):
-      return store(fam.head(p_edges, from_bits(y, dt), cfg, tp_axis).astype(out_dt))
-
-  perm = [(s, s + 1) for s in range(S - 1)]
-
-  def tick(carry, t):
-    recv, kc, vc, out = carry
-    u = t - stage
-    valid = (u >= 0) & (u < U)
-    row0, q_start = _unit_origin(jnp.clip(u, 0, U - 1), plan)
-    x = jnp.where(stage == 0, first_unit(t), recv)
-    y, kc, vc = jax.lax.cond(valid, run, skip, (x, kc, vc, q_start, row0))
-    # The last stage finished unit t - (S-1): its head gives each tensor shard its slice of
-    # the output, and every device stores its block of that.
-    y_out = jax.lax.cond(is_last & valid, head,
-                         lambda _: store(jnp.zeros(out_local, out_dt)), y)
-    u_out = t - (S - 1)
-    out = _write_piece(out, _scatter_unit(y_out, plan),
-                       *_unit_origin(jnp.clip(u_out, 0, U - 1), plan), (u_out >= 0) & (u_out < U))
-    with jax.named_scope("pipeline_send"):
-      recv = jax.lax.ppermute(y, STAGE_AXIS, perm) if S > 1 else y
-    return (recv, kc, vc, out), None
-
-  fill = store(jnp.asarray(out_fill, out_dt))
-  cache_store = (lambda a: a) if differentiable else narrow_as_bits
-  init = (store(jnp.zeros(unit_shape, dt)), cache_store(jnp.zeros(cache_shape, dt)),
-          cache_store(jnp.zeros(cache_shape, dt)),
-          jnp.full((plan.batch + plan.rows, plan.padded_seq, out_local[2] // S), fill,
-                   fill.dtype))
-  (_, kc, vc, out), _ = jax.lax.scan(tick, init, jnp.arange(plan.ticks))
-  out = from_bits(out[:plan.batch, :plan.seq], out_dt)
-  return (out, kc, vc) if keep else out
+  return jax.lax.cond(valid, run, skip, (x, kc, vc))
 
 
-def check_stream_width(width: int, plan: Plan, what: str = "d_model") -> None:
-  """The input and output streams are split over all devices along their last axis."""
-  if width % plan.devices:
-    raise PlanError(f"{what} = {width} is not divisible by devices = {plan.devices}: the "
-                    f"engine splits the input and output over every device along it; use a "
-                    f"device count dividing {width}")
+def _last_positions(lens_B, row0, tok0, plan: Plan):
+  """Each of the unit's rows' last real position, relative to the unit's first token, and
+  whether it falls inside the unit."""
+  rel_R = jax.lax.dynamic_slice_in_dim(lens_B, row0, plan.rows) - 1 - tok0
+  return jnp.clip(rel_R, 0, plan.chunk_tokens - 1), (rel_R >= 0) & (rel_R < plan.chunk_tokens)
+
+
+def _head(dev: Device, y, row0, tok0, lens_B):
+  """A finished unit as this tensor shard's slice of the output: the head's logits at every
+  position or at each row's last one, or the hidden vectors themselves."""
+  y = from_bits(y, dev.dt)
+  if dev.output == "hidden":
+    return dev.store(tensor_slice(y, dev.tp_axis))
+  if dev.output == "last":
+    idx_R, _ = _last_positions(lens_B, row0, tok0, dev.plan)
+    y = jnp.take_along_axis(y, idx_R[:, None, None], axis=1)
+  with jax.named_scope("head"):
+    out = dev.fam.head(dev.p_edges, y, dev.cfg, dev.tp_axis)
+    return dev.store(mask_padding(out, dev.cfg, dev.plan, dev.tp_axis).astype(dev.out_dt))
+
+
+def _write_out(dev: Device, out, y_out, u, lens_B):
+  """Store this device's block of finished unit u (when it is one) in the output buffer."""
+  plan = dev.plan
+  valid = (u >= 0) & (u < plan.units)
+  row0, tok0 = unit_origin(jnp.clip(u, 0, plan.units - 1), plan)
+  piece = scatter_unit(y_out, plan)
+  if dev.output != "last":
+    return write_piece(out, piece, row0, tok0, valid)
+  _, inside_R = _last_positions(lens_B, row0, tok0, plan)   # rows whose last token was here
+  at = (jnp.where(valid, row0, out.shape[0] - plan.rows), 0, 0)
+  old = jax.lax.dynamic_slice(out, at, piece.shape)
+  return jax.lax.dynamic_update_slice(out, jnp.where(inside_R[:, None, None], piece, old), at)
+
+
+def _tick(dev: Device, inp, in_dt, lens_B, bubble, carry: Tick, t) -> tuple[Tick, None]:
+  """Tick t: stage s works on unit t - s; the last stage's output is stored; units move on."""
+  S, U = dev.plan.stages, dev.plan.units
+  stage = jax.lax.axis_index(STAGE_AXIS)
+  u = t - stage
+  valid = (u >= 0) & (u < U)
+  row0, q_start = unit_origin(jnp.clip(u, 0, U - 1), dev.plan)
+  x = jnp.where(stage == 0, _stage_input(dev, inp, in_dt, t), carry.recv)
+  y, kc, vc = _work(dev, x, carry.kcache, carry.vcache, valid, row0, q_start, bubble)
+  # The last stage finished unit t - (S-1): the head gives each tensor shard its slice of the
+  # output, and every device stores its block of that.
+  y_out = jax.lax.cond((stage == S - 1) & valid,
+                       lambda y: _head(dev, y, row0, q_start, lens_B),
+                       lambda _: dev.store(jnp.zeros(dev.out_local, dev.out_dt)), y)
+  out = _write_out(dev, carry.out, y_out, t - (S - 1), lens_B)
+  with jax.named_scope("pipeline_send"):
+    recv = jax.lax.ppermute(y, STAGE_AXIS, [(s, s + 1) for s in range(S - 1)]) if S > 1 else y
+  return Tick(recv, kc, vc, out), None
+
+
+def _first_tick(dev: Device, cache_len: int | None, out_fill: float) -> Tick:
+  """The carry before tick 0. Prefill for generation keeps the whole batch's K/V (cache_len
+  positions, room for the new tokens); a plain forward one microbatch's, overwritten by the
+  next. The output buffer has a spare unit of rows (where bubbles write) and runs to the
+  padded sequence."""
+  plan, cfg = dev.plan, dev.cfg
+  cache_shape = (plan.layers_per_stage, plan.batch if dev.keep else plan.rows,
+                 cache_len if dev.keep else plan.cache_len,
+                 kv_heads_local(cfg, plan.tp), cfg.head_dim)
+  cache = dev.store_cache(jnp.zeros(cache_shape, dev.dt))
+  fill = dev.store(jnp.asarray(out_fill, dev.out_dt))
+  positions = 1 if dev.output == "last" else plan.padded_seq
+  out = jnp.full((plan.batch + plan.rows, positions, dev.out_local[2] // plan.stages), fill,
+                 fill.dtype)
+  unit = dev.store(jnp.zeros((plan.rows, plan.chunk_tokens, cfg.d_model), dev.dt))
+  return Tick(unit, cache, cache, out)
+
+
+def _pipeline_body(params, inp, lens_B=None, *, cfg: ModelConfig, plan: Plan, output: str,
+                   remat: bool | str, bubble_fill: float, out_fill: float,
+                   differentiable: bool, keep_cache_len: int | None = None):
+  """Per-device program inside shard_map. inp is this device's share of the input stream
+  (B x T x D/N hidden vectors), or the token ids (B x T, replicated); lens_B each row's real
+  tokens (output "last"; None: every row is whole). The result is this device's share of the
+  output stream (B x T x W/N; B x 1 x W/N for "last"), and the caches when kept."""
+  dev = _device(params, cfg=cfg, plan=plan, output=output, keep=keep_cache_len is not None,
+                remat=remat, differentiable=differentiable)
+  in_dt = inp.dtype
+  inp = inp if dev.fam.tokens_in else dev.store(inp)
+  if lens_B is None:
+    lens_B = jnp.full((plan.batch,), plan.seq, jnp.int32)
+  bubble = dev.store(jnp.asarray(bubble_fill, dev.dt))
+  tick = functools.partial(_tick, dev, inp, in_dt, lens_B, bubble)
+  last, _ = jax.lax.scan(tick, _first_tick(dev, keep_cache_len, out_fill),
+                         jnp.arange(plan.ticks))
+  out = from_bits(last.out[:plan.batch, :plan.seq], dev.out_dt)
+  return (out, last.kcache, last.vcache) if dev.keep else out
+
+
+def _mapped(plan: Plan, cfg: ModelConfig, mesh, output: str, keep_cache_len=None, **body_kw):
+  """The device program under shard_map: (params, inp[, lens_B]) -> out[, kcache, vcache]."""
+  if output not in OUTPUTS:
+    raise ValueError(f"output = {output!r}: valid outputs are {', '.join(OUTPUTS)}")
+  check_placeable(plan, cfg)
+  if output == "hidden":
+    check_stream_width(cfg.d_model, plan)
+  body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, output=output,
+                           keep_cache_len=keep_cache_len, **body_kw)
+  ins = (sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg))
+  cache = sharding.SPECS.kv_cache
+  if keep_cache_len is not None:
+    return compat.shard_map(body, mesh, in_specs=ins + (sharding.SPECS.replicated,),
+                            out_specs=(sharding.SPECS.stream, cache, cache))
+  return compat.shard_map(body, mesh, in_specs=ins, out_specs=sharding.SPECS.stream)
 
 
 def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = False,
-                 bubble_fill: float = 0.0, out_fill: float = 0.0, differentiable: bool = True):
+                 bubble_fill: float = 0.0, out_fill: float = 0.0, differentiable: bool = True,
+                 output: str = "logits"):
   """(params, inp) -> out, executing `plan` on `mesh` for the config's model family. Not
   jitted: wrap as you need.
 
   dense: inp and out are B x T x D hidden vectors, both sharded over every device along D
   (sharding.SPECS.stream): no device ever holds more than 1/N of either. Llama: inp is B x T
   token ids (int32, replicated: 4 bytes a token) and out the float32 logits B x T x V, split
-  over every device along V. remat is one of REMAT_POLICIES (see remat_step); it only changes
-  what a backward saves.
+  over every device along V. output "last" gives only each row's last position (B x W),
+  "hidden" the final hidden vectors B x T x D (heads.make_logits_chunk turns slices of them into
+  logits). remat is one of REMAT_POLICIES (see remat_step); it only changes what a backward
+  saves.
 
   differentiable=False keeps the stream shares as unsigned integers of the same bytes while
   they are sliced and updated (bit for bit the same values). XLA on CPU widens bf16 data
@@ -289,16 +328,8 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
   NaN to prove neither leaks.
   """
   remat_step(lambda: None, remat)  # reject an unknown policy here, not deep inside a trace
-  fam = families.of(cfg)
-  if not fam.tokens_in:
-    check_stream_width(cfg.d_model, plan)
-  check_stream_width(fam.out_width(cfg), plan, "vocab" if fam.tokens_in else "d_model")
-  body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=remat,
-                           bubble_fill=bubble_fill, out_fill=out_fill,
-                           differentiable=differentiable)
-  mapped = compat.shard_map(body, mesh,
-                            in_specs=(sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg)),
-                            out_specs=sharding.SPECS.stream)
+  mapped = _mapped(plan, cfg, mesh, output, remat=remat, bubble_fill=bubble_fill,
+                   out_fill=out_fill, differentiable=differentiable)
   if not differentiable:
     mapped = _without_gradient(mapped)
 
@@ -306,29 +337,36 @@ def make_forward(plan: Plan, cfg: ModelConfig, mesh, *, remat: bool | str = Fals
     if inp.shape[:2] != (plan.batch, plan.seq):
       raise ValueError(f"input is batch x seq = {inp.shape[:2]}, the plan was made for "
                        f"{(plan.batch, plan.seq)}")
-    return mapped(params, inp)
+    out = mapped(params, inp)
+    out = out if output == "hidden" else unpad_output(out, cfg)
+    return out[:, 0] if output == "last" else out
 
   return forward
 
 
 def make_prefill(plan: Plan, cfg: ModelConfig, mesh, cache_len: int, **kw):
-  """(params, inp) -> (out, kcache, vcache): the forward of make_forward that also keeps every
-  layer's K/V for the whole batch, cache_len positions (the prompt and the tokens to come),
-  placed as the Plan places its layers: a stage's layers on its devices, K/V heads split over
-  tp (sharding.SPECS.kv_cache). Forward only (integer stream buffers); a bf16 cache comes back
-  as its bit patterns (uint16, as decoding keeps it: from_bits(kc, dtype) gives the values)."""
+  """(params, inp, lens_B) -> (last_BxW, kcache, vcache): the forward of make_forward that
+  gives only each row's output at its last real position (lens_B - 1: the logits generation
+  samples from; no B x T x V tensor anywhere) and keeps every layer's K/V for the whole batch,
+  cache_len positions (the prompt and the tokens to come), placed as the Plan places its
+  layers: a stage's layers on its devices, K/V heads split over tp (sharding.SPECS.kv_cache).
+  Forward only (integer stream buffers); a bf16 cache comes back as its bit patterns (uint16,
+  as decoding keeps it: from_bits(kc, dtype) gives the values)."""
+  check_placeable(plan, cfg)
   if cache_len % plan.kv_block or cache_len < plan.padded_seq:
     raise PlanError(f"cache_len = {cache_len}: must be a multiple of kv_block = {plan.kv_block} "
                     f"and at least the padded prompt, {plan.padded_seq}")
-  body = functools.partial(_pipeline_body, cfg=cfg, plan=plan, remat=False,
-                           differentiable=False, keep_cache_len=cache_len,
-                           bubble_fill=kw.pop("bubble_fill", 0.0), out_fill=kw.pop("out_fill", 0.0))
+  mapped = _mapped(plan, cfg, mesh, "last", keep_cache_len=cache_len, remat=False,
+                   differentiable=False, bubble_fill=kw.pop("bubble_fill", 0.0),
+                   out_fill=kw.pop("out_fill", 0.0))
   if kw:
     raise TypeError(f"make_prefill: unknown options {sorted(kw)}")
-  cache = sharding.SPECS.kv_cache
-  return compat.shard_map(body, mesh,
-                          in_specs=(sharding.param_specs(cfg, plan.tp), sharding.input_spec(cfg)),
-                          out_specs=(sharding.SPECS.stream, cache, cache))
+
+  def prefill(params, inp, lens_B):
+    out, kc, vc = mapped(params, inp, lens_B)
+    return unpad_output(out, cfg)[:, 0], kc, vc
+
+  return prefill
 
 
 def _without_gradient(f):

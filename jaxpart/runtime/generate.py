@@ -24,10 +24,12 @@ import numpy as np
 from jaxpart.runtime import compat
 from jaxpart.runtime import decode
 from jaxpart.runtime import engine
+from jaxpart.runtime import heads
 from jaxpart.models import families
 from jaxpart.models import dense as model
 from jaxpart.runtime import runs
 from jaxpart.runtime import sharding
+from jaxpart.runtime import streams
 from jaxpart.config import Setup
 from jaxpart.runtime.decode import Sampling, Schedule
 from jaxpart.placement.plan import Plan, PlanError
@@ -74,21 +76,23 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
   cfg, fam = setup.model, families.of(setup.model)
   if new_tokens < 1:
     raise PlanError(f"new_tokens = {new_tokens}: must be at least 1")
+  heads.check_placeable(plan, cfg)    # a one-line PlanError, before placing or tracing
   mesh = sharding.mesh_for(plan)
   dt = jnp.dtype(dtype or cfg.dtype)
-  params = jax.tree.map(runs.global_array, params_host, sharding.param_shardings(mesh, cfg))
+  params = runs.global_params(params_host, mesh, cfg)
   params = jax.jit(lambda p: model.cast_params(p, dt))(params)
   x = runs.global_array(inp if fam.tokens_in else np.asarray(inp, dt),
                         sharding.input_sharding(mesh, cfg))
   cache_len = plan.decode_cache_len(new_tokens)
-  prefill = jax.jit(engine.make_prefill(plan, cfg, mesh, cache_len)).lower(params, x).compile()
+  lens = runs.global_array(np.asarray(lens_B, np.int32), sharding.replicated(mesh))
+  prefill = jax.jit(engine.make_prefill(plan, cfg, mesh, cache_len)).lower(params, x,
+                                                                           lens).compile()
   sched = Schedule(plan.stages, plan.batch, new_tokens - 1)
   key = jax.random.PRNGKey(sampling.seed)
-  rows = np.arange(plan.batch)
 
   t0 = time.perf_counter()
-  out, kc, vc = prefill(params, x)
-  last = runs.fetch(out)[rows, lens_B - 1]          # each row's last prompt position
+  last, kc, vc = prefill(params, x, lens)   # each row's output at its last prompt position
+  last = runs.fetch(last)
   first = (np.asarray(decode.sample(jnp.asarray(last), sampling, jax.random.fold_in(key, 2**31)))
            if fam.tokens_in else last[:, None, :].astype(dt))
   ttft = time.perf_counter() - t0
@@ -104,12 +108,12 @@ def generate(setup: Setup, plan: Plan, params_host, inp, lens_B, new_tokens: int
   for c in range(sched.cycles if sched.steps else 0):
     t = time.perf_counter()
     state = cycle(params, state, jnp.int32(c * sched.period), key)
-    jax.block_until_ready(state[4])
+    jax.block_until_ready(state.out)
     times.append(time.perf_counter() - t)
   # the last stage's record (bf16 vectors kept as their bit patterns)
-  gen = runs.fetch(engine.from_bits(state[4], jnp.int32 if fam.tokens_in else dt))[-1]
+  gen = runs.fetch(streams.from_bits(state.out, jnp.int32 if fam.tokens_in else dt))[-1]
   tokens = np.concatenate([first[:, None] if fam.tokens_in else first, gen], axis=1)
-  logits = runs.fetch(state[5])[-1] if keep_logits and fam.tokens_in else None
+  logits = runs.fetch(state.logits)[-1] if keep_logits and fam.tokens_in else None
   return Generation(tokens=tokens, ttft_s=ttft, tpot_s=statistics.median(times) if times else
                     float("nan"), cycle_s=times, schedule=sched, cache_len=cache_len,
                     logits=logits, memory=mem)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxpart import validate
+from jaxpart.errors import UserError
 from jaxpart.runtime import engine
+from jaxpart.runtime import heads
 from jaxpart.models import families
 from jaxpart.models import dense as model
 from jaxpart.runtime import sharding
@@ -39,6 +43,13 @@ def global_array(host, shard):
   """A global jax.Array with `shard` sharding whose shards are read from a host array."""
   host = np.asarray(host)
   return jax.make_array_from_callback(host.shape, shard, lambda idx: host[idx])
+
+
+def global_params(params_host, mesh, cfg):
+  """A host parameter tree as the engine's global arrays: the Plan's shardings, the
+  vocabulary padded for the mesh (sharding.pad_vocab)."""
+  padded = sharding.pad_vocab(params_host, cfg, mesh.size)
+  return jax.tree.map(global_array, padded, sharding.param_shardings(mesh, cfg))
 
 
 def host_params(setup: Setup, seed: int) -> dict:
@@ -96,8 +107,7 @@ def place(setup: Setup, plan: Plan, params_host, x_host, *, dtype=None, devices=
           **engine_kw) -> Placed:
   """Parameters and input (x_host may be None) on the Plan's mesh, and the jitted forward."""
   mesh = sharding.mesh_for(plan, devices)
-  shardings = sharding.param_shardings(mesh, setup.model)
-  params = jax.tree.map(global_array, params_host, shardings)
+  params = global_params(params_host, mesh, setup.model)
   x = None if x_host is None else global_array(x_host, sharding.input_sharding(mesh, setup.model))
   fwd = engine.jit_forward(plan, setup.model, mesh, dtype, differentiable=False, **engine_kw)
   return Placed(plan, mesh, params, x, fwd)
@@ -111,6 +121,48 @@ def make_forward(setup: Setup, plan: Plan, params_host, *, dtype=None, devices=N
   placed = place(setup, plan, params_host, None, dtype=dtype, devices=devices, **engine_kw)
   shard = sharding.input_sharding(placed.mesh, setup.model)
   return lambda inp: fetch(placed.forward(placed.params, global_array(inp, shard)))
+
+
+def logits_chunks(placed: Placed, cfg, rows: int, tokens: int, dtype=None):
+  """(row0, tok0, logits rows x tokens x V on the host) slice by slice, covering B x T, from a
+  Placed made with output="hidden": the head runs on one slice at a time, so a device holds
+  rows x tokens x V/tp logits at most (a last slice that would run past T starts earlier)."""
+  plan = placed.plan
+  chunk = heads.make_logits_chunk(plan, cfg, placed.mesh, rows, tokens)
+  cast = (lambda p: p) if dtype is None else (lambda p: model.cast_params(p, dtype))
+  head = jax.jit(lambda p, h, r, t: chunk(cast(p), h, r, t))
+  hidden = placed()
+  for r0 in range(0, plan.batch, rows):
+    for t0 in range(0, plan.seq, tokens):
+      t0 = min(t0, plan.seq - tokens)
+      yield r0, t0, fetch(head(placed.params, hidden, jnp.int32(r0), jnp.int32(t0)))
+
+
+def write_logits(placed: Placed, cfg, rows: int, tokens: int, path: str | None = None,
+                 dtype=None) -> tuple[int, int, int]:
+  """Every logit of a Placed made with output="hidden", slice by slice (logits_chunks), each
+  checked finite and, with `path`, written into a .npy file beside it that replaces `path`
+  only once whole (an existing file is untouched if anything fails). Returns the shape."""
+  shape = (placed.plan.batch, placed.plan.seq, cfg.vocab)
+  tmp = None if path is None else os.path.join(os.path.dirname(os.path.abspath(path)),
+                                               f".{os.path.basename(path)}.partial")
+  try:
+    out = None if tmp is None else np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
+  except OSError as e:
+    raise UserError(f"cannot write the logits to {path!r}: {e.strerror or e}") from None
+  try:
+    for r0, t0, block in logits_chunks(placed, cfg, rows, tokens, dtype):
+      validate.check_finite(f"logits of the {placed.plan.strategy} placement", block)
+      if out is not None:
+        out[r0:r0 + block.shape[0], t0:t0 + block.shape[1]] = block
+    if out is not None:
+      out.flush()
+      del out
+      os.replace(tmp, path)
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.unlink(tmp)
+  return shape
 
 
 def fetch(y) -> np.ndarray:

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxpart.runtime import compat
 from jaxpart.models import families
 from jaxpart.placement.plan import STAGE_AXIS as S, TENSOR_AXIS as T, Plan, PlanError
+from jaxpart.placement.shards import padded_vocab
+
+# The layout roles with a vocabulary axis, and which axis: padded to shards.padded_vocab rows
+# (or columns) when placed for the engine, cut back to the true vocabulary when taken out.
+VOCAB_ROLES = {"vocab_rows": 0, "vocab_cols": 1}
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,17 @@ ROLE_SPECS = {"col": SPECS.LxDxA_col, "row": SPECS.LxAxD_row, "layer_col": P(S, 
               "vocab_rows": P(T, None), "vocab_cols": P(None, T)}
 
 
-def param_specs(cfg=None, tp: int = 1) -> dict:
+def param_specs(cfg=None, tp: int = 1, padded: bool = True) -> dict:
   """PartitionSpecs in the shape of the family's parameter tree (dense when cfg is None), from
-  the roles its param_layout names."""
+  the roles its param_layout names. padded=False: the true vocabulary as checkpoints store it,
+  its leaves whole over `tensor` when tp does not divide it (the engine's padded copy splits
+  them)."""
   fam = families.DENSE if cfg is None else families.of(cfg)
-  return jax.tree.map(ROLE_SPECS.__getitem__, fam.param_layout(cfg, tp))
+  whole = not padded and cfg is not None and cfg.vocab % tp
+
+  def spec(role):
+    return P() if whole and role in VOCAB_ROLES else ROLE_SPECS[role]
+  return jax.tree.map(spec, fam.param_layout(cfg, tp))
 
 
 def mesh_for(plan: Plan, devices=None) -> jax.sharding.Mesh:
@@ -67,8 +79,8 @@ def mesh_for(plan: Plan, devices=None) -> jax.sharding.Mesh:
   return compat.make_mesh(devices[:plan.devices], plan.mesh_shape, plan.axis_names)
 
 
-def param_shardings(mesh, cfg=None) -> dict:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[T]),
+def param_shardings(mesh, cfg=None, padded: bool = True) -> dict:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[T], padded),
                       is_leaf=lambda x: isinstance(x, P))
 
 
@@ -92,8 +104,46 @@ def stream(mesh) -> NamedSharding:
 
 
 def place_params(params, mesh, cfg=None):
-  """Put a parameter tree on the mesh as the Plan says (a no-op for leaves already there)."""
+  """Put a parameter tree on the mesh as the Plan says (a no-op for leaves already there),
+  its vocabulary padded for the mesh's devices (pad_vocab)."""
+  if cfg is not None:
+    params = pad_vocab(params, cfg, mesh.size)
   return jax.device_put(params, param_shardings(mesh, cfg))
+
+
+def _resize_leaf(leaf, axis: int, size: int):
+  """leaf with `axis` cut or zero-padded to `size` (numpy, jax arrays or ShapeDtypeStructs)."""
+  if leaf.shape[axis] == size:
+    return leaf
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    shape = leaf.shape[:axis] + (size,) + leaf.shape[axis + 1:]
+    return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=leaf.sharding)
+  if leaf.shape[axis] > size:
+    return leaf[(slice(None),) * axis + (slice(0, size),)]
+  widths = [(0, 0)] * leaf.ndim
+  widths[axis] = (0, size - leaf.shape[axis])
+  return jnp.pad(leaf, widths) if isinstance(leaf, jax.Array) else np.pad(leaf, widths)
+
+
+def _resize_vocab(params, cfg, size: int):
+  """The leaves the family's layout gives a vocabulary role, resized along that axis."""
+  layout = families.of(cfg).param_layout(cfg, 1)
+
+  def one(role, leaf):
+    return _resize_leaf(leaf, VOCAB_ROLES[role], size) if role in VOCAB_ROLES else leaf
+  return jax.tree.map(one, layout, params)
+
+
+def pad_vocab(params, cfg, devices: int):
+  """The tree as the engine places it on `devices` devices: the vocabulary leaves (embedding
+  rows, LM head columns) zero-padded to shards.padded_vocab (a no-op when the vocabulary
+  divides evenly, and for families without a vocabulary)."""
+  return _resize_vocab(params, cfg, padded_vocab(cfg.vocab, devices))
+
+
+def unpad_vocab(params, cfg):
+  """The inverse of pad_vocab: the true vocabulary, as checkpoints and exports keep it."""
+  return _resize_vocab(params, cfg, cfg.vocab)
 
 
 def local_shape(shape: tuple[int, ...], spec: P, plan: Plan) -> tuple[int, ...]:
@@ -116,7 +166,7 @@ def local_shape(shape: tuple[int, ...], spec: P, plan: Plan) -> tuple[int, ...]:
   return tuple(out)
 
 
-def param_local_shapes(params, plan: Plan, cfg=None) -> dict:
+def param_local_shapes(params, plan: Plan, cfg=None, padded: bool = True) -> dict:
   """Per-device shape of every parameter leaf under the Plan (params or ShapeDtypeStructs).
 
   The leading layer axis of a per-layer leaf must hold plan.layers layers, so stage s gets
@@ -132,7 +182,7 @@ def param_local_shapes(params, plan: Plan, cfg=None) -> dict:
       return local_shape(leaf.shape, spec, plan)
     except PlanError as e:
       raise PlanError(f"parameter {name}: {e}") from None
-  return jax.tree_util.tree_map_with_path(one, params, param_specs(cfg, plan.tp))
+  return jax.tree_util.tree_map_with_path(one, params, param_specs(cfg, plan.tp, padded))
 
 
 def place_for_plan(params, plan: Plan, mesh, cfg=None):
@@ -152,20 +202,25 @@ def gspmd_tp_specs() -> dict:
           "mlp": {"w_in": col, "w_out": row}}
 
 
-def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None) -> dict:
+def abstract_placed_params(cfg, plan: Plan | None, mesh=None, dtype=None,
+                           padded: bool = True) -> dict:
   """ShapeDtypeStructs of the model's parameters carrying the Plan's shardings (plan None: this
   process's first device), nothing allocated: what jit lowers against and orbax restores into.
 
-  mesh defaults to mesh_for(plan); dtype overrides the model's (float32 checks). Every leaf is
-  checked to split evenly under the Plan (a PlanError naming it), as place_for_plan does.
+  mesh defaults to mesh_for(plan); dtype overrides the model's (float32 checks). padded: the
+  vocabulary as the engine places it (pad_vocab); False keeps the true one (what a checkpoint
+  holds). Every leaf is checked to split evenly under the Plan (a PlanError naming it), as
+  place_for_plan does.
   """
   shapes = families.of(cfg).param_shapes(cfg)
+  if plan is not None and padded:
+    shapes = pad_vocab(shapes, cfg, plan.devices)
   if plan is None:
     one = SingleDeviceSharding(jax.local_devices()[0])
     shards = jax.tree.map(lambda _: one, shapes)
   else:
-    param_local_shapes(shapes, plan, cfg)
-    shards = param_shardings(mesh_for(plan) if mesh is None else mesh, cfg)
+    param_local_shapes(shapes, plan, cfg, padded)
+    shards = param_shardings(mesh_for(plan) if mesh is None else mesh, cfg, padded)
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype or s.dtype), sharding=sh),
       shapes, shards)

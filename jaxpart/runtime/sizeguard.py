@@ -84,3 +84,22 @@ def check_fits(setup: Setup, plans: Iterable, what: str, element_bytes: int | No
           f"model too large for {devices[0].device_kind}: {what} ({plan.strategy}, "
           f"{plan.stages} stages x tp {plan.tp}) keeps {_fmt(per_dev)} per device ({shape}), "
           f"and a device has {_fmt(limit)}; use more devices or a smaller model")
+
+
+def memory_of_all_devices() -> tuple[int, str]:
+  """(bytes, what they are) the local devices may hold together: the host's memory on CPU (the
+  simulated devices share it), else the sum of the accelerators' limits (the host's if unknown)."""
+  devices = jax.local_devices()
+  limits = [device_memory_bytes(d) for d in devices] if devices[0].platform != "cpu" else [None]
+  if None in limits:
+    return host_memory_bytes(), "the host has"
+  return sum(limits), f"{len(devices)} {devices[0].device_kind} devices have"
+
+
+def check_bytes(need: int, flag: str, what: str, valid: str) -> None:
+  """TooLargeError naming the flag when `need` bytes (a lower bound) exceed what the local
+  devices may hold together; a refusal made before anything is traced or allocated."""
+  have, who = memory_of_all_devices()
+  if need > have:
+    raise TooLargeError(f"{flag}: {what} needs at least {_fmt(need)} and {who} {_fmt(have)}; "
+                        f"{valid}")

@@ -26,7 +26,8 @@ from jaxpart.runtime import distributed
 
 ENV = "JAXPART_SUPERVISED"    # in the child: its supervisor's process id
 TAIL_LINES = 200              # of the child's stderr, for distributed.explain_end
-NORMAL = (0, 1, 2)            # success, a failure with its traceback, a one-line user error
+# success, a failure with its traceback, a one-line user error, Ctrl-C said in one line (cli.py)
+NORMAL = (0, 1, 2, 130)
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 _PR_SET_PDEATHSIG = 1         # linux/prctl.h
 

@@ -34,7 +34,8 @@ from jaxpart.models import families
 from jaxpart.models.paged_attention import paged_step
 from jaxpart.models.spec import kv_heads_local
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan
-from jaxpart.runtime import compat, engine, runs, sharding
+from jaxpart.models.spec import kv_heads_local
+from jaxpart.runtime import compat, runs, sharding, streams
 from jaxpart.serving.sampling import RowSettings, sample_rows
 from jaxpart.serving.scheduler import StepBatch
 
@@ -134,8 +135,7 @@ class Stepper:
     self.num_blocks, self.block_tokens = num_blocks, block_tokens
     self.mesh = sharding.mesh_for(plan)
     self.dtype = jnp.dtype(dtype or cfg.dtype)
-    params = jax.tree.map(runs.global_array, params_host,
-                          sharding.param_shardings(self.mesh, cfg))
+    params = runs.global_params(params_host, self.mesh, cfg)   # vocabulary padded for the mesh
     self.params = jax.jit(lambda p: model.cast_params(p, self.dtype))(params)
     self.kpool, self.vpool = self._empty_pool(num_blocks, block_tokens)
     self._fn = self._compile()
@@ -148,7 +148,7 @@ class Stepper:
     g = kv_heads_local(cfg, plan.tp) * plan.tp
     shape = (plan.layers, num_blocks, block_tokens, g, cfg.head_dim)
     shard = jax.sharding.NamedSharding(self.mesh, sharding.SPECS.kv_cache)
-    make = jax.jit(lambda: engine.narrow_as_bits(jnp.zeros(shape, self.dtype)),
+    make = jax.jit(lambda: streams.narrow_as_bits(jnp.zeros(shape, self.dtype)),
                    out_shardings=shard)   # bf16 kept as bit patterns: updated in place on CPU
     return make(), make()
 
