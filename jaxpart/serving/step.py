@@ -32,6 +32,7 @@ from jaxpart.errors import UserError
 from jaxpart.models import dense as model
 from jaxpart.models import families
 from jaxpart.models.paged_attention import paged_step
+from jaxpart.models.spec import kv_heads_local
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan
 from jaxpart.runtime import compat, engine, runs, sharding
 from jaxpart.serving.sampling import RowSettings, sample_rows
@@ -144,7 +145,7 @@ class Stepper:
       if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         raise StepError(f"Stepper.{name} = {v!r}: must be a positive integer")
     cfg, plan = self.cfg, self.plan
-    g = families.kv_heads_local(cfg, plan.tp) * plan.tp
+    g = kv_heads_local(cfg, plan.tp) * plan.tp
     shape = (plan.layers, num_blocks, block_tokens, g, cfg.head_dim)
     shard = jax.sharding.NamedSharding(self.mesh, sharding.SPECS.kv_cache)
     make = jax.jit(lambda: engine.narrow_as_bits(jnp.zeros(shape, self.dtype)),
