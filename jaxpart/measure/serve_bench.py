@@ -303,3 +303,34 @@ def run(setup: Setup, plan_for: Callable[[Setup], object], opts: ServeBenchOptio
             "compiles": {"paged_step_tokens": list(sv.stepper.traced)},
             "load": load.finish(before), "slo": slo, "scenarios": scenarios}
   return record, outs
+
+
+def plot(record: dict, path: str) -> None:
+  """PNG: TTFT p50 / p99 and ITL p99 against rate, one line per mode, a row per scenario.
+  matplotlib is the optional `plot` extra, so it is imported only here."""
+  try:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError as e:
+    raise ServeBenchError(f"--png {path}: matplotlib is not installed (pip install "
+                          f"'jaxpart[plot]')") from e
+  scs = list(record["scenarios"])
+  fig, axes = plt.subplots(len(scs), 3, figsize=(13, 3.6 * len(scs)), squeeze=False)
+  for row, sc in zip(axes, scs):
+    rates = record["scenarios"][sc]["rates"]
+    xs = sorted(rates, key=float)
+    for ax, (metric, q) in zip(row, (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p99"))):
+      for mode in MODES:
+        ys = [rates[x][mode][metric][q] for x in xs if mode in rates[x]]
+        if ys:
+          ax.plot([float(x) for x in xs if mode in rates[x]], [y * 1e3 for y in ys], "o-",
+                  label=mode)
+      ax.set(title=f"{sc}: {metric[:-2].upper()} {q}", xlabel="request rate (req/s)",
+             ylabel="ms", yscale="log")
+      ax.legend()
+  fig.suptitle(f"{record['preset']}: {record['plan']['strategy']} on "
+               f"{record['plan']['devices']} devices")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
