@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxpart.cost.serving_step import StepCost
 from jaxpart.errors import UserError
+from jaxpart.placement.kv_blocks import blocks_for
 from jaxpart.serving.kv_pages import BlockPool
 from jaxpart.serving.requests import Request, SamplingParams
 from jaxpart.serving.scheduler import Scheduler, SchedulerConfig, StepBatch
@@ -79,8 +80,11 @@ def step_seconds(cost: StepCost, batch: StepBatch) -> float:
 
 def run(cost: StepCost, requests: list, opts: SimOptions) -> dict:
   """Simulate the stream; returns each request's arrival and token times and the step count."""
+  # Beyond S sequences of the whole context a pool never limits a batch of S slots: simulate
+  # no more blocks than that (the planner's pool on a large memory is millions of blocks).
+  blocks = min(opts.kv_blocks, opts.slots * blocks_for(opts.context, opts.block_tokens))
   sched = Scheduler(SchedulerConfig(opts.slots, opts.chunk_tokens, opts.context, opts.mode),
-                    BlockPool(opts.kv_blocks, opts.block_tokens))
+                    BlockPool(blocks, opts.block_tokens))
   pending = sorted(requests, key=lambda r: r.arrival_s)
   times: dict = {r.id: [] for r in requests}
   zeros = np.zeros(opts.slots, np.int32)
