@@ -36,13 +36,13 @@ def add_arguments(p) -> None:
 
 
 SERVING_ONLY = ("rate", "rates", "mode", "kv_blocks", "slots", "requests", "scenario",
-                "compare_placements")
+                "stream_seed", "compare_placements")
 
 
 def check_unused(args) -> None:
   """Serving flags without --serving are refused (one line), not silently ignored."""
   defaults = {"requests": serve_model.DEFAULT_REQUESTS, "scenario": "poisson",
-              "slots": DEFAULT_SLOTS, "compare_placements": False}
+              "slots": DEFAULT_SLOTS, "stream_seed": 0, "compare_placements": False}
   given = [f"--{n.replace('_', '-')}" for n in SERVING_ONLY
            if getattr(args, n) != defaults.get(n)]
   if given:

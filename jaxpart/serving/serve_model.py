@@ -22,7 +22,7 @@ from jaxpart.serving import simulate, workload
 from jaxpart.serving.kv_pages import check_pool_fits
 from jaxpart.serving.scheduler import MODES
 
-DEFAULT_REQUESTS = 200
+DEFAULT_REQUESTS = 200   # a modelling choice: enough for a p99 of ITL gaps, a few seconds to run
 
 
 @dataclass(frozen=True)

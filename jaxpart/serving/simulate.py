@@ -12,8 +12,11 @@ out), and the pool's size from the planner (placement/kv_blocks.serving_pool).
 
 Not modelled: the host's time between steps, several steps in flight round a pipeline,
 cancellations, early stops on EOS (each request generates its max_tokens), and run-to-run
-noise. The step is priced as jaxpart compiles it: T = S + C tokens (chunked) or the bucket
-(continuous prefill) whatever the mix, pads included. Metrics follow vLLM's benchmark_serving: TTFT per request, ITL over every gap between a
+noise. The step is priced as jaxpart compiles it: T = S + C tokens (chunked), or the padded
+bucket (continuous prefill) or S (continuous decode), whatever the mix, pads included; a GPU
+engine with a graph per batch size would not pay for the pads.
+
+Metrics follow vLLM's benchmark_serving: TTFT per request, ITL over every gap between a
 request's tokens (pooled), output tokens/s over the span from the first arrival to the last
 token, and goodput (requests/s meeting both SLOs: TTFT and mean ITL).
 """
@@ -31,7 +34,7 @@ from jaxpart.serving.kv_pages import BlockPool
 from jaxpart.serving.requests import Request, SamplingParams
 from jaxpart.serving.scheduler import Scheduler, SchedulerConfig, StepBatch
 
-SLO_TTFT_FACTOR = 5.0   # the issue's default SLOs: 5x the unloaded TTFT,
+SLO_TTFT_FACTOR = 5.0   # issue 24's default SLOs (serve-bench): 5x the unloaded TTFT,
 SLO_ITL_FACTOR = 2.0    # 2x the unloaded decode step
 PERCENTILES = (50, 90, 99)
 
@@ -71,7 +74,10 @@ def step_seconds(cost: StepCost, batch: StepBatch) -> float:
   chunks, decodes = [], []
   for s, c in zip(slots.tolist(), counts.tolist()):
     keys = int(batch.positions[real][batch.token_slot[real] == s].max()) + 1
-    (chunks.append((c, keys)) if c > 1 else decodes.append(keys))
+    if c > 1:
+      chunks.append((c, keys))
+    else:      # a decode, or a one-token prompt chunk: the same work
+      decodes.append(keys)
   pad = len(batch.token_ids) - int(real.sum())
   if pad:
     chunks.append((pad, 0))
