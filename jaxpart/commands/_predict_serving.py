@@ -163,13 +163,15 @@ def answer(cmp: dict) -> str:
   said = "; ".join(f"{k.replace('_', ' ')}: {' / '.join(w)}" for k, w in wins.items())
   b, lw = why["baseline"], why["layerwise"]
   bigger = max(("baseline", "layerwise"), key=lambda n: why[n]["pool_tokens"])
+  edge = ("Chunked prefill streams prompt chunks beside the decodes in both placements, so the "
+          "seed's token chunks give layer-wise no edge of their own here. "
+          if all(w == ["baseline"] for w in wins.values()) else "")
   return (f"better (over the rates and modes shown) by {said}. Why: a serving step goes round "
           f"the stages one at a time, so a token pays every stage in turn; the baseline "
           f"({b['stages']} stages x tp {b['tp']}) splits each stage's weight read over "
           f"{b['tp']} devices and decodes a step in {_ms(b['unloaded_decode_step_s'])} ms, "
           f"layer-wise ({lw['stages']} stages x tp {lw['tp']}) reads every layer's weights one "
-          f"device after another: {_ms(lw['unloaded_decode_step_s'])} ms a step. Chunked "
-          f"prefill streams prompt chunks beside the decodes in both placements, so the seed's "
-          f"token chunks give layer-wise no edge of their own here. The KV pool is larger for "
+          f"device after another: {_ms(lw['unloaded_decode_step_s'])} ms a step. "
+          f"{edge}The KV pool is larger for "
           f"{bigger} ({lw['pool_tokens']:,} layer-wise against {b['pool_tokens']:,} baseline "
           f"tokens), which matters only when the pool, not the step, limits the batch.")
