@@ -164,3 +164,18 @@ def test_step_cost_grows_with_tokens_and_keys():
   assert cost.seconds(((64, 64),), (), 1) < cost.seconds(((512, 512),), (), 1)
   step = serving_step_plan(_plan(setup), 576)
   assert memory.program_bytes(setup.model, setup.run, step)["step_and_pipeline_buffers"] > 0
+
+
+def test_compare_placements_names_the_better_by_its_own_figures(capsys):
+  assert cli.main(["predict", "--serving", "--preset", "llama3-8b", "--hardware", "h100",
+                   "--compare-placements", "--set", f"run.seq={SEQ}", "--rates", "2",
+                   "--requests", "20", "--mode", "chunked", "--json"]) == 0
+  d = json.loads(capsys.readouterr().out)
+  assert {d["why"][n]["stages"] for n in ("baseline", "layerwise")} == {2, 16}
+  for v in d["verdicts"]:
+    f = v["figures"]
+    assert v["better"]["itl_p99"] == min(f, key=lambda n: f[n]["itl_p99_s"])
+    assert v["better"]["ttft_p99"] == min(f, key=lambda n: f[n]["ttft_p99_s"])
+  # both held to the same SLOs (the baseline's)
+  preds = d["predictions"]
+  assert preds["layerwise"]["slo"] == preds["baseline"]["slo"] == d["slo"]
