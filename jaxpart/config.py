@@ -61,6 +61,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama-tiny": ModelConfig(
         layers=4, d_model=64, n_heads=8, head_dim=8, d_ff=128, arch="llama", n_kv_heads=2,
         vocab=256, rope_theta=10000.0, max_positions=2048),
+    # Serving benchmarks on CPU (serve-bench): wide enough that a step's matmuls are well above
+    # the collectives' latency on 16 simulated devices, small enough for 2 cores. GQA 8 query
+    # heads over 2 K/V heads; vocab 4096 splits over tp 16. 28,320,256 parameters.
+    "llama-small": ModelConfig(
+        layers=8, d_model=512, n_heads=8, head_dim=64, d_ff=1536, arch="llama", n_kv_heads=2,
+        vocab=4096, rope_theta=10000.0, max_positions=2048),
 }
 
 RUN_PRESETS: dict[str, RunShape] = {
@@ -75,6 +81,7 @@ RUN_PRESETS: dict[str, RunShape] = {
     "mistral-7b": RunShape(batch=8, seq=4096),
     "qwen2.5-7b": RunShape(batch=8, seq=4096),
     "llama-tiny": RunShape(batch=2, seq=50),   # not a multiple of 64: ragged chunks
+    "llama-small": RunShape(batch=4, seq=512),
 }
 
 HARDWARE_PRESETS: dict[str, Hardware] = {

@@ -80,7 +80,7 @@ def test_bad_values_are_named(overrides, needle):
 
 
 def test_unknown_preset_and_hardware():
-  with pytest.raises(ConfigError, match="valid presets are llama-tiny, llama3-70b, llama3-8b, mistral-7b, "
+  with pytest.raises(ConfigError, match="valid presets are llama-small, llama-tiny, llama3-70b, llama3-8b, mistral-7b, "
                      "paper, paper-30b, qwen2.5-7b, small, tiny"):
     config.load_setup("huge")
   with pytest.raises(ConfigError, match="valid hardwares are cpu, h100, h200"):

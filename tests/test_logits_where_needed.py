@@ -40,7 +40,7 @@ def test_prefill_compiles_without_a_batch_x_seq_x_vocab_tensor(devices):
   lens = jax.ShapeDtypeStruct((plan.batch,), jnp.int32, sharding=sharding.replicated(mesh))
   full = plan.batch * plan.seq * padded_vocab(cfg.vocab, devices) // devices * 4
   before = _compiled(engine.make_forward(plan, cfg, mesh, differentiable=False), params, ids)
-  cache_len = generate.cache_len_for(plan, 16)
+  cache_len = plan.decode_cache_len(16)
   after = _compiled(engine.make_prefill(plan, cfg, mesh, cache_len), params, ids, lens)
   kv = memory.kv_cache_bytes(cfg, plan.batch, cache_len, plan.tp, plan.layers_per_stage)
   print(f"{devices} device(s), B x T x V/N logits {full / 2**20:.1f} MiB: full-logits forward "

@@ -18,8 +18,8 @@ import pytest
 
 from jaxpart.errors import UserError
 from jaxpart.serving import workload
-from jaxpart.serving.kv_pages import (BlockPool, blocks_from_bytes, kv_bytes_per_token,
-                                      pool_capacity)
+from jaxpart.placement.kv_blocks import blocks_from_bytes, kv_bytes_per_token, pool_capacity
+from jaxpart.serving.kv_pages import BlockPool
 from jaxpart.serving.requests import Request, RequestError, SamplingParams, check_fits
 from jaxpart.serving.scheduler import Scheduler, SchedulerConfig
 

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from conftest import require_devices
 from jaxpart import config
 from jaxpart.placement import planner
-from jaxpart.runtime import generate, runs
+from jaxpart.runtime import compat, generate, runs
 from jaxpart.serving.engine_loop import LoopError, LoopOptions, serve
 from jaxpart.serving.requests import Request, SamplingParams
 from jaxpart.serving.sampling import row_settings
@@ -225,3 +226,31 @@ def test_wall_clock_waits_for_arrivals_and_stamps_tokens():
   assert res.completions[1].token_times_s[0] >= 0.05 and res.completions[1].ttft_s >= 0
   with pytest.raises(LoopError, match="clock = 'sundial': valid clocks are wall, virtual"):
     _opts(clock="sundial")
+
+
+def _step_memory(stepper, blocks):
+  """(per-device memory of the step compiled for a pool of `blocks` blocks, one device's pool
+  bytes), on abstract pools: nothing is allocated."""
+  shape = (stepper.plan.layers, blocks) + stepper.kpool.shape[2:]
+  pool = jax.ShapeDtypeStruct(shape, stepper.kpool.dtype, sharding=stepper.kpool.sharding)
+  t, m = SLOTS + CHUNK, -(-CONTEXT // BT)
+  args = (np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
+          np.full(t, -1, np.int32), np.full((SLOTS, m), -1, np.int32),
+          np.full(SLOTS, -1, np.int32)) + row_settings([None] * SLOTS, [0] * SLOTS).arrays()
+  mem = compat.compiled_memory(stepper._fn.lower(stepper.params, pool, pool, *args).compile())
+  return mem, int(np.prod(pool.sharding.shard_shape(shape))) * pool.dtype.itemsize
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_step_updates_the_pool_in_place(placements, name):
+  """The step's temp bytes do not grow with the pool: compiled for a small and a large pool
+  (abstract), the temp grows by far less than one device's pool does and stays well below the
+  large pool, so the pool is updated in place, not copied (a row scatter or gather on the 4-D
+  pool copied it: temp ~1x pool)."""
+  stepper = placements(name)[0]
+  big = 2048 + int(np.random.default_rng().integers(0, 1024))
+  (small_mem, small_pool), (big_mem, big_pool) = (_step_memory(stepper, b) for b in (64, big))
+  assert big_mem.alias_bytes >= 2 * big_pool            # both pools donated
+  assert big_mem.temp_bytes - small_mem.temp_bytes < (big_pool - small_pool) / 16, (
+      small_mem.temp_bytes, big_mem.temp_bytes, big_pool)
+  assert big_mem.temp_bytes < big_pool / 8, (big_mem.temp_bytes, big_pool)

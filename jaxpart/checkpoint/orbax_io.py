@@ -46,8 +46,9 @@ def _orphaned_orbax_write(record: logging.LogRecord) -> bool:
   """False (drop it) for asyncio's report of an orbax write task whose failure nobody collected:
   orbax abandons its other writes once one fails, and we have reported the failure already."""
   text = record.getMessage()
-  return not (text.startswith(("Task exception was never retrieved",
-                                "Future exception was never retrieved")) and "orbax" in text)
+  # asyncio words it "<class name> exception was never retrieved": Task, Future, _GatheringFuture
+  first = text.split("\n", 1)[0]
+  return not (first.endswith("exception was never retrieved") and "orbax" in text)
 
 
 def _drop_closed_loop_reports() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxpart.placement import memory
 from jaxpart.commands import _common, _modeldir
-from jaxpart.commands.plan import add_new_tokens_arg, breakdown, fmt, new_tokens_from
+from jaxpart.commands.plan import add_new_tokens_arg, breakdown, fmt, new_tokens_from, pool_line
 
 NAME = "memory"
 HELP = ("footprint and working set: the seed's section 2 figures checked against the true ones, "
@@ -94,6 +94,7 @@ def run(args) -> int:
                f"{fmt(pd['generation_hbm_bytes'])}: "
                f"{'fits' if pd['generation_hbm_bytes'] <= hbm else 'DOES NOT FIT'}"])
   print(_common.table(rows, ["figure", "bytes"]))
+  print(pool_line(info["kv_pool"]))
 
   ws = info["working_set_terms"]
   operator = sum(ws[k] for k in ("kv_block", "scores_tile", "probs_tile", "softmax_state"))

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from jaxpart.cost import forward as costmodel
 from jaxpart.measure import autotune
+from jaxpart.placement import kv_blocks
 from jaxpart.placement import memory
 from jaxpart.placement import planner
 from jaxpart.commands import _common, _modeldir
@@ -113,7 +114,17 @@ def breakdown(setup, plan, new_tokens: int = memory.DECODE_NEW_TOKENS) -> dict:
           cfg, plan.batch, plan.seq, plan.rows, plan.chunk_tokens, plan.tp),
       "per_device": memory.per_device(cfg, setup.run, plan, setup.hardware.hbm_bytes,
                                       new_tokens),
+      "kv_pool": kv_blocks.serving_pool(cfg, setup.run, plan, setup.hardware.hbm_bytes,
+                                        setup.run.seq),
   }
+
+
+def pool_line(pool: dict) -> str:
+  """The serving KV pool the planner leaves per device, as plan and memory print it."""
+  return (f"serving KV pool (HBM left after weights and a {pool['step_tokens']}-token step's "
+          f"buffers: {fmt(pool['bytes_left'])} per device): {pool['blocks']:,} blocks x "
+          f"{pool['block_tokens']} = {pool['tokens']:,} tokens, {pool['context_sequences']:,} "
+          f"sequences of the {pool['context']:,}-token context")
 
 
 def run(args) -> int:
@@ -210,6 +221,7 @@ def render(setup, plan, info) -> str:
       f"{pd['decode_cache_len']} positions, {f(pd['decode_kv_cache_bytes'])}): "
       f"{f(pd['generation_hbm_bytes'])} per device: "
       f"{'fits' if pd['generation_hbm_bytes'] <= hbm else 'DOES NOT FIT'}",
+      pool_line(info["kv_pool"]),
       "(1 MB = 10^6 bytes throughout)",
   ]
   return "\n".join(lines)

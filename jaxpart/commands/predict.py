@@ -3,7 +3,7 @@
 from jaxpart import validate
 from jaxpart.cost import forward as costmodel
 from jaxpart.cost import decode as decode_cost
-from jaxpart.commands import _common, _modeldir
+from jaxpart.commands import _common, _modeldir, _predict_serving
 from jaxpart.commands.plan import add_new_tokens_arg, new_tokens_from
 from jaxpart.placement.plan import PlanError
 
@@ -19,11 +19,17 @@ def add_arguments(p):
                  help="also model generation: prefill of the batch (TTFT) and each decode step "
                       "(TPOT) beside the bound of reading the weights and KV cache from HBM")
   add_new_tokens_arg(p)
+  _predict_serving.add_arguments(p)
   _common.add_json_arg(p)
 
 
 def run(args) -> int:
   setup = _common.setup_from(args)
+  if args.serving:
+    if args.decode:
+      raise PlanError("--decode and --serving are two models: give one")
+    return _predict_serving.run(args, setup)
+  _predict_serving.check_unused(args)
   plan = _common.plan_from(args, setup)
   if args.decode:
     return _decode(args, setup, plan)

@@ -31,7 +31,11 @@ def write_kv(kcache_NxPxGxE, vcache_NxPxGxE, k_TxGxE, v_TxGxE, write_T):
   def put(cache, x):
     if jnp.issubdtype(cache.dtype, jnp.unsignedinteger) and cache.dtype != x.dtype:
       x = jax.lax.bitcast_convert_type(x, cache.dtype)
-    flat = cache.reshape(n * p, g, e).at[slots_T].set(x.astype(cache.dtype), mode="drop")
+    # Scatter element-wise into a 1-D view: a row scatter on the 4-D pool copies the whole pool
+    # on XLA:CPU (temp ~1x pool); this one updates in place (temp ~ the step's K/V).
+    idx = (slots_T[:, None] * (g * e) + jnp.arange(g * e)).reshape(-1)
+    flat = cache.reshape(n * p * g * e).at[idx].set(x.astype(cache.dtype).reshape(-1),
+                                                     mode="drop")
     return flat.reshape(n, p, g, e)
 
   return put(kcache_NxPxGxE, k_TxGxE), put(vcache_NxPxGxE, v_TxGxE)
@@ -59,8 +63,11 @@ def paged_attention(q_TxHxE, kcache_NxPxGxE, vcache_NxPxGxE, positions_T, token_
   def visit(carry, j):
     m_TxGxR, l_TxGxR, o_TxGxRxE = carry
     block_T = table_TxM[:, j]
-    k_TxPxGxE, v_TxPxGxE = (values(c[jnp.maximum(block_T, 0)], q_TxHxE.dtype)
-                            for c in (kcache_NxPxGxE, vcache_NxPxGxE))
+    # Gather whole blocks from a 2-D (blocks x block elements) view: gathering from the 4-D
+    # pool made XLA:CPU copy the pool first.
+    k_TxPxGxE, v_TxPxGxE = (
+        values(c.reshape(c.shape[0], p * g * e)[jnp.maximum(block_T, 0)].reshape(t, p, g, e),
+               q_TxHxE.dtype) for c in (kcache_NxPxGxE, vcache_NxPxGxE))
     k_pos_P = j * p + jnp.arange(p)
     seen_TxP = (k_pos_P[None, :] <= pos_T[:, None]) & (block_T >= 0)[:, None]
     v_TxPxGxE = jnp.where(seen_TxP[:, :, None, None], v_TxPxGxE, 0)

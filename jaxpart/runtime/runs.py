@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxpart import validate
-from jaxpart.errors import UserError
+from jaxpart import paths, validate
 from jaxpart.runtime import engine
 from jaxpart.runtime import heads
 from jaxpart.models import families
@@ -139,29 +137,33 @@ def logits_chunks(placed: Placed, cfg, rows: int, tokens: int, dtype=None):
 
 
 def write_logits(placed: Placed, cfg, rows: int, tokens: int, path: str | None = None,
-                 dtype=None) -> tuple[int, int, int]:
+                 dtype=None, flag: str = "--out") -> tuple[int, int, int]:
   """Every logit of a Placed made with output="hidden", slice by slice (logits_chunks), each
-  checked finite and, with `path`, written into a .npy file beside it that replaces `path`
-  only once whole (an existing file is untouched if anything fails). Returns the shape."""
+  checked finite and, with `path`, appended to a .npy file beside it (paths.atomic_file) that
+  replaces `path` only once whole. Plain writes of one block of rows at a time, not a memmap:
+  a full disk is then an OSError (one line), not a SIGBUS. Returns the shape."""
   shape = (placed.plan.batch, placed.plan.seq, cfg.vocab)
-  tmp = None if path is None else os.path.join(os.path.dirname(os.path.abspath(path)),
-                                               f".{os.path.basename(path)}.partial")
-  try:
-    out = None if tmp is None else np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
-  except OSError as e:
-    raise UserError(f"cannot write the logits to {path!r}: {e.strerror or e}") from None
-  try:
-    for r0, t0, block in logits_chunks(placed, cfg, rows, tokens, dtype):
+  chunks = logits_chunks(placed, cfg, rows, tokens, dtype)
+  if path is None:
+    for _, _, block in chunks:
       validate.check_finite(f"logits of the {placed.plan.strategy} placement", block)
-      if out is not None:
-        out[r0:r0 + block.shape[0], t0:t0 + block.shape[1]] = block
-    if out is not None:
-      out.flush()
-      del out
-      os.replace(tmp, path)
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
+    return shape
+  with paths.atomic_file(flag, path) as tmp, open(tmp, "wb") as f:
+    np.lib.format.write_array_header_2_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False, "shape": shape})
+    rows_block, row0 = None, 0
+    for r0, t0, block in chunks:
+      validate.check_finite(f"logits of the {placed.plan.strategy} placement", block)
+      if rows_block is not None and r0 != row0:
+        f.write(rows_block.tobytes())
+        rows_block = None
+      if rows_block is None:
+        n = min(block.shape[0], shape[0] - r0)
+        rows_block, row0 = np.empty((n,) + shape[1:], np.float32), r0
+      rows_block[:, t0:t0 + block.shape[1]] = block[:rows_block.shape[0]]
+    if rows_block is not None:
+      f.write(rows_block.tobytes())
   return shape
 
 

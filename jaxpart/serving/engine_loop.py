@@ -73,6 +73,18 @@ class Completion:
     return tuple(b - a for a, b in zip(t, t[1:]))
 
 
+@dataclass(frozen=True)
+class StepRecord:
+  """One step as the benchmark needs it: when it ended, how long the device call took (ids
+  back on the host), its token mix, and the pool's token slots allocated and used after it."""
+  end_s: float
+  device_s: float
+  prompt_tokens: int
+  decode_tokens: int
+  tokens_allocated: int
+  tokens_used: int
+
+
 @dataclass
 class ServeResult:
   completions: dict = field(default_factory=dict)     # request id -> Completion
@@ -82,6 +94,8 @@ class ServeResult:
   preemptions: int = 0
   blocks_leaked: int = 0                              # blocks still held once all ended
   step_shapes: set = field(default_factory=set)
+  idle_s: float = 0.0                                 # waiting for arrivals with nothing to run
+  step_log: list = field(default_factory=list)        # StepRecord per step
 
 
 class _Clock:
@@ -89,7 +103,7 @@ class _Clock:
 
   def __init__(self, opts: LoopOptions):
     self.virtual, self.dt = opts.clock == "virtual", opts.virtual_step_s
-    self.t0, self.now_v = time.perf_counter(), 0.0
+    self.t0, self.now_v, self.idle_s = time.perf_counter(), 0.0, 0.0
 
   def now(self) -> float:
     return self.now_v if self.virtual else time.perf_counter() - self.t0
@@ -98,6 +112,7 @@ class _Clock:
     self.now_v += self.dt
 
   def wait_until(self, t: float) -> None:
+    self.idle_s += max(0.0, t - self.now())
     if self.virtual:
       self.now_v = max(self.now_v, t)
     else:
@@ -128,7 +143,9 @@ def serve(stepper, requests: Sequence[Request], opts: LoopOptions,
     settings = row_settings(
         [by_id[r].params if r is not None else None for r in batch.request_ids],
         [sched.generated(r) or 0 if r is not None else 0 for r in batch.request_ids])
+    t_dev = time.perf_counter()
     ids_S = stepper(batch, settings)
+    t_dev = time.perf_counter() - t_dev
     clock.stepped()
     now = clock.now()
     for s in (s for s in range(len(ids_S)) if batch.logit_index[s] >= 0):
@@ -139,8 +156,12 @@ def serve(stepper, requests: Sequence[Request], opts: LoopOptions,
     res.prompt_tokens += batch.prompt_tokens
     res.decode_tokens += batch.decode_tokens
     res.step_shapes.add(batch.shape)
+    use = sched.pool.usage()
+    res.step_log.append(StepRecord(now, t_dev, batch.prompt_tokens, batch.decode_tokens,
+                                   use.tokens_allocated, use.tokens_used))
   sched.pool.check()
   res.preemptions, res.blocks_leaked = sched.preemptions, sched.pool.used_blocks
+  res.idle_s = clock.idle_s
   for rid, out in sched.outputs.items():
     res.completions[rid] = Completion(rid, out.tokens, out.reason, out.preemptions,
                                       by_id[rid].arrival_s, tuple(times[rid]))

@@ -11,11 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from jaxpart.config import ModelConfig
 from jaxpart.errors import UserError
-from jaxpart.placement.shards import kv_cache_bytes
-
-DEFAULT_BLOCK_TOKENS = 16
+from jaxpart.placement.kv_blocks import DEFAULT_BLOCK_TOKENS, blocks_for
 
 
 class PoolError(UserError):
@@ -61,7 +58,7 @@ class BlockPool:
 
   def blocks_for(self, n_tokens: int) -> int:
     """Blocks that hold n_tokens tokens."""
-    return -(-n_tokens // self.block_tokens)
+    return blocks_for(n_tokens, self.block_tokens)
 
   def table(self, seq_id) -> list[int]:
     """The sequence's blocks in position order (empty for an unknown sequence)."""
@@ -128,32 +125,10 @@ class BlockPool:
     assert all(0 <= b < self.num_blocks for b in held + list(self._free)), "block id out of range"
 
 
-def kv_bytes_per_token(cfg: ModelConfig, tp: int = 1, layers: int = 1) -> int:
-  """K and V of one token on one device: `layers` layers of a tp shard (placement.shards)."""
-  return kv_cache_bytes(cfg, rows=1, positions=1, tp=tp, layers=layers)
-
-
-def blocks_from_bytes(cfg: ModelConfig, bytes_left: float, tp: int = 1, layers: int = 1,
-                      block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
-  """Blocks that fit in bytes_left, the memory one device has after weights and step buffers,
-  for a stage of `layers` layers at tensor parallelism tp (every device of the pipeline holds
-  the same blocks for its own layers, so the smallest device's figure sizes the pool)."""
-  per_block = kv_bytes_per_token(cfg, tp, layers) * block_tokens
-  return max(0, int(bytes_left // per_block))
-
-
-def pool_capacity(num_blocks: int, block_tokens: int, context: int) -> dict[str, int]:
-  """What `plan` and `memory` report of a pool: its blocks, the tokens they hold and how many
-  sequences of the whole context fit at once (more fit when they are shorter)."""
-  return {"blocks": num_blocks, "block_tokens": block_tokens,
-          "tokens": num_blocks * block_tokens,
-          "context_sequences": num_blocks // -(-context // block_tokens)}
-
-
 def check_pool_fits(num_blocks: int, block_tokens: int, context: int,
                     field: str = "--kv-blocks") -> None:
   """A pool must hold one sequence of the whole context, else a request could never finish."""
-  need = -(-context // block_tokens)
+  need = blocks_for(context, block_tokens)
   if num_blocks < need:
     raise PoolError(f"{field} = {num_blocks}: a pool of {num_blocks} x {block_tokens} tokens "
                     f"cannot hold one sequence of the {context}-token context; give at least "

@@ -34,7 +34,6 @@ from jaxpart.models import families
 from jaxpart.models.paged_attention import paged_step
 from jaxpart.models.spec import kv_heads_local
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan
-from jaxpart.models.spec import kv_heads_local
 from jaxpart.runtime import compat, runs, sharding, streams
 from jaxpart.serving.sampling import RowSettings, sample_rows
 from jaxpart.serving.scheduler import StepBatch
