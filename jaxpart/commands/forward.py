@@ -20,6 +20,7 @@ from jaxpart.checkpoint import hf
 from jaxpart.placement import memory
 from jaxpart.runtime import runs
 from jaxpart.commands import _common, _ids
+from jaxpart.serving.text import TextModel
 
 NAME = "forward"
 HELP = "logits of a Hugging Face model or jaxpart checkpoint for given token ids, placed"
@@ -29,8 +30,10 @@ DISTRIBUTED = True
 def add_arguments(p):
   p.add_argument("--model-dir", required=True, metavar="DIR",
                  help="Hugging Face model directory, or a jaxpart checkpoint directory")
-  p.add_argument("--input-ids", required=True, metavar="IDS.npy",
+  p.add_argument("--input-ids", default=None, metavar="IDS.npy",
                  help="token ids, a batch x seq array of integers in 0 .. vocab-1")
+  p.add_argument("--text", default=None, metavar="TEXT",
+                 help="instead of --input-ids: one prompt, tokenized with tokenizer.json")
   p.add_argument("--out", default=None, metavar="LOGITS.npy",
                  help="write the logits (batch x seq x vocab, float32) here, a slice at a time "
                       "(a device never holds them all)")
@@ -66,12 +69,26 @@ def load_model(model_dir: str, allow_nonfinite: bool = False):
                            f"({checkpoint.MANIFEST})")
 
 
+def _token_ids(args, vocab: int) -> np.ndarray:
+  """Exactly one of --input-ids (a .npy) and --text (tokenized by the directory's tokenizer)."""
+  if (args.input_ids is None) == (args.text is None):
+    raise config.ConfigError("give the tokens as one of --input-ids IDS.npy or --text TEXT")
+  if args.input_ids is not None:
+    return _ids.load(args.input_ids, vocab)
+  row = TextModel(args.model_dir).encode(args.text)
+  if not row or max(row) >= vocab:
+    raise config.ConfigError(f"--text {args.text!r}: encodes to {len(row)} ids" +
+                             (f" up to {max(row)}; the model's vocabulary is 0 .. {vocab - 1}"
+                              if row else ""))
+  return np.asarray([row], np.int32)
+
+
 def run(args) -> int:
   cfg, params = load_model(args.model_dir, args.allow_nonfinite)
   if not cfg.family.token_edges:
     raise config.ConfigError(f"--model-dir = {args.model_dir!r}: model arch {cfg.arch!r}; "
                              f"forward takes token ids (a family with token edges, as llama)")
-  ids = _ids.load(args.input_ids, cfg.vocab)
+  ids = _token_ids(args, cfg.vocab)
   validate.warn_past_positions(cfg, ids.shape[1], f"forward of {ids.shape[1]:,}-token rows")
   setup = config.Setup(model=cfg, run=config.RunShape(batch=ids.shape[0], seq=ids.shape[1]),
                        hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],

@@ -21,7 +21,7 @@ from jaxpart.models import families
 from jaxpart.runtime import generate
 from jaxpart.runtime import runs
 from jaxpart.runtime import sizeguard
-from jaxpart.commands import _common, _ids
+from jaxpart.commands import _common, _ids, _text
 from jaxpart.commands.forward import add_model_args, load_model
 from jaxpart.runtime.decode import Sampling
 
@@ -36,6 +36,7 @@ def add_arguments(p):
                       "without it, a dense preset (--preset) with random weights and prompts")
   p.add_argument("--input-ids", default=None, metavar="IDS.npy",
                  help="prompts: batch x seq integer ids, each row right-padded with -1")
+  _text.add_prompt_args(p)
   p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per prompt")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top-k", type=int, default=0,
@@ -83,16 +84,21 @@ def run(args) -> int:
     if args.preset or args.config or args.set:
       raise config.ConfigError("--model-dir names the model: --preset/--config/--set do not "
                                "apply")
-    if not args.input_ids:
-      raise config.ConfigError("--model-dir needs --input-ids (the prompts)")
+    text = _text.prompt_ids(args)
+    if not args.input_ids and text is None:
+      raise config.ConfigError("--model-dir needs --input-ids, --prompt or --prompt-file "
+                               "(the prompts)")
     cfg, params = load_model(args.model_dir, args.allow_nonfinite)
-    ids, lens = generate.split_prompts(_ids.load(args.input_ids, cfg.vocab, padded=True),
-                                       cfg.vocab)
+    raw = text[2] if text else _ids.load(args.input_ids, cfg.vocab, padded=True)
+    ids, lens = generate.split_prompts(raw, cfg.vocab)
     setup = config.Setup(model=cfg, run=config.RunShape(*ids.shape),
                          hardware=config.HARDWARE_PRESETS[args.hardware or "h100"],
                          preset=Path(args.model_dir).name)
     inp = ids
   else:
+    text = None
+    if args.prompt or args.prompt_file:
+      raise config.ConfigError("--prompt/--prompt-file need --model-dir (its tokenizer.json)")
     setup = _common.setup_from(args)
     if args.input_ids or families.of(setup.model).tokens_in:
       raise config.ConfigError("a preset without --model-dir runs the dense family on random "
@@ -120,6 +126,8 @@ def run(args) -> int:
          "platform": jax.devices()[0].platform, "out": args.out}
   if families.of(setup.model).tokens_in:
     out["tokens"] = g.tokens.tolist()
+  if text:
+    out["prompts"], out["text"] = text[1], _text.completions(text[0], g.tokens)
   if args.json:
     _common.emit_json(out)
     return 0
@@ -132,7 +140,10 @@ def run(args) -> int:
   for name, m in g.memory.items():
     print(f"  {name}: per device arguments {_common.fmt_bytes(m['argument_bytes'])}, temp "
           f"{_common.fmt_bytes(m['temp_bytes'])}, output {_common.fmt_bytes(m['output_bytes'])}")
-  if families.of(setup.model).tokens_in:
+  if text:
+    for prompt, completion in zip(out["prompts"], out["text"]):
+      print(f"  {prompt!r} -> {completion!r}")
+  elif families.of(setup.model).tokens_in:
     for r, row in enumerate(g.tokens[:8]):
       print(f"  prompt {r} ({lens[r]} tokens) -> {' '.join(map(str, row.tolist()))}")
   return 0
