@@ -37,3 +37,26 @@ def snapshot(root: Path) -> dict[str, str]:
       full = os.path.join(dirpath, f)
       out[os.path.relpath(full, root)] = hashlib.sha256(Path(full).read_bytes()).hexdigest()
   return out
+
+
+def one_error(capsys, argv, needle, code=2):
+  """Run the CLI in-process: exactly one `error:` line containing `needle`, exit status `code`,
+  no traceback. Returns the line."""
+  from jaxpart import cli  # noqa: PLC0415  (after XLA_FLAGS above; cli imports jax)
+  rc = cli.main(argv)
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if "error:" in line]
+  assert rc == code, err[-2000:]
+  assert len(lines) == 1, err[-2000:]
+  assert needle in lines[0], lines[0]
+  assert "Traceback" not in err
+  return lines[0]
+
+
+def safetensors_dir(folder: Path) -> dict:
+  """Every tensor of every .safetensors file in a folder, by name."""
+  import safetensors.numpy as st  # noqa: PLC0415  (only the HF tests need it)
+  out = {}
+  for f in sorted(Path(folder).glob("*.safetensors")):
+    out |= st.load_file(str(f))
+  return out

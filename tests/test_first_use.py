@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import require_devices
+from conftest import one_error, require_devices
 from jaxpart import cli, config
 from jaxpart.checkpoint import hf
 from jaxpart.models import llama
@@ -23,14 +23,6 @@ def _json(capsys, argv):
   return json.loads(cap.out), cap.err
 
 
-def _one_error(capsys, argv, needle):
-  rc = cli.main(argv)
-  err = capsys.readouterr().err
-  lines = [line for line in err.splitlines() if "error:" in line]
-  assert rc == 2 and len(lines) == 1, err[-2000:]
-  assert needle in lines[0], lines[0]
-  assert "Traceback" not in err
-  return lines[0]
 
 
 # --- 1. compile-only memory is not refused by the host-memory guard --------------------------
@@ -66,7 +58,7 @@ def test_bench_memory_only_other_placements(capsys, argv):
 
 def test_bench_timed_paper_still_refused(capsys):
   """Timing runs the program: the guard still applies without --memory-only."""
-  _one_error(capsys, ["bench", "--preset", "paper", "--devices", "16", "--repeats", "1"],
+  one_error(capsys, ["bench", "--preset", "paper", "--devices", "16", "--repeats", "1"],
              "model too large")
 
 
@@ -127,7 +119,7 @@ def test_model_dir_default_run_capped_at_max_positions(capsys, tmp_path):
 def test_model_dir_unsupported_config_refused_by_field(capsys, tmp_path, changes, needle):
   d = _hf_dir(tmp_path, config.MODEL_PRESETS["llama-tiny"], **changes)
   for cmd in ("plan", "predict", "memory", "info"):
-    _one_error(capsys, [cmd, "--model-dir", str(d)], needle)
+    one_error(capsys, [cmd, "--model-dir", str(d)], needle)
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -136,12 +128,12 @@ def test_model_dir_unsupported_config_refused_by_field(capsys, tmp_path, changes
 ])
 def test_model_dir_with_model_flags_refused(capsys, tmp_path, extra, needle):
   d = _hf_dir(tmp_path, config.MODEL_PRESETS["llama-tiny"])
-  _one_error(capsys, ["plan", "--model-dir", str(d), *extra], needle)
+  one_error(capsys, ["plan", "--model-dir", str(d), *extra], needle)
 
 
 def test_model_dir_not_a_model(capsys, tmp_path):
-  _one_error(capsys, ["plan", "--model-dir", str(tmp_path)], "neither config.json")
-  _one_error(capsys, ["plan", "--model-dir", str(tmp_path / "absent")], "not a directory")
+  one_error(capsys, ["plan", "--model-dir", str(tmp_path)], "neither config.json")
+  one_error(capsys, ["plan", "--model-dir", str(tmp_path / "absent")], "not a directory")
 
 
 # --- 7. legal flags that used to crash ---------------------------------------------------------
@@ -177,7 +169,7 @@ def test_calibrate_sizes_too_small_refused(capsys, tmp_path, monkeypatch):
             for i, (m, (kk, n)) in enumerate((m, kn) for m in sizes for kn in calibrate.GEMM_KN)]
   monkeypatch.setattr(calibrate, "gemm_times", flat)
   out = tmp_path / "hw.toml"
-  _one_error(capsys, ["calibrate", "--sizes", "16", "--repeats", "1", "--out", str(out)],
+  one_error(capsys, ["calibrate", "--sizes", "16", "--repeats", "1", "--out", str(out)],
              "--sizes = 16: the GEMM times at these sizes do not grow with their FLOPs")
   assert not out.exists()
 
@@ -235,7 +227,7 @@ def test_generate_past_max_positions_refused(capsys, tmp_path, short_model):
   path = tmp_path / "prompts.npy"
   np.save(path, ids)
   base = ["generate", "--model-dir", str(d), "--input-ids", str(path), "--devices", "2"]
-  _one_error(capsys, [*base, "--new-tokens", "5"],
+  one_error(capsys, [*base, "--new-tokens", "5"],
              "prompt 8 + 5 new tokens = 13 positions, past the model's "
              "max_position_embeddings = 12; at most 4 new tokens")
   out, err = _json(capsys, [*base, "--new-tokens", "4", "--json"])

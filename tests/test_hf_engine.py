@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import require_devices
+from conftest import require_devices, safetensors_dir
 from jaxpart import cli, config
 from jaxpart.checkpoint import hf
 from jaxpart.placement import planner
@@ -111,7 +111,7 @@ def test_forward_command_refuses_bad_ids(models, tmp_path, capsys):
 
 
 def test_round_trip_hf_layerwise_baseline_hf_is_bit_exact(models, tmp_path, capsys):
-  st = pytest.importorskip("safetensors.numpy")
+  pytest.importorskip("safetensors.numpy")
   require_devices(16)
   d = models["llama3-rope-scaling"][0]
   lw, bl, back = tmp_path / "lw", tmp_path / "bl", tmp_path / "back"
@@ -122,11 +122,7 @@ def test_round_trip_hf_layerwise_baseline_hf_is_bit_exact(models, tmp_path, caps
                    "--tp", "8", "--pp", "2"]) == 0
   assert cli.main(["convert", str(bl), str(back), "--to-format", "hf", "--json"]) == 0
   capsys.readouterr()
-  original, written = {}, {}
-  for f in d.glob("*.safetensors"):
-    original |= st.load_file(str(f))
-  for f in back.glob("*.safetensors"):
-    written |= st.load_file(str(f))
+  original, written = safetensors_dir(d), safetensors_dir(back)
   assert set(original) == set(written)
   for name, a in original.items():
     assert a.dtype == written[name].dtype and a.shape == written[name].shape, name

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from conftest import one_error, snapshot
 from jaxpart import checkpoint as ck
 from jaxpart import cli, config, paths, validate
 from jaxpart.runtime import distributed, supervise
@@ -40,16 +40,6 @@ HUGE_FF = "2000000000"          # within int32, but 4 TB of tiny-model weights
 TINY = ["--preset", "tiny", "--devices", "16"]
 
 
-def _one_error(capsys, argv, needle, code=2):
-  """Run the CLI; exactly one `error:` line containing `needle`, the exit status, no traceback."""
-  rc = cli.main(argv)
-  err = capsys.readouterr().err
-  lines = [line for line in err.splitlines() if "error:" in line]
-  assert rc == code, err[-2000:]
-  assert len(lines) == 1, err[-2000:]
-  assert needle in lines[0], lines[0]
-  assert "Traceback" not in err
-  return lines[0]
 
 
 
@@ -85,7 +75,7 @@ HANGS = [
 @pytest.mark.parametrize("argv, needle", HANGS, ids=[" ".join(a[-2:]) for a, _ in HANGS])
 def test_hang_refused_fast(capsys, argv, needle):
   t0 = time.perf_counter()
-  line = _one_error(capsys, argv, needle)
+  line = one_error(capsys, argv, needle)
   assert time.perf_counter() - t0 < 2, line
 
 
@@ -132,36 +122,36 @@ TOO_LARGE = [
 
 @pytest.mark.parametrize("argv, needle", TOO_LARGE, ids=[a[0] + " " + a[5] for a, _ in TOO_LARGE])
 def test_too_large_refused_before_tracing(capsys, argv, needle):
-  _one_error(capsys, argv, needle)
+  one_error(capsys, argv, needle)
 
 
 def test_save_init_too_large_writes_nothing(capsys, tmp_path):
   dst = tmp_path / "ck"
-  _one_error(capsys, ["save-init", str(dst), *TINY, "--set", f"model.d_ff={HUGE_FF}",
+  one_error(capsys, ["save-init", str(dst), *TINY, "--set", f"model.d_ff={HUGE_FF}",
                       "--cache-mb", "1e6", *ROOMY], "model too large")
   assert list(tmp_path.iterdir()) == []
 
 
 def test_too_large_for_many_simulated_devices(capsys):
   """Per-device bytes times the simulated devices sharing the host."""
-  _one_error(capsys, ["compare", *TINY, "--set", "model.layers=60000"],
+  one_error(capsys, ["compare", *TINY, "--set", "model.layers=60000"],
              "model too large for 16 simulated CPU devices")
 
 
 # --- OS errors: one line naming the path and the cause, before the run ----------------------
 
 def test_config_is_a_directory(capsys, tmp_path):
-  _one_error(capsys, ["info", "--config", str(tmp_path)], "is a directory")
+  one_error(capsys, ["info", "--config", str(tmp_path)], "is a directory")
 
 
 @pytest.mark.parametrize("data", [b"\xff\xfe\x00abc", bytes(range(256)) * 4],
                          ids=["utf16 bom", "binary"])
 def test_config_binary(capsys, tmp_path, data):
-  _one_error(capsys, ["info", "--config", _toml(tmp_path, data)], "not UTF-8 text")
+  one_error(capsys, ["info", "--config", _toml(tmp_path, data)], "not UTF-8 text")
 
 
 def test_config_missing(capsys, tmp_path):
-  _one_error(capsys, ["info", "--config", str(tmp_path / "no.toml")], "no such file")
+  one_error(capsys, ["info", "--config", str(tmp_path / "no.toml")], "no such file")
 
 
 @pytest.mark.parametrize("exc, needle", [(PermissionError(13, "Permission denied"),
@@ -175,7 +165,7 @@ def test_config_unreadable(capsys, tmp_path, monkeypatch, exc, needle):
   def refuse(*a, **k):
     raise exc
   monkeypatch.setattr(config, "open", refuse, raising=False)
-  _one_error(capsys, ["info", "--config", path], needle)
+  one_error(capsys, ["info", "--config", path], needle)
 
 
 def _ro(monkeypatch, folder):
@@ -216,7 +206,7 @@ def test_output_path_checked_before_the_run(capsys, tmp_path, monkeypatch, argv,
   for k, v in subs.items():
     argv = [a.replace(k, v) for a in argv]
   before = sorted(p.name for p in tmp_path.iterdir())
-  line = _one_error(capsys, argv, flag)
+  line = one_error(capsys, argv, flag)
   assert cause in line
   assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -245,7 +235,7 @@ TOML = [
 
 @pytest.mark.parametrize("text, needle", TOML, ids=[t.split("\n")[-2] for t, _ in TOML])
 def test_toml_structure(capsys, tmp_path, text, needle):
-  _one_error(capsys, ["info", "--config", _toml(tmp_path, text)], needle)
+  one_error(capsys, ["info", "--config", _toml(tmp_path, text)], needle)
 
 
 # --- non-finite numbers --------------------------------------------------------------------
@@ -267,12 +257,12 @@ NONFINITE = [
 
 @pytest.mark.parametrize("extra, needle", NONFINITE, ids=[" ".join(e) for e, _ in NONFINITE])
 def test_nonfinite_config_refused(capsys, extra, needle):
-  _one_error(capsys, ["plan", *TINY, *extra], needle)
+  one_error(capsys, ["plan", *TINY, *extra], needle)
 
 
 @pytest.mark.parametrize("tol", ["nan", "inf", "-1"])
 def test_gradcheck_tol_finite(capsys, tol):
-  _one_error(capsys, ["gradcheck", *TINY, "--tol", tol], "--tol")
+  one_error(capsys, ["gradcheck", *TINY, "--tol", tol], "--tol")
 
 
 class _NaNPlaced:
@@ -287,27 +277,27 @@ class _NaNPlaced:
 
 def test_run_fails_when_output_not_finite(capsys, monkeypatch):
   monkeypatch.setattr(runs, "place", _NaNPlaced)
-  _one_error(capsys, ["run", *TINY, "--repeats", "1"],
+  one_error(capsys, ["run", *TINY, "--repeats", "1"],
              "output of the layerwise placement: 25,600 of 25,600 values are not finite")
 
 
 def test_compare_fails_when_reference_not_finite(capsys, monkeypatch):
   monkeypatch.setattr(runs, "reference", lambda s, p, x, dtype=None: np.full(x.shape, np.inf))
-  _one_error(capsys, ["compare", *TINY, "--repeats", "1"],
+  one_error(capsys, ["compare", *TINY, "--repeats", "1"],
              "output of the single-device reference (bfloat16)")
 
 
 def test_compare_fails_when_a_placement_is_not_finite(capsys, monkeypatch):
   monkeypatch.setattr(runs, "reference", lambda s, p, x, dtype=None: np.zeros(x.shape))
   monkeypatch.setattr(runs, "place", _NaNPlaced)
-  _one_error(capsys, ["compare", *TINY, "--repeats", "1"], "output of the baseline placement")
+  one_error(capsys, ["compare", *TINY, "--repeats", "1"], "output of the baseline placement")
 
 
 def test_bench_fails_when_a_program_is_not_finite(capsys, monkeypatch):
   from jaxpart.measure import bench
   bad = types.SimpleNamespace(name="gspmd", out=np.array([1.0, np.nan, np.inf]))
   monkeypatch.setattr(bench, "bench_point", lambda *a, **k: bench.BenchPoint({}, [bad]))
-  _one_error(capsys, ["bench", *TINY], "output of bench program 'gspmd': 2 of 3 values")
+  one_error(capsys, ["bench", *TINY], "output of bench program 'gspmd': 2 of 3 values")
 
 
 def test_nonfinite_weights_named_for_the_checkpoint_code():
@@ -364,7 +354,7 @@ FLAGS = [
 @pytest.mark.parametrize("argv, needle", FLAGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in FLAGS])
 def test_flag_refused(capsys, tmp_path, monkeypatch, argv, needle):
   monkeypatch.chdir(tmp_path)
-  _one_error(capsys, argv, needle)
+  one_error(capsys, argv, needle)
   assert list(tmp_path.iterdir()) == []
 
 
@@ -477,7 +467,7 @@ def test_nonfinite_weights_refused(capsys, ckpts, tmp_path, argv, needle):
   argv = [a.replace("{out}", str(tmp_path / "out")).replace("{", str(ckpts) + "/").replace(
       "}", "") for a in argv]
   before = snapshot(tmp_path), snapshot(ckpts)
-  _one_error(capsys, argv, needle)
+  one_error(capsys, argv, needle)
   assert (snapshot(tmp_path), snapshot(ckpts)) == before
 
 
@@ -487,7 +477,7 @@ def test_nonfinite_weights_allowed(capsys, ckpts, tmp_path, src, dst):
   assert cli.main(argv + ([] if dst.endswith(".npz") else ["--to-strategy", "unsharded"])) == 0
   out = capsys.readouterr().out
   assert "note: 2 leaves hold NaN or Inf (allowed by --allow-nonfinite): attn/wq: 3 of" in out
-  _one_error(capsys, ["verify", str(tmp_path / dst)], "weight attn/wq")
+  one_error(capsys, ["verify", str(tmp_path / dst)], "weight attn/wq")
   assert cli.main(["verify", str(tmp_path / dst), "--allow-nonfinite"]) == 0
   assert "mlp/w_in: 2 of 65,536 values are not finite (NaN 0, Inf 2)" in capsys.readouterr().out
 
@@ -499,7 +489,7 @@ def test_nonfinite_hugging_face_import(capsys, tmp_path):
   hf.write_hf(tree, cfg, str(tmp_path / "hf"))
   argv = ["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to-strategy", "unsharded"]
   before = snapshot(tmp_path)
-  _one_error(capsys, argv, "hf: weight mlp/w_down: 4 of")
+  one_error(capsys, argv, "hf: weight mlp/w_down: 4 of")
   assert snapshot(tmp_path) == before
   assert cli.main(argv + ["--allow-nonfinite"]) == 0
   capsys.readouterr()
@@ -552,10 +542,10 @@ def test_damage_that_reads_back_is_reported(capsys, ckpts, tmp_path, how, rel, n
   else:
     f.write_bytes(b"x")
   before = snapshot(tmp_path)
-  line = _one_error(capsys, ["verify", str(path)], needle)
+  line = one_error(capsys, ["verify", str(path)], needle)
   assert "the checkpoint is damaged or incomplete" in line and "recorded in the manifest" in line
   assert snapshot(tmp_path) == before
-  _one_error(capsys, ["convert", str(path), str(tmp_path / "out"), "--to-strategy",
+  one_error(capsys, ["convert", str(path), str(tmp_path / "out"), "--to-strategy",
                       "unsharded"], needle)
   assert snapshot(tmp_path) == before
 
@@ -568,7 +558,7 @@ def test_every_orbax_file_is_on_the_list(capsys, ckpts, tmp_path):
       path = _place(ckpts, tmp_path, "good")
       f = path / rel
       f.unlink() if how == "delete" else f.write_bytes(f.read_bytes()[:-1])
-      _one_error(capsys, ["verify", str(path)], rel)
+      one_error(capsys, ["verify", str(path)], rel)
       shutil.rmtree(path)
   assert cli.main(["verify", str(good)]) == 0
   assert f"all {len(_orbax_files(good))} files under orbax/ as recorded" in \
@@ -640,7 +630,7 @@ def test_manifest_structure(capsys, ckpts, tmp_path, key, value, needle):
     node[parts[-1]] = value
   (path / "manifest.json").write_text(json.dumps(doc))
   before = snapshot(tmp_path)
-  line = _one_error(capsys, ["verify", str(path)], needle)
+  line = one_error(capsys, ["verify", str(path)], needle)
   assert str(path) in line
   assert snapshot(tmp_path) == before
 
@@ -656,7 +646,7 @@ def test_manifest_structure(capsys, ckpts, tmp_path, key, value, needle):
 def test_manifest_bytes(capsys, ckpts, tmp_path, data, needle):
   path = _place(ckpts, tmp_path, "good")
   (path / "manifest.json").write_bytes(data)
-  _one_error(capsys, ["verify", str(path)], needle)
+  one_error(capsys, ["verify", str(path)], needle)
 
 
 def test_npz_embedded_manifest_structure(capsys, ckpts, tmp_path):
@@ -666,7 +656,7 @@ def test_npz_embedded_manifest_structure(capsys, ckpts, tmp_path):
   doc["params"]["mlp/w_in"] = "x"
   arrays[ck.NPZ_MANIFEST_KEY] = np.array(json.dumps(doc))
   np.savez(tmp_path / "m.npz", **arrays)
-  _one_error(capsys, ["verify", str(tmp_path / "m.npz")],
+  one_error(capsys, ["verify", str(tmp_path / "m.npz")],
              "m.npz: manifest key params['mlp/w_in'] = 'x': expected an object")
 
 
@@ -767,7 +757,7 @@ def test_write_fault_during_convert(capsys, ckpts, tmp_path, monkeypatch, where,
     capsys.readouterr()
   before = snapshot(tmp_path), snapshot(ckpts)
   _strike(monkeypatch, where, exc)
-  line = _one_error(capsys, ["convert", str(ckpts / "good"), str(dst), *extra, "--overwrite"],
+  line = one_error(capsys, ["convert", str(ckpts / "good"), str(dst), *extra, "--overwrite"],
                     needle, code=code)
   assert f"{dst}: " in line and f".{dst.name}.partial was removed and " in line
   assert line.endswith("it is as it was" if existing else "nothing was written there")

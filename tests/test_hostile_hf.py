@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from conftest import one_error, snapshot
 from jaxpart import checkpoint as ck
-from jaxpart import cli, config
+from jaxpart import config
 from jaxpart.checkpoint import hf
 from jaxpart.models import llama
 
@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], layers=2, dtype="float32")
 
 
-def _one_error(capsys, argv, needle, code=2):
-  rc = cli.main(argv)
-  err = capsys.readouterr().err
-  lines = [line for line in err.splitlines() if "error:" in line]
-  assert rc == code, err[-2000:]
-  assert len(lines) == 1, err[-2000:]
-  assert needle in lines[0], lines[0]
-  assert "Traceback" not in err
-  return lines[0]
 
 
 def _random_tree(cfg) -> dict:
@@ -96,7 +87,7 @@ def test_damaged_config(capsys, models, tmp_path, content, needle, command):
   argv = _convert(src, tmp_path) if command == "convert" else [
       "forward", "--model-dir", str(src), "--input-ids", str(tmp_path / "none.npy")]
   before = snapshot(tmp_path)
-  line = _one_error(capsys, argv, needle)
+  line = one_error(capsys, argv, needle)
   assert str(src) in line
   assert snapshot(tmp_path) == before
 
@@ -129,7 +120,7 @@ def test_damaged_safetensors(capsys, models, tmp_path, damage, name):
   victim = sorted(src.glob("*.safetensors"))[-1]
   damage(victim)
   before = snapshot(tmp_path)
-  _one_error(capsys, _convert(src, tmp_path),
+  one_error(capsys, _convert(src, tmp_path),
              f"{victim}: not a readable safetensors file (SafetensorError: ")
   assert snapshot(tmp_path) == before
 
@@ -164,7 +155,7 @@ def test_damaged_shard_index(capsys, models, tmp_path, what, change, needle):
   shutil.rmtree(tmp_path / "whole")
   (src / hf.INDEX).write_text("{weight" if change is None else json.dumps(change(src, outside)))
   before = snapshot(tmp_path)
-  _one_error(capsys, ["convert", str(src), str(tmp_path / "out"), "--to-strategy", "unsharded"],
+  one_error(capsys, ["convert", str(src), str(tmp_path / "out"), "--to-strategy", "unsharded"],
              needle)
   assert snapshot(tmp_path) == before
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import require_devices
+from conftest import require_devices, safetensors_dir
 from jaxpart import cli, config
 from jaxpart.checkpoint import hf
 from jaxpart.placement import planner
@@ -99,7 +99,7 @@ def test_greedy_generate_equals_transformers(model, strategy):
 
 
 def test_generate_command_and_hf_round_trip(model, tmp_path, capsys):
-  st = pytest.importorskip("safetensors.numpy")
+  pytest.importorskip("safetensors.numpy")
   require_devices(16)
   d, m, ids, want = model
   np.save(tmp_path / "ids.npy", ids)
@@ -112,11 +112,7 @@ def test_generate_command_and_hf_round_trip(model, tmp_path, capsys):
                    "--tp", "8", "--pp", "2", "--set", "run.batch=2", "--set", "run.seq=8"]) == 0
   assert cli.main(["convert", str(ck), str(back), "--to-format", "hf"]) == 0
   capsys.readouterr()
-  original, written = {}, {}
-  for f in d.glob("*.safetensors"):
-    original |= st.load_file(str(f))
-  for f in back.glob("*.safetensors"):
-    written |= st.load_file(str(f))
+  original, written = safetensors_dir(d), safetensors_dir(back)
   assert set(original) == set(written)
   for name, a in original.items():
     assert a.shape == written[name].shape and a.tobytes() == written[name].tobytes(), name
