@@ -183,7 +183,7 @@ def test_bad_requests_get_4xx_naming_the_field(server):
   _refused(url, {**ok, "top_p": rng.choice([0, 1 + rng.uniform(0.01, 2)])}, 400, "top_p")
   _refused(url, {**ok, "max_tokens": -rng.randint(0, 5)}, 400, "max_tokens")
   _refused(url, {**ok, "model": name + "-nope"}, 404, name + "-nope")
-  _refused(url, {**ok, "logprobs": 5}, 400, "logprobs")
+  _refused(url, {**ok, "logprobs": 6}, 400, "logprobs", "0 .. 5")
   _refused(url, {**ok, "n": 2}, 400, "n = 2")
   prompt = [rng.randint(3, 200) for _ in range(rng.randint(10, 40))]
   big = CONTEXT - len(prompt) + rng.randint(1, 50)

@@ -66,7 +66,7 @@ def test_cancel_frees_blocks_by_the_next_step():
     rid = eng.submit([rng.randrange(3, 50) for _ in range(rng.randint(5, 20))],
                      SamplingParams(max_tokens=40), _Direct(), q)
     got = [q.get(timeout=10) for _ in range(rng.randint(1, 5))]
-    assert all(kind == "token" for kind, _, _ in got)
+    assert all(kind == "token" and lp is None for kind, _, _, lp in got)
     eng.cancel(rid)
     t_cancel = time.perf_counter()
     events = _events(q)

@@ -20,11 +20,15 @@ import pytest
 
 from conftest import require_devices
 from jaxpart import config
+from jaxpart.models import llama
 from jaxpart.placement import planner
+from jaxpart.placement.shards import padded_vocab
 from jaxpart.runtime import compat, generate, runs
 from jaxpart.serving.engine_loop import LoopError, LoopOptions, serve
 from jaxpart.serving.requests import Request, SamplingParams
-from jaxpart.serving.sampling import row_settings
+from jaxpart.serving.kv_pages import BlockPool
+from jaxpart.serving.sampling import TOP_LOGPROBS, row_settings
+from jaxpart.serving.scheduler import Scheduler, SchedulerConfig
 from jaxpart.serving.step import StepError, Stepper
 
 PLACEMENTS = {"baseline": dict(tp=8, pp=2), "layerwise": dict(chunk_tokens=4, kv_block=8)}
@@ -254,3 +258,40 @@ def test_step_updates_the_pool_in_place(placements, name):
   assert big_mem.temp_bytes - small_mem.temp_bytes < (big_pool - small_pool) / 16, (
       small_mem.temp_bytes, big_mem.temp_bytes, big_pool)
   assert big_mem.temp_bytes < big_pool / 8, (big_mem.temp_bytes, big_pool)
+
+
+def test_logprobs_raw_over_the_true_vocabulary_only():
+  """A vocabulary of 997 on 16 devices (tp 8 x pp 2) is padded to 1008: the step's top-5 ids
+  and log-probabilities must come from log_softmax over the 997 true columns only (padding
+  inside the softmax would shift every value), equal the unplaced reference forward's, and not
+  change with a row's temperature (raw logprobs)."""
+  require_devices(16)
+  seed = int(np.random.SeedSequence().entropy % 2**31)
+  print(f"seed {seed}")
+  rng = np.random.default_rng(seed)
+  setup = config.load_setup("llama-tiny", overrides={"model.dtype": "float32",
+                                                     "model.vocab": 997})
+  prompt = tuple(int(t) for t in rng.integers(0, 997, int(rng.integers(3, 8))))
+  setup = dataclasses.replace(setup, run=config.RunShape(2, len(prompt)))
+  plan = planner.make_plan(setup, 16, "baseline", **PLACEMENTS["baseline"])
+  params = runs.host_params(setup, seed)
+  stepper = Stepper(setup, plan, params, POOL, BT)
+  assert padded_vocab(997, 16) > 997 and stepper.params["embed"]["table"].shape[0] > 997
+  reqs = [Request(i, prompt, 0.0, SamplingParams(max_tokens=2, temperature=t, seed=3))
+          for i, t in enumerate((0.0, 2.5))]
+  sched = Scheduler(SchedulerConfig(2, 2 * 8, CONTEXT), BlockPool(POOL, BT))   # both prompts
+  for r in reqs:
+    sched.add(r)
+  batch = sched.schedule()
+  assert sorted(batch.request_ids) == [0, 1] and (batch.logit_index >= 0).all()
+  out = stepper.step(batch, row_settings([reqs[r].params for r in batch.request_ids], [0, 0]))
+  want = jax.nn.log_softmax(llama.forward(params, jnp.asarray([prompt]), setup.model)[0, -1])
+  want = np.asarray(want, np.float64)
+  order = np.argsort(-want)[:TOP_LOGPROBS]
+  for s in range(2):
+    assert (out.top_ids_SxK[s] < 997).all()
+    np.testing.assert_allclose(out.top_logprobs_SxK[s], want[order], atol=1e-4)
+    assert list(out.top_ids_SxK[s]) == list(order)
+    assert np.isclose(out.logprob_S[s], want[out.ids_S[s]], atol=1e-4)
+  greedy = list(batch.request_ids).index(0)
+  assert out.ids_S[greedy] == order[0] and out.logprob_S[greedy] == out.top_logprobs_SxK[greedy, 0]

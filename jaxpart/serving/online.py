@@ -7,9 +7,11 @@ loop.call_soon_threadsafe (the HTTP side never touches the scheduler). A cancel 
 before the next step is scheduled, and the scheduler frees the request's blocks there: a
 client that goes away holds its blocks for at most one step.
 
-Events put on a request's queue: ("token", id, t_s) for each generated token, then exactly one
-("end", reason, engine_s) (reason: eos, stop, length, cancelled, or "error: ..." if a step
-failed; engine_s: seconds from submit to this end, the engine's part of the request's time).
+Events put on a request's queue: ("token", id, t_s, logprobs) for each generated token
+(logprobs: (the token's log-probability, the top ids, their log-probabilities) from the step,
+or None when the step reports none), then exactly one ("end", reason, engine_s) (reason: eos,
+stop, length, cancelled, or "error: ..." if a step failed; engine_s: seconds from submit to
+this end, the engine's part of the request's time).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from jaxpart.errors import UserError
 from jaxpart.serving.kv_pages import DEFAULT_BLOCK_TOKENS, BlockPool
 from jaxpart.serving.requests import Request, SamplingParams, check_fits
-from jaxpart.serving.sampling import row_settings
+from jaxpart.serving.sampling import StepOut, row_settings
 from jaxpart.serving.scheduler import Scheduler, SchedulerConfig
 
 
@@ -189,7 +191,8 @@ class OnlineEngine:
         [x.params if x is not None else None for x in live],
         [sched.generated(r) or 0 if r is not None else 0 for r in ids])
     before = sched.preemptions
-    ids_S = self.stepper(batch, settings)
+    out = self._run_step(batch, settings)
+    ids_S = out.ids_S
     now = time.perf_counter()
     ended = {o.id: o for o in sched.update(batch, ids_S)}
     self.steps += 1
@@ -197,25 +200,36 @@ class OnlineEngine:
       rid = ids[s]
       n = len(ended[rid].tokens) if rid in ended else sched.generated(rid)
       if rid in self._live and n is not None and n > self._live[rid].sent:
-        self._token(rid, int(ids_S[s]), now)
-    for rid, out in ended.items():
-      self._end(rid, out.reason)
+        lp = None if out.logprob_S is None else (
+            float(out.logprob_S[s]), out.top_ids_SxK[s].tolist(),
+            out.top_logprobs_SxK[s].tolist())
+        self._token(rid, int(ids_S[s]), now, lp)
+    for rid, done in ended.items():
+      self._end(rid, done.reason)
     if sched.preemptions > before:
       self.observer("preempt", sched.preemptions - before)
     self._observe_state()
+
+  def _run_step(self, batch, settings) -> StepOut:
+    """The Stepper's step with log-probabilities; a stepper that only returns ids (a stand-in)
+    gives StepOut with None for them."""
+    step = getattr(self.stepper, "step", None)
+    if step is not None:
+      return step(batch, settings)
+    return StepOut(self.stepper(batch, settings), None, None, None)
 
   def _observe_state(self) -> None:
     with self._lock:
       self._queued = len(self.sched.waiting) + self._new.qsize()
     self.observer("state", self.state())
 
-  def _token(self, rid: int, token: int, now: float) -> None:
+  def _token(self, rid: int, token: int, now: float, logprobs) -> None:
     live = self._live[rid]
     self.observer("ttft" if live.sent == 0 else "itl", now - live.last if live.sent else
                   now - live.arrival_s)
     live.sent += 1
     live.last = now
-    live.loop.call_soon_threadsafe(live.events.put_nowait, ("token", token, now))
+    live.loop.call_soon_threadsafe(live.events.put_nowait, ("token", token, now, logprobs))
 
   def _end(self, rid: int, reason: str) -> None:
     live = self._live.pop(rid, None)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from jaxpart.serving.requests import RequestError, SamplingParams
+from jaxpart.serving.sampling import TOP_LOGPROBS
 
 MAX_STOPS = 4
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
@@ -43,6 +44,7 @@ class Generation:
   stop: tuple[str, ...]
   stream: bool
   include_usage: bool
+  logprobs: int | None = None   # alternatives to report per token; None: no logprobs
 
 
 def parse_json(raw: bytes) -> dict:
@@ -89,10 +91,6 @@ def _common(body: dict, served: str, default_max: int | None, seed: int) -> dict
                    "model", "not_found_error")
   if _get(body, "n", (int,), 1, "an integer") != 1:
     raise ApiError(400, f"n = {body['n']!r}: only n = 1 is served", "n")
-  for name in ("logprobs", "top_logprobs"):
-    if body.get(name) not in (None, False):
-      raise ApiError(400, f"{name} = {json.dumps(body[name])}: log probabilities are not served "
-                          f"(the step returns token ids only); omit {name}", name)
   max_tokens = _get(body, "max_tokens", (int,), default_max, "an integer")
   if max_tokens is not None and max_tokens <= 0:
     raise ApiError(400, f"max_tokens = {max_tokens}: must be a positive integer", "max_tokens")
@@ -111,6 +109,24 @@ def _common(body: dict, served: str, default_max: int | None, seed: int) -> dict
               ignore_eos=body.get("ignore_eos") is True)
 
 
+def _top(body: dict, name: str) -> int | None:
+  """An alternatives count in 0 .. TOP_LOGPROBS (the step reports that many per token)."""
+  k = _get(body, name, (int,), None, f"an integer in 0 .. {TOP_LOGPROBS}")
+  if k is not None and not 0 <= k <= TOP_LOGPROBS:
+    raise ApiError(400, f"{name} = {k}: must be an integer in 0 .. {TOP_LOGPROBS} (the "
+                        f"alternatives served per token)", name)
+  return k
+
+
+def _chat_logprobs(body: dict) -> int | None:
+  """Chat's `logprobs: true` with `top_logprobs: k` (k alone is refused, as OpenAI does)."""
+  on = _get(body, "logprobs", (bool,), False, "true or false")
+  k = _top(body, "top_logprobs")
+  if k is not None and not on:
+    raise ApiError(400, f"top_logprobs = {k}: needs logprobs = true", "top_logprobs")
+  return (k or 0) if on else None
+
+
 def _params(c: dict, eos_ids: tuple[int, ...], max_tokens: int) -> SamplingParams:
   try:
     return SamplingParams(max_tokens=max_tokens, eos_ids=eos_ids, temperature=c["temperature"],
@@ -122,6 +138,7 @@ def _params(c: dict, eos_ids: tuple[int, ...], max_tokens: int) -> SamplingParam
 def parse_completion(body: dict, served: str, eos_ids, seed: int) -> tuple[Generation, int | None]:
   """A /v1/completions body; returns the Generation (max_tokens filled in later when None)."""
   c = _common(body, served, 16, seed)
+  c["logprobs"] = _top(body, "logprobs")
   prompt = body.get("prompt")
   if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
     prompt = prompt[0]          # a batch of one
@@ -139,6 +156,7 @@ def parse_completion(body: dict, served: str, eos_ids, seed: int) -> tuple[Gener
 def parse_chat(body: dict, served: str, eos_ids, seed: int) -> tuple[Generation, int | None]:
   """A /v1/chat/completions body (max_tokens None: up to the context)."""
   c = _common(body, served, None, seed)
+  c["logprobs"] = _chat_logprobs(body)
   if body.get("max_completion_tokens") is not None and c["max_tokens"] is None:
     c["max_tokens"] = _get(body, "max_completion_tokens", (int,), None, "an integer")
     if c["max_tokens"] <= 0:
@@ -166,7 +184,8 @@ def parse_chat(body: dict, served: str, eos_ids, seed: int) -> tuple[Generation,
 
 def _generation(c: dict, chat: bool, prompt, text: bool, eos_ids):
   g = Generation(chat, c["model"], tuple(prompt) if not text or chat else prompt, text,
-                 _params(c, () if c["ignore_eos"] else tuple(eos_ids), 1), c["stop"], c["stream"], c["include_usage"])
+                 _params(c, () if c["ignore_eos"] else tuple(eos_ids), 1), c["stop"], c["stream"],
+                 c["include_usage"], c["logprobs"])
   return g, c["max_tokens"]
 
 
@@ -179,9 +198,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
           "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(chat: bool, text: str, finish: str | None, delta: bool, first: bool = False) -> dict:
+def choice(chat: bool, text: str, finish: str | None, delta: bool, first: bool = False,
+           logprobs: dict | None = None) -> dict:
   """One choice of a response or a chunk (chat: message / delta; completion: text)."""
-  c: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+  c: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
   if not chat:
     c["text"] = text
   elif delta:

@@ -9,6 +9,7 @@ seeded request draws the same tokens alone or beside others, before and after a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,16 @@ import numpy as np
 from jaxpart.serving.requests import SamplingParams
 
 GREEDY = SamplingParams()
+TOP_LOGPROBS = 5     # alternatives the step reports per row (OpenAI's legacy completions cap)
+
+
+class StepOut(NamedTuple):
+  """What one step gives back per slot: the chosen id (-1: the slot chose nothing), its
+  log-probability, and the TOP_LOGPROBS most likely ids with theirs (most likely first)."""
+  ids_S: np.ndarray
+  logprob_S: np.ndarray
+  top_ids_SxK: np.ndarray
+  top_logprobs_SxK: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -72,3 +83,18 @@ def sample_rows(logits_SxV, temperature_S, top_k_S, top_p_S, seed_S, count_S):
   keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seed_S, count_S)
   drawn_S = jax.vmap(jax.random.categorical)(keys, z_SxV).astype(jnp.int32)
   return jnp.where(hot_S, drawn_S, greedy_S)
+
+
+def row_logprobs(logits_SxV, ids_S, k: int = TOP_LOGPROBS):
+  """(logprob of ids_S, top-k ids, top-k logprobs) per row, from the raw logits.
+
+  Raw, as vLLM reports by default (logprobs_mode "raw_logprobs": the model's log_softmax
+  before temperature, top-k / top-p or any other processing) and as OpenAI's API describes
+  them (the model's log-probability of each token): a request's temperature changes which
+  token is drawn, never the numbers reported. logits_SxV must hold the true vocabulary only
+  (never the padding columns a mesh adds), so no padded id can be reported.
+  """
+  lp_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+  top_lp_SxK, top_ids_SxK = jax.lax.top_k(lp_SxV, min(k, lp_SxV.shape[-1]))
+  chosen_S = jnp.take_along_axis(lp_SxV, jnp.maximum(ids_S, 0)[:, None], axis=-1)[:, 0]
+  return chosen_S, top_ids_SxK.astype(jnp.int32), top_lp_SxK

@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jaxpart.serving import protocol
+from jaxpart.serving import logprobs, protocol
 from jaxpart.serving.metrics import CONTENT_TYPE, ServerMetrics
 from jaxpart.serving.online import Busy, OnlineEngine
 from jaxpart.serving.protocol import ApiError
@@ -81,32 +81,38 @@ def _tokens(st: _State, g: protocol.Generation, max_tokens: int | None) -> tuple
   return ids, dataclasses.replace(g.params, max_tokens=max_tokens)
 
 
-async def _deltas(st: _State, rid: int, events: asyncio.Queue, stops: tuple[str, ...],
+async def _deltas(st: _State, rid: int, events: asyncio.Queue, g: protocol.Generation,
                   timing: dict):
-  """(text, finish_reason or None, tokens so far) as tokens arrive; text held back while it
-  could still become a stop string. Cancels the request however the consumer ends; puts the
-  engine's seconds for it in timing["engine_s"]."""
-  det, held, n = st.text.streamer(), "", 0
+  """(text, finish_reason or None, tokens so far, new logprob entries) as tokens arrive; text
+  held back while it could still become a stop string (its tokens' entries wait with it).
+  Cancels the request however the consumer ends; puts the engine's seconds for it in
+  timing["engine_s"]."""
+  det, held, n, stops, k = st.text.streamer(), "", 0, g.stop, g.logprobs
+  shown, entries = 0, []      # characters the detokenizer has given; entries not yet yielded
   try:
     while True:
-      kind, value, t = await events.get()
+      kind, value, t, *lp = await events.get()
       if kind == "end":
         timing["engine_s"] = t
         if value.startswith("error"):
           raise RuntimeError(value)
-        yield held, protocol.FINISH.get(value, "stop"), n
+        yield held, protocol.FINISH.get(value, "stop"), n, entries
         return
       n += 1
-      held += det.add(value)
+      if k is not None and lp[0] is not None:
+        entries.append(logprobs.entry(det, value, lp[0], k, shown))
+      piece = det.add(value)
+      held, shown = held + piece, shown + len(piece)
       hit = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
       if hit >= 0:
-        yield held[:hit], "stop", n
+        yield held[:hit], "stop", n, entries
         return
-      keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])),
+      keep = max((j for s in stops for j in range(1, len(s)) if held.endswith(s[:j])),
                  default=0)
       out, held = held[:len(held) - keep], held[len(held) - keep:]
       if out:
-        yield out, None, n
+        yield out, None, n, entries
+        entries = []
   finally:
     timing.setdefault("engine_s", time.perf_counter() - timing["submitted"])
     st.engine.cancel(rid)
@@ -141,15 +147,17 @@ async def _handle(st: _State, request: Request, chat: bool):
   timing = {"received": t_recv, "submitted": time.perf_counter()}
   rid, events = _submit(st, ids, params, t_recv)
   name = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
-  stream = _deltas(st, rid, events, g.stop, timing)
+  stream = _deltas(st, rid, events, g, timing)
   if g.stream:
     return StreamingResponse(_sse(st, g, name, len(ids), stream, timing),
                              media_type="text/event-stream")
-  text, finish, n = [], None, 0
-  async for piece, finish, n in stream:
+  text, finish, n, lps = [], None, 0, []
+  async for piece, finish, n, new in stream:
     text.append(piece)
+    lps += new
   _overhead(st, timing)
-  choice = protocol.choice(chat, "".join(text), finish, delta=False)
+  choice = protocol.choice(chat, "".join(text), finish, delta=False,
+                           logprobs=logprobs.shaped(chat, lps if g.logprobs is not None else None))
   return protocol.response(chat, name, st.model, [choice], False,
                            protocol.usage(len(ids), n))
 
@@ -166,11 +174,12 @@ async def _sse(st: _State, g: protocol.Generation, name: str, n_prompt: int, str
   def event(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
-  first = True
+  first, asked = True, g.logprobs is not None
   try:
-    async for piece, finish, n in stream:
-      if finish is None or piece or first:
-        ch = protocol.choice(g.chat, piece, None, delta=True, first=first)
+    async for piece, finish, n, new in stream:
+      if finish is None or piece or first or new:
+        ch = protocol.choice(g.chat, piece, None, delta=True, first=first,
+                             logprobs=logprobs.shaped(g.chat, new if asked else None))
         yield event(protocol.response(g.chat, name, st.model, [ch], True, None))
         first = False
       if finish is not None:

@@ -6,7 +6,9 @@ different program: the unit is one flat list of T tokens from many sequences (pr
 and decode tokens), attention reads and writes the paged pool through block tables
 (models/paged_attention.py, passed to the family's block as its `attend`), and the last stage
 computes logits only at the step's S logit rows and samples every row with its request's
-settings (serving/sampling.py). Shapes depend only on (T, S, M), so a stream of requests
+settings (serving/sampling.py). Beside each row's token it reports the token's raw
+log-probability and the top TOP_LOGPROBS (ids, log-probabilities), from the same S x V logits:
+S x (1 + 2 K) more outputs, no T x V. Shapes depend only on (T, S, M), so a stream of requests
 compiles once per StepBatch shape.
 
 One step at a time goes round the stages: stage s works at tick s and the others wait (a
@@ -35,7 +37,8 @@ from jaxpart.models.paged_attention import paged_step
 from jaxpart.models.spec import kv_heads_local
 from jaxpart.placement.plan import STAGE_AXIS, TENSOR_AXIS, Plan
 from jaxpart.runtime import compat, runs, sharding, streams
-from jaxpart.serving.sampling import RowSettings, sample_rows
+from jaxpart.serving.sampling import (TOP_LOGPROBS, RowSettings, StepOut, row_logprobs,
+                                      sample_rows)
 from jaxpart.serving.scheduler import StepBatch
 
 
@@ -76,18 +79,28 @@ def _stage_layers(p_stage, x_1xTxD, kpool, vpool, batch, *, cfg, tp_axis):
 
 
 def _head_and_sample(p_edges, y_1xTxD, logit_S, settings, *, cfg, tp_axis):
-  """Logits at the S logit rows only (S x V, never T x V), then each row's token."""
+  """Logits at the S logit rows only (S x V, never T x V), then each row's token and its
+  log-probabilities over the true vocabulary (the mesh's padding columns cut off first)."""
   rows_1xSxD = jnp.take(y_1xTxD, jnp.maximum(logit_S, 0), axis=1)
   logits_SxVl = families.of(cfg).head(p_edges, rows_1xSxD, cfg, tp_axis)[0]
   if tp_axis:
     logits_SxVl = jax.lax.all_gather(logits_SxVl, TENSOR_AXIS, axis=1, tiled=True)
-  ids_S = sample_rows(logits_SxVl[:, :cfg.vocab], *settings)
-  return jnp.where(logit_S >= 0, ids_S, -1)
+  logits_SxV = logits_SxVl[:, :cfg.vocab]
+  ids_S = jnp.where(logit_S >= 0, sample_rows(logits_SxV, *settings), -1)
+  return (ids_S,) + row_logprobs(logits_SxV, ids_S)
+
+
+def _no_head(logit_S, cfg):
+  """What a stage other than the last contributes to the psum: zeros of the head's shapes."""
+  s, k = logit_S.shape[0], min(TOP_LOGPROBS, cfg.vocab)
+  return (jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.float32),
+          jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32))
 
 
 def _body(params, kpool, vpool, ids_T, pos_T, slot_T, write_T, tables_SxM, logit_S, *settings,
           cfg, plan: Plan):
-  """One step on one device; returns its pools and the sampled ids (S, the same everywhere)."""
+  """One step on one device; returns its pools and the head's outputs (the same everywhere):
+  sampled ids, their log-probabilities, the top ids and theirs."""
   fam = families.of(cfg)
   n_stages = plan.stages
   tp_axis = TENSOR_AXIS if plan.tp > 1 else None
@@ -111,11 +124,11 @@ def _body(params, kpool, vpool, ids_T, pos_T, slot_T, write_T, tables_SxM, logit
   (_, kpool, vpool, y), _ = jax.lax.scan(tick, (x0, kpool, vpool, x0), jnp.arange(n_stages))
   is_last = stage == n_stages - 1
   with jax.named_scope("head"):
-    ids_S = jax.lax.cond(is_last, functools.partial(_head_and_sample, cfg=cfg, tp_axis=tp_axis),
-                         lambda *_: jnp.zeros(logit_S.shape, jnp.int32), p_edges, y, logit_S,
-                         settings)
-  ids_S = jax.lax.psum(jnp.where(is_last, ids_S, 0), STAGE_AXIS) if n_stages > 1 else ids_S
-  return kpool, vpool, ids_S
+    out = jax.lax.cond(is_last, functools.partial(_head_and_sample, cfg=cfg, tp_axis=tp_axis),
+                       lambda *_: _no_head(logit_S, cfg), p_edges, y, logit_S, settings)
+  if n_stages > 1:   # x + 0 is exact, so the float outputs cross the stages unchanged
+    out = jax.lax.psum(tuple(jnp.where(is_last, o, 0) for o in out), STAGE_AXIS)
+  return (kpool, vpool) + tuple(out)
 
 
 class Stepper:
@@ -157,7 +170,7 @@ class Stepper:
     mapped = compat.shard_map(
         body, self.mesh,
         in_specs=(sharding.param_specs(self.cfg, self.plan.tp), cache, cache) + (rep,) * 11,
-        out_specs=(cache, cache, rep))
+        out_specs=(cache, cache) + (rep,) * 4)
 
     def step(params, kpool, vpool, *arrays):
       self.traced.append(arrays[0].shape[0])   # Python side effect: runs once per trace
@@ -169,10 +182,14 @@ class Stepper:
   def traces(self) -> int:
     return len(self.traced)
 
-  def __call__(self, batch: StepBatch, settings: RowSettings) -> np.ndarray:
-    """Run one step: writes its tokens' K/V into the pool; returns the sampled id per slot
-    (-1 where the slot chose nothing)."""
+  def step(self, batch: StepBatch, settings: RowSettings) -> StepOut:
+    """Run one step: writes its tokens' K/V into the pool; returns each slot's sampled id (-1
+    where the slot chose nothing) with its log-probabilities (serving/sampling.StepOut)."""
     arrays = (batch.token_ids, batch.positions, batch.token_slot, batch.write_slots,
               batch.block_tables, batch.logit_index) + settings.arrays()
-    self.kpool, self.vpool, ids_S = self._fn(self.params, self.kpool, self.vpool, *arrays)
-    return np.asarray(ids_S)
+    self.kpool, self.vpool, *out = self._fn(self.params, self.kpool, self.vpool, *arrays)
+    return StepOut(*(np.asarray(o) for o in out))
+
+  def __call__(self, batch: StepBatch, settings: RowSettings) -> np.ndarray:
+    """The sampled id per slot only (what the offline loop and the scheduler need)."""
+    return self.step(batch, settings).ids_S

@@ -133,3 +133,9 @@ class Detokenizer:
       self.prefix, self.read = self.read, len(self.ids)
       return full[len(shown):]
     return ""
+
+  def peek(self, token_id: int) -> str:
+    """The text token_id would add after the tokens so far (nothing is added): a token's
+    string for its log-probability, its leading space included."""
+    window = self.ids[self.prefix:]
+    return self.text.decode(window + [int(token_id)])[len(self.text.decode(window)):]
