@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from experiments import common
 from jaxpart.cost import counts
+from jaxpart.cost.params import ModelParams
 
 NAME = "verdict"
 TITLE = "Verdict: the seed's claims against jaxpart's model and measurements"
@@ -309,7 +310,8 @@ def run(ctx: common.Context) -> common.Result:
           "- The model is a roofline per layer step (max of compute, HBM and L2 time) plus "
           "non-overlapped all-reduces and pipeline transfers, lock-step ticks, as jaxpart's "
           "engine runs; constants beyond the hardware datasheet (GEMM and link efficiency, "
-          "tile sizes, energy per byte) are named in jaxpart/cost/forward.py with their sources.",
+          f"tile sizes, energy per byte) are named in {ModelParams.__module__.replace('.', '/')}.py "
+          "with their sources.",
           "- 16 H100s are two 8-GPU nodes in practice; the seed (and the defaults) put every "
           "link on NVLink. The 'two nodes' row puts the slowest pipeline boundary on one "
           "400 Gb/s InfiniBand port per GPU while tensor parallelism stays inside a node, as "
