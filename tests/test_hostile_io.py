@@ -26,7 +26,8 @@ from jaxpart import cli, config, paths
 from jaxpart.checkpoint import hf
 from jaxpart.measure import calibrate
 from jaxpart.runtime import generate
-from test_hostile_hf import ROOT, _on_full_disk, _one_error, _random_tree, full_disk
+from conftest import one_error
+from test_hostile_hf import ROOT, _on_full_disk, _random_tree, full_disk
 
 CFG = dataclasses.replace(config.MODEL_PRESETS["llama-tiny"], layers=2, dtype="float32")
 V = CFG.vocab
@@ -98,7 +99,7 @@ def test_input_ids(capsys, model, tmp_path, command, content, needle):
   if content is not None:
     _write(ids, content)
   before = snapshot(tmp_path)
-  line = _one_error(capsys, [command, "--model-dir", str(model / "hf"), "--input-ids", str(ids),
+  line = one_error(capsys, [command, "--model-dir", str(model / "hf"), "--input-ids", str(ids),
                              "--out", str(tmp_path / "out.npy")], needle)
   assert f"--input-ids = {str(ids)!r}: " in line
   assert snapshot(tmp_path) == before
@@ -117,7 +118,7 @@ def test_ctrl_c_in_process(capsys, model, tmp_path, monkeypatch, command, target
   argv = ([command, "--out", str(out), "--sizes", "64"] if command == "calibrate" else
           [command, "--model-dir", str(model / "hf"), "--input-ids", str(model / "ids.npy"),
            "--out", str(out)])
-  assert _one_error(capsys, argv, "interrupted (Ctrl-C)", code=130) == (
+  assert one_error(capsys, argv, "interrupted (Ctrl-C)", code=130) == (
       f"jaxpart {command}: error: interrupted (Ctrl-C)")
   assert not out.exists()
 
@@ -159,7 +160,7 @@ def test_ctrl_c_during_compile(model, tmp_path, command):
                                            ("forward", "logits.NPY")])
 def test_out_suffix_refused(capsys, model, tmp_path, command, name):
   """np.save would write NAME.npy instead of the name given: refused, before any work."""
-  _one_error(capsys, [command, "--model-dir", str(model / "hf"), "--input-ids",
+  one_error(capsys, [command, "--model-dir", str(model / "hf"), "--input-ids",
                       str(model / "ids.npy"), "--out", str(tmp_path / name)],
              f"--out = {str(tmp_path / name)!r}: must end in .npy")
   assert list(tmp_path.iterdir()) == []
@@ -204,7 +205,7 @@ def test_forward_out_on_a_full_disk_keeps_the_old_logits(model, tmp_path):
     (["--preset", "tiny"], "--preset tiny: does not apply to a Hugging Face source"),
 ])
 def test_convert_hf_refuses_model_flags(capsys, model, tmp_path, argv, needle):
-  line = _one_error(capsys, ["convert", str(model / "hf"), str(tmp_path / "ck"),
+  line = one_error(capsys, ["convert", str(model / "hf"), str(tmp_path / "ck"),
                              "--to-strategy", "unsharded", *argv], needle)
   assert f"{model / 'hf'}/config.json decides the model" in line
   assert list(tmp_path.iterdir()) == []
@@ -240,5 +241,5 @@ def test_extreme_values_refused_before_any_work(capsys, model, monkeypatch, argv
   monkeypatch.setattr(generate, "generate", _raise_interrupt)    # any work would show as 130
   monkeypatch.setattr(calibrate, "calibrate", _raise_interrupt)
   monkeypatch.setattr("jaxpart.runtime.sizeguard.host_memory_bytes", lambda: 64 * 2**30)
-  assert _one_error(capsys, argv(model), needle).endswith(tail)
+  assert one_error(capsys, argv(model), needle).endswith(tail)
   assert not os.path.exists("/tmp/never.toml")
