@@ -13,6 +13,14 @@ class UserError(ValueError):
   """The message names the field or path, the bad value and what would be valid."""
 
 
+def check_positive_ints(owner: str, error: type[UserError], **values) -> None:
+  """Each value a positive int (not a bool), else `error` naming `owner.name`: the one wording
+  of this check for the frozen settings of plans, pools, steps and schedulers."""
+  for name, v in values.items():
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise error(f"{owner}.{name} = {v!r}: must be a positive integer")
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
   """`Type: first line of the message`, for errors from libraries whose messages run long."""
   text = str(e).strip().splitlines()

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from jaxpart.errors import UserError
+from jaxpart.errors import UserError, check_positive_ints
 
 STAGE_AXIS = "stage"
 TENSOR_AXIS = "tensor"
@@ -45,11 +45,9 @@ class Plan:
   axis_names: tuple[str, str] = (STAGE_AXIS, TENSOR_AXIS)
 
   def __post_init__(self):
-    for name in ("devices", "stages", "tp", "batch", "seq", "microbatches", "chunk_tokens",
-                 "kv_block"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise PlanError(f"Plan.{name} = {v!r}: must be a positive integer")
+    check_positive_ints("Plan", PlanError, **{
+        name: getattr(self, name) for name in ("devices", "stages", "tp", "batch", "seq",
+                                               "microbatches", "chunk_tokens", "kv_block")})
     if self.strategy not in STRATEGIES:
       raise PlanError(f"Plan.strategy = {self.strategy!r}: valid strategies are "
                       f"{', '.join(STRATEGIES)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from jaxpart.errors import UserError
+from jaxpart.errors import UserError, check_positive_ints
 from jaxpart.placement.kv_blocks import DEFAULT_BLOCK_TOKENS, blocks_for
 
 
@@ -39,9 +39,7 @@ class BlockPool:
   b * block_tokens + s, the index the compiled step writes K/V to."""
 
   def __init__(self, num_blocks: int, block_tokens: int = DEFAULT_BLOCK_TOKENS):
-    for name, v in (("num_blocks", num_blocks), ("block_tokens", block_tokens)):
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise PoolError(f"BlockPool.{name} = {v!r}: must be a positive integer")
+    check_positive_ints("BlockPool", PoolError, num_blocks=num_blocks, block_tokens=block_tokens)
     self.num_blocks = num_blocks
     self.block_tokens = block_tokens
     self._free: deque[int] = deque(range(num_blocks))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jaxpart.errors import UserError
+from jaxpart.errors import UserError, check_positive_ints
 from jaxpart.serving.kv_pages import BlockPool, check_pool_fits
 from jaxpart.serving.requests import Request, RequestError, check_fits
 
@@ -47,10 +47,8 @@ class SchedulerConfig:
   buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
-    for name in ("slots", "chunk_tokens", "context"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise SchedulerError(f"SchedulerConfig.{name} = {v!r}: must be a positive integer")
+    check_positive_ints("SchedulerConfig", SchedulerError, slots=self.slots,
+                        chunk_tokens=self.chunk_tokens, context=self.context)
     if self.mode not in MODES:
       raise SchedulerError(f"SchedulerConfig.mode = {self.mode!r}: valid modes are "
                            f"{', '.join(MODES)}")

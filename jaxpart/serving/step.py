@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpart.errors import UserError
+from jaxpart.errors import UserError, check_positive_ints
 from jaxpart.models import dense as model
 from jaxpart.models import families
 from jaxpart.models.paged_attention import paged_step
@@ -153,9 +153,7 @@ class Stepper:
     self._fn = self._compile()
 
   def _empty_pool(self, num_blocks: int, block_tokens: int):
-    for name, v in (("num_blocks", num_blocks), ("block_tokens", block_tokens)):
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise StepError(f"Stepper.{name} = {v!r}: must be a positive integer")
+    check_positive_ints("Stepper", StepError, num_blocks=num_blocks, block_tokens=block_tokens)
     cfg, plan = self.cfg, self.plan
     g = kv_heads_local(cfg, plan.tp) * plan.tp
     shape = (plan.layers, num_blocks, block_tokens, g, cfg.head_dim)
