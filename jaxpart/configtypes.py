@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from jaxpart import quantspec
 from jaxpart.errors import UserError
 from jaxpart.models import spec as families
 
@@ -106,6 +107,8 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False
   max_positions: int = 0          # 0: no stated limit
+  quant: str = "none"             # weight storage format (quantspec.WEIGHT_FORMATS)
+  kv_quant: str = "none"          # KV cache storage format (quantspec.KV_FORMATS)
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):  # from TOML or a manifest's to_dict
@@ -122,6 +125,10 @@ class ModelConfig:
                         f"lists every layer's stage)")
     if self.dtype not in DTYPES:
       raise ConfigError(f"ModelConfig.dtype = {self.dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+    for name, formats in (("quant", quantspec.WEIGHT_FORMATS), ("kv_quant", quantspec.KV_FORMATS)):
+      if getattr(self, name) not in formats:
+        raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}: valid formats are "
+                          f"{', '.join(formats)}")
     if self.n_heads * self.head_dim > self.d_model:
       raise ConfigError(
           f"ModelConfig.n_heads x head_dim = {self.n_heads} x {self.head_dim} = "
@@ -172,6 +179,15 @@ class ModelConfig:
   @property
   def dtype_bytes(self) -> int:
     return DTYPE_BYTES[self.dtype]
+
+  @property
+  def weight_format(self) -> quantspec.WeightFormat:
+    """How projection matrices are stored (embeddings, norms and the head stay in dtype)."""
+    return quantspec.WEIGHT_FORMATS[self.quant]
+
+  @property
+  def kv_format(self) -> quantspec.KVFormat:
+    return quantspec.KV_FORMATS[self.kv_quant]
 
   @property
   def projection_params_per_layer(self) -> int:

@@ -15,7 +15,7 @@ MAX_LOCAL_IMPORTS = 15
 CLI = ("jaxpart.cli", "jaxpart.commands", "jaxpart.__main__")   # the command line, the top layer
 UPPER = (*CLI, "experiments")   # what the library never imports
 ROOMS = ("models", "placement", "cost", "runtime", "measure", "checkpoint", "commands")
-OPTIONAL_ROOMS = ("serving",)
+OPTIONAL_ROOMS = ("serving", "quant")
 NO_JAX_ROOMS = ("jaxpart.placement", "jaxpart.cost")
 JAX = ("jax", "jaxlib", "flax", "optax", "orbax")
 # Lower may never import higher; within a layer anything goes (but no cycles). models.spec is
@@ -24,8 +24,8 @@ JAX = ("jax", "jaxlib", "flax", "optax", "orbax")
 # command line.
 LAYERS = (
     ("jaxpart.errors", "jaxpart.jsonable", "jaxpart.paths", "jaxpart.configtypes",
-     "jaxpart.config", "jaxpart.validate", "jaxpart.models.spec"),
-    ("jaxpart.models",),
+     "jaxpart.config", "jaxpart.validate", "jaxpart.models.spec", "jaxpart.quantspec"),
+    ("jaxpart.models", "jaxpart.quant"),
     ("jaxpart.placement",),
     ("jaxpart.cost",),
     ("jaxpart.runtime",),
