@@ -82,8 +82,9 @@ class WeightFormat:
 
 @dataclass(frozen=True)
 class KVFormat:
-  """How the KV cache stores K and V: `bits` per element plus one float32 scale per KV head
-  per layer (K and V each); bits 0 is the model dtype."""
+  """How the KV cache stores K and V: `bits` per element plus one float32 scale per token per
+  KV head (K and V each, made when the token is written: no calibration pass, and a new
+  token never rescales old ones); bits 0 is the model dtype and no scales."""
 
   name: str
   element: str
@@ -93,8 +94,9 @@ class KVFormat:
   def quantized(self) -> bool:
     return self.bits > 0
 
-  def element_bytes(self, dtype_bytes: int) -> float:
-    return self.bits / 8 if self.quantized else dtype_bytes
+  def element_bytes(self, dtype_bytes: int, head_dim: int) -> float:
+    """Bytes per cached K (or V) element, the per-(token, head) scale spread over head_dim."""
+    return self.bits / 8 + 4 / head_dim if self.quantized else dtype_bytes
 
 
 WEIGHT_FORMATS = {f.name: f for f in (
